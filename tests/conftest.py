@@ -1,0 +1,37 @@
+"""Shared fixtures: backend availability (skip with a reason, or fail when CI requires it)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Keras documents a segfault when TensorFlow is loaded before torch in one process: load torch first.
+if importlib.util.find_spec("torch") is not None:
+    import torch  # noqa: F401
+
+from backends import available_backends  # noqa: E402
+
+FRAMEWORKS = ["keras", "torch", "mxnet"]
+REQUIRED = {b for b in os.environ.get("NNCOMPARE_REQUIRE_BACKENDS", "").split(",") if b}
+
+
+def require(backend: str) -> None:
+    """Skip the calling test when `backend` is not installed, unless CI requires it (then fail)."""
+    if available_backends()[backend]["installed"]:
+        return
+    reason = f"backend {backend!r} is not installed"
+    if backend in REQUIRED:
+        pytest.fail(f"{reason}, but NNCOMPARE_REQUIRE_BACKENDS requires it")
+    pytest.skip(reason)
+
+
+@pytest.fixture(params=FRAMEWORKS)
+def framework(request) -> str:
+    require(request.param)
+    return request.param
