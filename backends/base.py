@@ -114,6 +114,10 @@ class Adapter(ABC):
         """Inference-mode outputs before the head activation."""
 
     @abstractmethod
+    def layer_outputs(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Inference-mode output of every logits layer, keyed by layer name, in canonical (NCHW) layout."""
+
+    @abstractmethod
     def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
         """Training-mode mean loss and canonical gradients of the trainable weights; changes no state."""
 
