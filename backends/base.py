@@ -85,10 +85,15 @@ class Adapter(ABC):
 
     @classmethod
     def build(cls, spec: ModelSpec, device: str = "cpu", seed: int = 0,
-              weights: dict[str, np.ndarray] | None = None, optimizer: Optimizer | None = None) -> "Adapter":
-        """Build `spec` on `device`, load canonical weights (seeded init unless given), set the optimizer."""
+              weights: dict[str, np.ndarray] | None = None, optimizer: Optimizer | None = None,
+              init: str = "canonical") -> "Adapter":
+        """Build `spec` on `device`, load weights (given, else the canonical seeded init; init="native"
+        keeps the framework's own initialisation), and set the optimizer."""
+        if init not in ("canonical", "native"):
+            raise BackendError(f"unknown init {init!r} (known: canonical, native)")
         net = cls(spec, device)
-        net.set_weights(init_weights(spec, seed) if weights is None else weights)
+        if weights is not None or init == "canonical":
+            net.set_weights(init_weights(spec, seed) if weights is None else weights)
         net.set_optimizer(optimizer or SGD())
         return net
 

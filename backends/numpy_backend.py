@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from models import (Activation, AvgPool2D, BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ModelSpec)
+from models import Activation, AvgPool2D, BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, init_weights
 
 from .base import Adam, Adapter, BackendError, SGD, as_inputs, loss_and_dlogits, parse_device
 
@@ -74,7 +74,7 @@ class NumpyAdapter(Adapter):
             raise BackendError(f"numpy backend runs on cpu only, not {self.device!r} (devices: cpu)")
         self.layers = self.spec.logits_layers()
         self.infos = self.spec.infos
-        self.w: dict[str, np.ndarray] = {}
+        self.w = {k: v.astype(np.float64) for k, v in init_weights(self.spec).items()}  # its "native" init
         self.rng = np.random.default_rng(0)
         self.native = self
 
