@@ -1,35 +1,36 @@
 #!/usr/bin/env python3
-"""nncompare command line: list, summary (and, as they land, run, check, train)."""
+"""nncompare command line: run (default), check, list, summary."""
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+import json
 import os
-import platform
 import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 from tabulate import tabulate
 
-from backends import BackendError, available_backends
-from models import SpecError, resolve, zoo
+from backends import BackendError, available_backends, check_backend, make_optimizer, names, parse_device
+from backends.base import cpu_name
+from models import ModelSpec, SpecError, resolve, zoo
+
+ROOT = Path(__file__).resolve().parent
+FRAMEWORKS = ("keras", "torch", "mxnet")
+RESULT_MARK = "NNCOMPARE_RESULT "
 
 
 class UsageError(Exception):
     """Bad input found before any long work starts: printed as one line, exit code 2."""
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
+# --- devices ---------------------------------------------------------------------------------------
 def gpu_names() -> list[str]:
     """GPU names from nvidia-smi, without loading any framework."""
     if not shutil.which("nvidia-smi"):
@@ -46,8 +47,252 @@ def available_devices() -> list[str]:
     return ["cpu"] + [f"gpu:{i}" for i in range(len(gpu_names()))]
 
 
+def canonical_device(device: str) -> str:
+    """'cuda' -> 'gpu:0'; raises UsageError for a device this machine does not have."""
+    try:
+        kind, index = parse_device(device)
+    except BackendError as e:
+        raise UsageError(str(e)) from None
+    name = "cpu" if kind == "cpu" else f"gpu:{index}"
+    have = available_devices()
+    if name not in have:
+        raise UsageError(f"device {device!r} is not available on this machine (devices: {', '.join(have)})")
+    return name
+
+
+# --- files -----------------------------------------------------------------------------------------
+def check_writable(path: str | None) -> None:
+    if path is None:
+        return
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise UsageError(f"output path {path!r} is a directory")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UsageError(f"cannot write {path!r}: folder {str(parent)!r} does not exist or is not writable")
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write a whole file or nothing: a temporary file in the same folder, then an atomic rename."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".", prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def rows_to_csv(rows: list[dict]) -> str:
+    keys = list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], (list, dict))))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+# --- cells: one fresh process each ------------------------------------------------------------------
+def _cell_env(threads: int) -> dict[str, str]:
+    from backends.bench import thread_env
+    env = dict(os.environ, **thread_env(threads))
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_subprocess(task: dict, threads: int, timeout: float) -> dict:
+    """Run one task in a fresh interpreter; a crash, hang or bad exit becomes {"error": reason}."""
+    cmd = [sys.executable, str(ROOT / "compare.py"), "_cell", json.dumps(task)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_cell_env(threads),
+                             stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:g} s"}
+    for line in reversed(out.stdout.splitlines()):
+        if line.startswith(RESULT_MARK):
+            return json.loads(line[len(RESULT_MARK):])
+    lines = [l for l in out.stderr.splitlines() if l.strip()]
+    if out.returncode < 0:
+        reason = f"killed by signal {-out.returncode}" + (" (out of memory?)" if out.returncode == -9 else "")
+    else:
+        reason = f"exit code {out.returncode}"
+    return {"error": f"{reason}: {lines[-1].strip()}" if lines else reason}
+
+
+def cell_main(task_json: str) -> int:
+    """Entry point of a cell process: run the task, print one result line."""
+    task = json.loads(task_json)
+    fault = os.environ.get("NNCOMPARE_FAULT", "")  # test hook: "<backend>:<model>:crash|hang"
+    if task["kind"] == "measure" and fault.startswith(f"{task['backend']}:{task['model_name']}:"):
+        if fault.endswith(":hang"):
+            time.sleep(3600)
+        os.abort()
+    try:
+        if task["kind"] == "peak":
+            from backends.bench import gemm_peak
+            result = {"gemm_gflops": gemm_peak(task["device"])}
+        else:
+            from backends.bench import measure
+            from backends import Adam, SGD
+            opt = task["optimizer"]
+            result = measure(task["backend"], ModelSpec.from_dict(task["spec"]), task["device"], task["batch_size"],
+                             task["steps"], task["repeats"], task["warmup"],
+                             (SGD if opt["type"] == "sgd" else Adam)(**opt["args"]), task["threads"])
+    except (BackendError, SpecError, MemoryError, RuntimeError, ValueError) as e:
+        result = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
+    print(RESULT_MARK + json.dumps(result), flush=True)
+    return 0
+
+
+# --- run -------------------------------------------------------------------------------------------
+def default_backends() -> list[str]:
+    info = available_backends()
+    return [b for b in FRAMEWORKS if info[b]["installed"]] + ["numpy"]
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    return 0 if text.strip() == "0" else positive_int(text)
+
+
+def plan_run(args) -> tuple[list[ModelSpec], list[str], list[str]]:
+    """Validate every option before any long work; return (specs, backends, devices)."""
+    specs = [resolve(m) for m in args.models]
+    backends = args.backends or default_backends()
+    for b in backends:
+        check_backend(b)
+    devices = list(dict.fromkeys(canonical_device(d) for d in (args.devices or available_devices())))
+    if args.baseline not in names():
+        raise UsageError(f"unknown baseline {args.baseline!r} (known: {', '.join(names())})")
+    check_writable(args.json)
+    check_writable(args.csv)
+    check_writable(getattr(args, "plot", None))
+    return specs, backends, devices
+
+
+def cmd_run(args) -> int:
+    specs, backends, devices = plan_run(args)
+    optimizer = make_optimizer(args.optimizer, args.lr)
+    opt_task = {"type": args.optimizer, "args": vars(optimizer)}
+    cells = [(spec, b, d, bs) for spec in specs for d in devices for bs in args.batch_sizes for b in backends
+             if not (b == "numpy" and d != "cpu")]
+    quiet = args.quiet or not sys.stderr.isatty()
+    from tqdm import tqdm
+    peaks = {d: run_subprocess({"kind": "peak", "device": d}, args.threads, args.timeout).get("gemm_gflops")
+             for d in devices}
+    rows = []
+    with tqdm(cells, disable=quiet, unit="cell", file=sys.stderr) as bar:
+        for spec, backend, device, batch in bar:
+            bar.set_description(f"{spec.name} {backend} {device} b{batch}")
+            task = {"kind": "measure", "backend": backend, "model_name": spec.name, "spec": spec.to_dict(),
+                    "device": device, "batch_size": batch, "steps": args.steps, "repeats": args.repeats,
+                    "warmup": args.warmup, "threads": args.threads, "optimizer": opt_task}
+            result = run_subprocess(task, args.threads, args.timeout)
+            row = {"model": spec.name, "backend": backend, "device": device, "batch_size": batch,
+                   "threads": args.threads, "optimizer": args.optimizer, "steps": args.steps,
+                   "repeats": args.repeats, "warmup": args.warmup, "model_params": spec.params,
+                   "model_flops": spec.flops, "gemm_peak_gflops": peaks[device], **result}
+            if "train_gflops" in row and peaks[device]:
+                row["peak_pct"] = 100 * row["train_gflops"] / peaks[device]
+            rows.append(row)
+    add_ratios(rows, args.baseline)
+    payload = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host_cpu": cpu_name(),
+               "baseline": args.baseline, "rows": rows}
+    if args.json:
+        write_atomic(args.json, json.dumps(payload, indent=2) + "\n")
+    if args.csv:
+        write_atomic(args.csv, rows_to_csv(rows))
+    if getattr(args, "plot", None):
+        from plots import throughput_chart
+        throughput_chart(rows, args.plot)
+    print(render_table(rows, args.baseline))
+    print(f"\nthreads {args.threads}; {args.repeats} repeats x {args.steps} steps after {args.warmup} warm-up; "
+          f"optimizer {args.optimizer}; " + "; ".join(
+              f"{d} GEMM peak {peaks[d]:.0f} GFLOP/s" for d in devices if peaks[d]))
+    return 1 if any("error" in r for r in rows) and args.strict else 0
+
+
+def add_ratios(rows: list[dict], baseline: str) -> None:
+    """Training throughput relative to the baseline framework's row of the same model, device and batch."""
+    base = {(r["model"], r["device"], r["batch_size"]): r.get("train_samples_s")
+            for r in rows if r["backend"] == baseline}
+    for r in rows:
+        b = base.get((r["model"], r["device"], r["batch_size"]))
+        if b and r.get("train_samples_s"):
+            r["vs_baseline"] = r["train_samples_s"] / b
+
+
+def _f(value, fmt):
+    return "-" if value is None else format(value, fmt)
+
+
+def render_table(rows: list[dict], baseline: str) -> str:
+    table = []
+    for r in rows:
+        if "error" in r:
+            table.append((r["model"], r["backend"], r["device"], r["batch_size"], "ERROR: " + r["error"][:70]) + ("",) * 9)
+            continue
+        table.append((r["model"], f"{r['backend']} ({r['version'].split(' ', 1)[-1] if r['version'] else '-'})",
+                      r["device"], r["batch_size"], r["path"], _f(r["first_step_s"], ".2f"),
+                      f"{r['train_samples_s']:,.0f} ±{100 * r['train_spread']:.0f}%",
+                      f"{r['infer_samples_s']:,.0f}", _f(r["host_rss_mb"], ",.0f") +
+                      (f" / {r['device_mem_mb']:,.0f}" if r.get("device_mem_mb") is not None else ""),
+                      _f(r["train_gflops"], ".2f"), _f(r.get("peak_pct"), ".1f"), _f(r["loss"], ".4f"),
+                      _f(r.get("vs_baseline"), ".2f")))
+    return tabulate(table, headers=("Model", "Framework", "Device", "Batch", "Path", "First step s",
+                                    "Train samples/s", "Infer samples/s", "Peak MB", "GFLOP/s", "% peak",
+                                    "Loss", f"x {baseline}"), disable_numparse=True)
+
+
+# --- check -----------------------------------------------------------------------------------------
+def cmd_check(args) -> int:
+    from backends.check import TOLERANCE, compare
+    spec = resolve(args.model)
+    if spec.has_dropout:
+        spec = spec.without_dropout()  # live dropout is random per framework: compare without it
+    backends = args.backends or [b for b in FRAMEWORKS if available_backends()[b]["installed"]]
+    for b in backends:
+        check_backend(b)
+    device = canonical_device(args.device)
+    from backends import get_adapter
+    if "torch" in backends:
+        import torch  # noqa: F401  (Keras documents a segfault when TensorFlow loads before torch)
+    oracle = get_adapter("numpy")
+    rows, failed = [], False
+    for b in backends:
+        try:
+            report = compare(get_adapter(b), oracle, spec, device=device, steps=args.steps)
+        except BackendError as e:
+            raise UsageError(str(e)) from None
+        failed |= not report.ok()
+        worst = [c for c in report.diffs if report.diffs[c] > TOLERANCE]
+        where = report.where.get("logits") or next((report.where[c] for c in worst if report.where.get(c)), None)
+        rows.append((b, *(f"{report.diffs[c]:.1e}" for c in ("logits", "loss", "grads", "sgd", "adam")),
+                     "ok" if report.ok() else f"DIFFERS: {', '.join(worst)}" + (f" (first at {where})" if where else "")))
+    print(f"{spec.name} on {device} against the float64 NumPy oracle "
+          f"(max abs diff / scale; tolerance {TOLERANCE:g}; weights after {args.steps} steps)")
+    print(tabulate(rows, headers=("Framework", "Logits", "Loss", "Grads", "SGD weights", "Adam weights", "Verdict"),
+                   disable_numparse=True))
+    return 1 if failed else 0
+
+
+# --- list / summary --------------------------------------------------------------------------------
 def cmd_list(args) -> int:
-    rows = [(n, s.input_shape, f"{s.params:,}", f"{s.flops:,}", s.layers.__len__())
+    rows = [(n, s.input_shape, f"{s.params:,}", f"{s.flops:,}", len(s.layers))
             for n, s in ((n, zoo.get(n)) for n in zoo.names())]
     print(tabulate(rows, headers=("Model", "Input", "Params", "FLOPs/sample", "Layers"),
                    colalign=("left", "left", "right", "right", "right")))
@@ -66,9 +311,41 @@ def cmd_summary(args) -> int:
     return 0
 
 
+# --- parser ----------------------------------------------------------------------------------------
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", nargs="+", default=["mlp", "lenet5"], metavar="MODEL",
+                   help="zoo names or spec .json files (default: mlp lenet5)")
+    p.add_argument("--backends", nargs="+", metavar="BACKEND",
+                   help=f"any of {', '.join(names())} (default: every installed framework, plus numpy)")
+    p.add_argument("--devices", nargs="+", metavar="DEVICE", help="cpu, gpu, gpu:N (default: every device)")
+    p.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[64], metavar="N")
+    p.add_argument("--steps", type=positive_int, default=10, help="timed training steps per repeat")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed repeats (median and spread)")
+    p.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed steps after the first step")
+    p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1,
+                   help="CPU threads for every framework (default: all cores)")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    p.add_argument("--lr", type=float, help="learning rate (default: 0.01 for sgd, 0.001 for adam)")
+    p.add_argument("--baseline", default="torch", help="framework the ratio column divides by")
+    p.add_argument("--timeout", type=float, default=600, help="seconds before a cell counts as hung")
+    p.add_argument("--json", metavar="PATH", help="write all rows as JSON (atomically)")
+    p.add_argument("--csv", metavar="PATH", help="write all rows as CSV (atomically)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--strict", action="store_true", help="exit 1 when any cell failed")
+    p.set_defaults(func=cmd_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="compare.py", description="Compare deep-learning frameworks on one spec.")
+    p = argparse.ArgumentParser(prog="compare.py", description="Compare deep-learning frameworks on one spec. "
+                                "Without a command: run the default comparison.")
     sub = p.add_subparsers(dest="command")
+    add_run_options(sub.add_parser("run", help="time training and inference, one fresh process per cell"))
+    sp = sub.add_parser("check", help="equivalence report of every framework against the NumPy oracle")
+    sp.add_argument("model", help="zoo model name or spec .json file")
+    sp.add_argument("--backends", nargs="+", metavar="BACKEND")
+    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--steps", type=positive_int, default=5, help="optimizer steps before comparing weights")
+    sp.set_defaults(func=cmd_check)
     sp = sub.add_parser("list", help="zoo models, installed backends, devices")
     sp.set_defaults(func=cmd_list)
     sp = sub.add_parser("summary", help="layer table of a zoo model or spec JSON file")
@@ -78,11 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_cell"]:
+        return cell_main(argv[1])
     parser = build_parser()
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["run", *argv]
     args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
     try:
         return args.func(args)
     except (SpecError, BackendError, UsageError) as e:

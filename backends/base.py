@@ -1,6 +1,7 @@
 """The adapter contract every framework implements, optimizer configs, and shared helpers."""
 from __future__ import annotations
 
+import platform
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -58,6 +59,18 @@ def batch_indices(n: int, batch_size: int, epoch: int, seed: int = 0, shuffle: b
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     for start in range(0, n, batch_size):
         yield order[start:start + batch_size]
+
+
+def cpu_name() -> str:
+    """The CPU model name, from /proc/cpuinfo where there is one."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def as_inputs(spec: ModelSpec, x: Any) -> np.ndarray:
@@ -145,6 +158,19 @@ class Adapter(ABC):
     @classmethod
     def version(cls) -> str:
         return ""
+
+    @classmethod
+    def set_threads(cls, n: int) -> None:
+        """Size the framework's CPU thread pools (the environment variables are set before it loads)."""
+
+    @property
+    def device_name(self) -> str:
+        """Human-readable name of the device this network runs on."""
+        return cpu_name()
+
+    def peak_device_memory(self) -> int | None:
+        """Peak accelerator memory in bytes, where the framework reports it (None on CPU)."""
+        return None
 
     # --- shared behaviour --------------------------------------------------------------------------
     def train_step(self, x: np.ndarray, y: np.ndarray) -> float:

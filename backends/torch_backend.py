@@ -65,6 +65,17 @@ class TorchAdapter(Adapter):
     def execution_path(self) -> str:
         return "eager nn.Sequential"
 
+    @classmethod
+    def set_threads(cls, n: int) -> None:
+        torch.set_num_threads(n)
+
+    @property
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name(self.dev) if self.dev.type == "cuda" else super().device_name
+
+    def peak_device_memory(self):
+        return torch.cuda.max_memory_allocated(self.dev) if self.dev.type == "cuda" else None
+
     def _build(self) -> None:
         kind, index = parse_device(self.device)
         if kind == "gpu":

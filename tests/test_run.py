@@ -1,0 +1,109 @@
+"""compare.py run/check: option parsing, bad input before any work, cell isolation, atomic result files.
+
+No timing assertions: speed is measured by compare.py and benchmarks/, not by tests.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import compare
+
+from .conftest import ROOT, require
+
+FAST = ["--steps", "1", "--repeats", "1", "--warmup", "0", "--quiet", "--backends", "numpy"]
+
+
+def cli(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "compare.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, **(env or {})))
+
+
+def test_parser_defaults_are_the_documented_comparison():
+    args = compare.build_parser().parse_args(["run"])
+    assert args.models == ["mlp", "lenet5"] and args.batch_sizes == [64]
+    assert args.steps > 0 and args.repeats >= 3 and args.optimizer == "sgd" and args.baseline == "torch"
+    args = compare.build_parser().parse_args(
+        ["run", "--models", "lenet5", "x.json", "--batch-sizes", "32", "128", "--optimizer", "adam",
+         "--threads", "1", "--json", "r.json", "--csv", "r.csv", "--quiet"])
+    assert args.models == ["lenet5", "x.json"] and args.batch_sizes == [32, 128]
+    assert args.optimizer == "adam" and args.threads == 1 and args.json == "r.json" and args.quiet
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "--models", "resnet9000"], "unknown model 'resnet9000'"),
+    (["run", "--backends", "jax"], "unknown backend 'jax'"),
+    (["run", "--devices", "tpu"], "unknown device 'tpu'"),
+    (["run", "--devices", "gpu:3"], "device 'gpu:3' is not available on this machine (devices: cpu"),
+    (["run", "--json", "/nonexistent/dir/r.json"], "cannot write '/nonexistent/dir/r.json'"),
+    (["run", "--baseline", "caffe"], "unknown baseline 'caffe'"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    out = cli(*args, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("option,value", [("--batch-sizes", "0"), ("--steps", "-1"), ("--repeats", "x")])
+def test_non_positive_counts_are_rejected_with_exit_2(option, value):
+    out = cli("run", option, value, timeout=60)
+    assert out.returncode == 2 and "must be a positive integer" in out.stderr
+
+
+def test_cells_write_json_and_csv_atomically(tmp_path):
+    out = cli("run", "--models", "perceptron", "digits_mlp", *FAST, "--json", str(tmp_path / "r.json"),
+              "--csv", str(tmp_path / "r.csv"))
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [(r["model"], r["backend"]) for r in rows] == [("perceptron", "numpy"), ("digits_mlp", "numpy")]
+    for r in rows:
+        assert "error" not in r and r["train_samples_s"] > 0 and r["infer_samples_s"] > 0
+        assert r["threads"] >= 1 and r["path"] == "float64 reference" and r["loss"] > 0
+    csv_lines = (tmp_path / "r.csv").read_text().splitlines()
+    assert len(csv_lines) == 3 and "train_samples_s" in csv_lines[0]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary files left
+    assert "digits_mlp" in out.stdout and "Train samples/s" in out.stdout
+
+
+@pytest.mark.parametrize("fault", ["crash", "hang"])
+def test_a_crashing_or_hanging_cell_keeps_every_other_row(tmp_path, fault):
+    path = tmp_path / "r.json"
+    out = cli("run", "--models", "perceptron", "digits_mlp", *FAST, "--timeout", "20", "--json", str(path),
+              env={"NNCOMPARE_FAULT": f"numpy:perceptron:{fault}"})
+    assert out.returncode == 0, out.stderr
+    rows = {r["model"]: r for r in json.loads(path.read_text())["rows"]}
+    assert "signal" in rows["perceptron"]["error"] if fault == "crash" else "timed out" in rows["perceptron"]["error"]
+    assert "error" not in rows["digits_mlp"] and rows["digits_mlp"]["train_samples_s"] > 0
+    assert "ERROR" in out.stdout
+
+
+def test_write_atomic_leaves_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text("old")
+
+    class Boom:
+        def __str__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(TypeError):
+        compare.write_atomic(str(path), Boom())
+    assert path.read_text() == "old" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_ratios_divide_by_the_baseline_of_the_same_cell():
+    rows = [{"model": "m", "device": "cpu", "batch_size": 8, "backend": "torch", "train_samples_s": 100.0},
+            {"model": "m", "device": "cpu", "batch_size": 8, "backend": "keras", "train_samples_s": 50.0},
+            {"model": "m", "device": "cpu", "batch_size": 16, "backend": "keras", "train_samples_s": 80.0}]
+    compare.add_ratios(rows, "torch")
+    assert rows[0]["vs_baseline"] == 1.0 and rows[1]["vs_baseline"] == 0.5 and "vs_baseline" not in rows[2]
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+def test_check_prints_the_report_and_exits_0_when_equivalent(backend):
+    require(backend)
+    out = cli("check", "digits_cnn", "--backends", backend)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert backend in out.stdout and "ok" in out.stdout and "Adam weights" in out.stdout
