@@ -20,6 +20,7 @@ from tabulate import tabulate
 from backends import BackendError, available_backends, check_backend, make_optimizer, names, parse_device
 from backends.base import cpu_name
 from models import ModelSpec, SpecError, resolve, zoo
+from models.data import NAMES as DATASETS, DataError
 
 ROOT = Path(__file__).resolve().parent
 FRAMEWORKS = ("keras", "torch", "mxnet")
@@ -124,6 +125,11 @@ def run_subprocess(task: dict, threads: int, timeout: float) -> dict:
     return {"error": f"{reason}: {lines[-1].strip()}" if lines else reason}
 
 
+def _optimizer(task_opt: dict):
+    from backends import Adam, SGD
+    return (SGD if task_opt["type"] == "sgd" else Adam)(**task_opt["args"])
+
+
 def cell_main(task_json: str) -> int:
     """Entry point of a cell process: run the task, print one result line."""
     task = json.loads(task_json)
@@ -136,14 +142,17 @@ def cell_main(task_json: str) -> int:
         if task["kind"] == "peak":
             from backends.bench import gemm_peak
             result = {"gemm_gflops": gemm_peak(task["device"])}
+        elif task["kind"] == "train":
+            from backends.bench import train_run
+            result = train_run(task["backend"], ModelSpec.from_dict(task["spec"]), task["dataset"], task["device"],
+                               task["epochs"], task["batch_size"], _optimizer(task["optimizer"]), task["threads"],
+                               task["target"], task["data_dir"])
         else:
             from backends.bench import measure
-            from backends import Adam, SGD
-            opt = task["optimizer"]
             result = measure(task["backend"], ModelSpec.from_dict(task["spec"]), task["device"], task["batch_size"],
-                             task["steps"], task["repeats"], task["warmup"],
-                             (SGD if opt["type"] == "sgd" else Adam)(**opt["args"]), task["threads"])
-    except (BackendError, SpecError, MemoryError, RuntimeError, ValueError) as e:
+                             task["steps"], task["repeats"], task["warmup"], _optimizer(task["optimizer"]),
+                             task["threads"])
+    except (BackendError, SpecError, DataError, MemoryError, RuntimeError, ValueError) as e:
         result = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
     print(RESULT_MARK + json.dumps(result), flush=True)
     return 0
@@ -180,7 +189,7 @@ def plan_run(args) -> tuple[list[ModelSpec], list[str], list[str]]:
         raise UsageError(f"unknown baseline {args.baseline!r} (known: {', '.join(names())})")
     check_writable(args.json)
     check_writable(args.csv)
-    check_writable(getattr(args, "plot", None))
+    check_writable(args.plot)
     return specs, backends, devices
 
 
@@ -216,7 +225,7 @@ def cmd_run(args) -> int:
         write_atomic(args.json, json.dumps(payload, indent=2) + "\n")
     if args.csv:
         write_atomic(args.csv, rows_to_csv(rows))
-    if getattr(args, "plot", None):
+    if args.plot:
         from plots import throughput_chart
         throughput_chart(rows, args.plot)
     print(render_table(rows, args.baseline))
@@ -256,6 +265,77 @@ def render_table(rows: list[dict], baseline: str) -> str:
     return tabulate(table, headers=("Model", "Framework", "Device", "Batch", "Path", "First step s",
                                     "Train samples/s", "Infer samples/s", "Peak MB", "GFLOP/s", "% peak",
                                     "Loss", f"x {baseline}"), disable_numparse=True)
+
+
+# --- train -----------------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from models.data import load
+    spec = resolve(args.model)
+    if args.no_dropout:
+        spec = spec.without_dropout()
+    backends = args.backends or default_backends()
+    for b in backends:
+        check_backend(b)
+    devices = list(dict.fromkeys(canonical_device(d) for d in (args.devices or ["cpu"])))
+    for path in (args.json, args.csv, args.plot):
+        check_writable(path)
+    if args.target is not None and not 0 < args.target <= 1:
+        raise UsageError(f"--target must be an accuracy in (0, 1], got {args.target}")
+    data = load(args.dataset, spec, args.data_dir)  # fails here, before any training, if the files are missing
+    optimizer = make_optimizer(args.optimizer, args.lr)
+    print(f"{spec.name} on {args.dataset}: {len(data.x_train):,} train / {len(data.x_test):,} test samples, "
+          f"{args.epochs} epochs, batch {args.batch_size}, {args.optimizer} lr {optimizer.lr:g}")
+    if spec.has_dropout:
+        print("note: the model trains with live dropout, which is random per framework: trajectories differ "
+              "by design (use --no-dropout to compare them)")
+    from tqdm import tqdm
+    cells = [(b, d) for d in devices for b in backends if not (b == "numpy" and d != "cpu")]
+    results = []
+    for backend, device in tqdm(cells, disable=args.quiet or not sys.stderr.isatty(), unit="framework",
+                                file=sys.stderr):
+        task = {"kind": "train", "backend": backend, "spec": spec.to_dict(), "dataset": args.dataset,
+                "device": device, "epochs": args.epochs, "batch_size": args.batch_size,
+                "optimizer": {"type": args.optimizer, "args": vars(optimizer)}, "threads": args.threads,
+                "target": args.target, "data_dir": args.data_dir}
+        results.append({"model": spec.name, "dataset": args.dataset, "backend": backend, "device": device,
+                        "epochs": args.epochs, "batch_size": args.batch_size, "optimizer": args.optimizer,
+                        "lr": optimizer.lr, "threads": args.threads, "dropout": spec.has_dropout,
+                        **run_subprocess(task, args.threads, args.timeout)})
+    if args.json:
+        write_atomic(args.json, json.dumps({"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host_cpu": cpu_name(),
+                                            "results": results}, indent=2) + "\n")
+    if args.csv:
+        write_atomic(args.csv, rows_to_csv([
+            {k: v for k, v in r.items() if not isinstance(v, list)} | {
+                "epoch": e + 1, **{k: r[k][e] for k in ("train_loss", "test_loss", "test_accuracy", "epoch_s")}}
+            for r in results if "error" not in r for e in range(len(r["train_loss"]))]))
+    if args.plot:
+        from plots import training_curves
+        training_curves(results, args.plot, f"{spec.name} on {args.dataset}, {args.optimizer}, batch {args.batch_size}")
+    print(render_training(results, args.target))
+    return 0
+
+
+def render_training(results: list[dict], target: float | None) -> str:
+    ok = [r for r in results if "error" not in r]
+    epochs = max((len(r["train_loss"]) for r in ok), default=0)
+    per_epoch = [[e + 1] + [f"{r['train_loss'][e]:.4f} / {r['test_loss'][e]:.4f} / {100 * r['test_accuracy'][e]:.1f}%"
+                            for r in ok] for e in range(epochs)]
+    heads = [f"{r['backend']} ({r['device']})" for r in ok]
+    summary = []
+    for r in results:
+        if "error" in r:
+            summary.append((r["backend"], r["device"], "ERROR: " + r["error"][:80], "", "", "", ""))
+            continue
+        summary.append((r["backend"], r["device"], f"{100 * r['final_accuracy']:.2f}%", f"{r['test_loss'][-1]:.4f}",
+                        f"{statistics.median(r['epoch_s']):.2f}", f"{r['train_s']:.1f}",
+                        "-" if r["time_to_target_s"] is None
+                        else f"{r['time_to_target_s']:.1f} s (epoch {r['epochs_to_target']})"))
+    target_head = f"Time to {100 * target:g}%" if target is not None else "Time to target"
+    return (tabulate(per_epoch, headers=["Epoch", *heads], disable_numparse=True)
+            + "\n(each cell: train loss / test loss / test accuracy)\n\n"
+            + tabulate(summary, headers=("Framework", "Device", "Final accuracy", "Test loss", "s/epoch (median)",
+                                         "Train s", target_head), disable_numparse=True))
 
 
 # --- check -----------------------------------------------------------------------------------------
@@ -330,6 +410,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=600, help="seconds before a cell counts as hung")
     p.add_argument("--json", metavar="PATH", help="write all rows as JSON (atomically)")
     p.add_argument("--csv", metavar="PATH", help="write all rows as CSV (atomically)")
+    p.add_argument("--plot", metavar="PNG", help="bar chart of training throughput")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--strict", action="store_true", help="exit 1 when any cell failed")
     p.set_defaults(func=cmd_run)
@@ -346,6 +427,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--steps", type=positive_int, default=5, help="optimizer steps before comparing weights")
     sp.set_defaults(func=cmd_check)
+    sp = sub.add_parser("train", help="train every framework on real data: accuracy, curves, time to accuracy")
+    sp.add_argument("--model", required=True, help="zoo model name or spec .json file")
+    sp.add_argument("--dataset", required=True, choices=DATASETS)
+    sp.add_argument("--epochs", type=positive_int, default=10)
+    sp.add_argument("--batch-size", type=positive_int, default=32)
+    sp.add_argument("--backends", nargs="+", metavar="BACKEND")
+    sp.add_argument("--devices", nargs="+", metavar="DEVICE", help="default: cpu")
+    sp.add_argument("--optimizer", choices=("sgd", "adam"), default="adam")
+    sp.add_argument("--lr", type=float)
+    sp.add_argument("--target", type=float, default=0.95, help="test accuracy whose time-to-reach is reported")
+    sp.add_argument("--no-dropout", action="store_true", help="set every dropout rate to 0 (comparable curves)")
+    sp.add_argument("--data-dir", help="folder holding the dataset files (default: $NNCOMPARE_DATA or "
+                                       "~/.cache/nncompare)")
+    sp.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
+    sp.add_argument("--timeout", type=float, default=1800)
+    sp.add_argument("--json", metavar="PATH")
+    sp.add_argument("--csv", metavar="PATH")
+    sp.add_argument("--plot", metavar="PNG", help="loss and accuracy curves of every framework")
+    sp.add_argument("--quiet", action="store_true")
+    sp.set_defaults(func=cmd_train)
     sp = sub.add_parser("list", help="zoo models, installed backends, devices")
     sp.set_defaults(func=cmd_list)
     sp = sub.add_parser("summary", help="layer table of a zoo model or spec JSON file")
@@ -364,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (SpecError, BackendError, UsageError) as e:
+    except (SpecError, BackendError, UsageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -178,13 +178,15 @@ class Adapter(ABC):
         return float(self._train_batch(as_inputs(self.spec, x), np.asarray(y)))
 
     def fit(self, x: np.ndarray, y: np.ndarray, epochs: int = 1, batch_size: int = 32,
-            optimizer: Optimizer | None = None, seed: int = 0, shuffle: bool = True) -> dict[str, list[float]]:
-        """Train over the shared seeded batch order; returns {"loss": [mean batch loss per epoch]}."""
+            optimizer: Optimizer | None = None, seed: int = 0, shuffle: bool = True,
+            start_epoch: int = 0) -> dict[str, list[float]]:
+        """Train epochs start_epoch .. start_epoch + epochs - 1 over the shared seeded batch order;
+        returns {"loss": [mean batch loss per epoch]}."""
         if optimizer is not None:
             self.set_optimizer(optimizer)
         x, y = as_inputs(self.spec, x), np.asarray(y)
         history = []
-        for epoch in range(epochs):
+        for epoch in range(start_epoch, start_epoch + epochs):
             handles, sizes = [], []
             for idx in batch_indices(len(x), batch_size, epoch, seed, shuffle):
                 handles.append(self._train_batch(x[idx], y[idx]))
@@ -193,9 +195,13 @@ class Adapter(ABC):
             history.append(float(np.average(losses, weights=sizes)))
         return {"loss": history}
 
-    def loss(self, x: np.ndarray, y: np.ndarray) -> float:
-        """Inference-mode mean loss."""
-        return float(loss_and_dlogits(self.logits(x).astype(np.float64), np.asarray(y))[0])
+    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> tuple[float, float]:
+        """Inference-mode (mean loss, accuracy) over a dataset, in batches."""
+        z = np.concatenate([self.logits(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+        z = z.reshape(len(z), -1).astype(np.float64)
+        y = np.asarray(y)
+        predicted = (z[:, 0] > 0).astype(np.int64) if z.shape[1] == 1 else z.argmax(axis=1)
+        return float(loss_and_dlogits(z, y)[0]), float((predicted == y).mean())
 
     def _check_weights(self, weights: dict[str, np.ndarray]) -> None:
         expected = self.spec.param_shapes()

@@ -116,3 +116,36 @@ def gemm_peak(device: str, n: int = 2048, repeats: int = 5) -> float:
 def worker_threads() -> int:
     """The thread count this process was started with."""
     return int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
+
+
+def train_run(backend: str, spec: ModelSpec, dataset: str, device: str, epochs: int, batch_size: int,
+              optimizer: Optimizer, threads: int, target: float | None, data_dir: str | None = None,
+              seed: int = 0) -> dict:
+    """Train from the canonical weights over the shared batch order; per-epoch losses, accuracy and times."""
+    from models.data import load
+    from . import get_adapter
+
+    data = load(dataset, spec, data_dir)
+    cls = get_adapter(backend)
+    cls.set_threads(threads)
+    net = cls.build(spec, device=device, seed=seed, optimizer=optimizer)
+    result = {"version": cls.version(), "device_name": net.device_name, "path": net.execution_path,
+              "train_loss": [], "test_loss": [], "test_accuracy": [], "epoch_s": [], "time_to_target_s": None}
+    elapsed = 0.0
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        loss = net.fit(data.x_train, data.y_train, epochs=1, batch_size=batch_size, seed=seed,
+                       start_epoch=epoch)["loss"][0]
+        net.sync()
+        seconds = time.perf_counter() - t0
+        elapsed += seconds
+        test_loss, accuracy = net.evaluate(data.x_test, data.y_test)
+        for key, value in (("train_loss", loss), ("test_loss", test_loss), ("test_accuracy", accuracy),
+                           ("epoch_s", seconds)):
+            result[key].append(value)
+        if target is not None and result["time_to_target_s"] is None and accuracy >= target:
+            result["time_to_target_s"] = elapsed
+            result["epochs_to_target"] = epoch + 1
+    result["train_s"] = elapsed
+    result["final_accuracy"] = result["test_accuracy"][-1]
+    return result

@@ -1,0 +1,78 @@
+"""compare.py train on the real digits: every framework learns the same, from the same weights and batch order."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from .conftest import FRAMEWORKS, ROOT, require
+
+
+def train(*args, timeout=900):
+    return subprocess.run([sys.executable, "compare.py", "train", "--quiet", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    for b in FRAMEWORKS:
+        require(b)
+    out_dir = tmp_path_factory.mktemp("train")
+    out = train("--model", "digits_mlp", "--dataset", "digits", "--json", str(out_dir / "t.json"),
+                "--csv", str(out_dir / "t.csv"), "--plot", str(out_dir / "t.png"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out, json.loads((out_dir / "t.json").read_text())["results"], out_dir
+
+
+def test_every_framework_reaches_95_percent_on_digits(digits_run):
+    _, results, _ = digits_run
+    assert {r["backend"] for r in results} == set(FRAMEWORKS) | {"numpy"}
+    for r in results:
+        assert "error" not in r, r
+        assert r["final_accuracy"] >= 0.95, (r["backend"], r["test_accuracy"])
+        assert r["time_to_target_s"] is not None and r["epochs_to_target"] <= len(r["train_loss"])
+
+
+def test_without_dropout_the_per_epoch_losses_agree(digits_run):
+    _, results, _ = digits_run
+    reference = next(r for r in results if r["backend"] == "numpy")
+    for r in results:
+        for key in ("train_loss", "test_loss"):
+            np.testing.assert_allclose(r[key], reference[key], rtol=1e-3, err_msg=f"{r['backend']} {key}")
+
+
+def test_train_writes_table_csv_and_plot(digits_run):
+    out, results, out_dir = digits_run
+    assert "Final accuracy" in out.stdout and "Time to 95%" in out.stdout
+    lines = (out_dir / "t.csv").read_text().splitlines()
+    assert len(lines) == 1 + len(results) * len(results[0]["train_loss"]) and "test_accuracy" in lines[0]
+    assert (out_dir / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_live_dropout_is_reported():
+    out = train("--model", "cifar_cnn", "--dataset", "synthetic", "--epochs", "1", "--backends", "numpy",
+                "--batch-size", "256", "--target", "0.99")
+    assert out.returncode == 0, out.stderr
+    assert "live dropout" in out.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "digits_mlp", "--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+    (["--model", "lenet5", "--dataset", "digits"], "expects (1, 28, 28)"),
+    (["--model", "digits_mlp", "--dataset", "digits", "--epochs", "0"], "must be a positive integer"),
+    (["--model", "digits_mlp", "--dataset", "digits", "--target", "95"], "--target must be an accuracy"),
+])
+def test_train_bad_input_exits_2(args, message):
+    out = train(*args, timeout=120)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_missing_dataset_files_say_where_to_put_them(tmp_path):
+    env = dict(os.environ)
+    out = subprocess.run([sys.executable, "-c", (
+        "import sys, compare, models.data as d; d.MIRRORS['mnist'] = 'http://127.0.0.1:9/'; "
+        f"sys.exit(compare.main(['train', '--model', 'lenet5', '--dataset', 'mnist', '--data-dir', {str(tmp_path)!r}]))")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2 and "put the file there" in out.stderr and "Traceback" not in out.stderr
