@@ -66,6 +66,24 @@ class KerasAdapter(Adapter):
     def execution_path(self) -> str:
         return "tf.function train step (graph, no XLA)"
 
+    @classmethod
+    def set_threads(cls, n: int) -> None:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(n)
+            tf.config.threading.set_inter_op_parallelism_threads(n)
+        except RuntimeError:  # the runtime already started: the TF_NUM_*_THREADS variables have applied
+            pass
+
+    @property
+    def device_name(self) -> str:
+        if self._dev.startswith("/GPU"):
+            gpu = tf.config.list_physical_devices("GPU")[int(self._dev.rsplit(":", 1)[1])]
+            return tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
+        return super().device_name
+
+    def peak_device_memory(self):
+        return tf.config.experimental.get_memory_info(self._dev[1:])["peak"] if self._dev.startswith("/GPU") else None
+
     # --- build ------------------------------------------------------------------------------------
     def _build(self) -> None:
         if keras.backend.backend() != "tensorflow":
@@ -89,8 +107,9 @@ class KerasAdapter(Adapter):
 
         with tf.device(self._dev):
             in_shape = spec.input_shape
-            names = {i.name for i in self.infos}
-            input_name = next(n for n in ("input", "nhwc_input", "nhwc_input_") if n not in names)
+            input_name = "input"  # Keras wants unique names across the model's layers
+            while input_name in {i.name for i in self.infos}:
+                input_name += "_"
             inputs = keras.Input((*in_shape[1:], in_shape[0]) if self._image_input else in_shape, name=input_name)
             h, outputs = inputs, []
             self._core: dict[str, keras.layers.Layer] = {}       # spec layer name -> Keras layer holding its weights
@@ -112,8 +131,9 @@ class KerasAdapter(Adapter):
             self.native = keras.Model(inputs, h, name=spec.name.replace("/", "_"))
             self._probe = keras.Model(inputs, outputs)
         self._params = self._param_map()
-        self._trainable = [self._params[k][0] for k in spec.trainable_keys()]
-        self._stats = [v for k, (v, _, _) in self._params.items() if k not in set(spec.trainable_keys())]
+        trainable = spec.trainable_keys()
+        self._trainable = [self._params[k][0] for k in trainable]
+        self._stats = [v for k, (v, _, _) in self._params.items() if k not in trainable]  # BatchNorm statistics
 
         # Stable signatures: one trace each, whatever the batch size (the last partial batch included).
         x_sig = tf.TensorSpec((None, *in_shape), tf.float32)
@@ -151,7 +171,9 @@ class KerasAdapter(Adapter):
             return keras.layers.Activation(layer.activation, name=name), None
         if isinstance(layer, Dropout):
             return keras.layers.Dropout(layer.rate, name=name), None
-        if isinstance(layer, BatchNorm):  # same moving-average meaning and biased variance as the spec
+        if isinstance(layer, BatchNorm):
+            # Same moving-average meaning and biased variance as the spec. Numerically TF normalises as
+            # x * inv + (beta - mean * inv), which loses float32 digits where |mean| >> std (vs (x - mean) * inv).
             core = keras.layers.BatchNormalization(axis=-1, momentum=layer.momentum, epsilon=layer.epsilon,
                                                    name=name)
             return core, core

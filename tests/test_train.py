@@ -51,9 +51,11 @@ def test_train_writes_table_csv_and_plot(digits_run):
     assert (out_dir / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_live_dropout_is_reported():
-    out = train("--model", "cifar_cnn", "--dataset", "synthetic", "--epochs", "1", "--backends", "numpy",
-                "--batch-size", "256", "--target", "0.99")
+def test_live_dropout_is_reported(tmp_path):
+    from models import Dense, Dropout, ModelSpec
+    path = tmp_path / "dropout.json"
+    ModelSpec("dropout_mlp", (64,), (Dense(32, activation="relu"), Dropout(0.5), Dense(10))).save(path)
+    out = train("--model", str(path), "--dataset", "digits", "--epochs", "1", "--backends", "numpy")
     assert out.returncode == 0, out.stderr
     assert "live dropout" in out.stdout
 
