@@ -255,7 +255,7 @@ def render_table(rows: list[dict], baseline: str) -> str:
         if "error" in r:
             table.append((r["model"], r["backend"], r["device"], r["batch_size"], "ERROR: " + r["error"][:70]) + ("",) * 9)
             continue
-        table.append((r["model"], f"{r['backend']} ({r['version'].split(' ', 1)[-1] if r['version'] else '-'})",
+        table.append((r["model"], r["version"].split(" / ")[0] or r["backend"],
                       r["device"], r["batch_size"], r["path"], _f(r["first_step_s"], ".2f"),
                       f"{r['train_samples_s']:,.0f} ±{100 * r['train_spread']:.0f}%",
                       f"{r['infer_samples_s']:,.0f}", _f(r["host_rss_mb"], ",.0f") +

@@ -64,7 +64,7 @@ class KerasAdapter(Adapter):
 
     @property
     def execution_path(self) -> str:
-        return "tf.function train step (graph, no XLA)"
+        return "tf.function graph"
 
     @classmethod
     def set_threads(cls, n: int) -> None:

@@ -110,7 +110,7 @@ class MXNetAdapter(Adapter):
 
     @property
     def execution_path(self) -> str:
-        return "Gluon HybridSequential, hybridized (static_alloc, static_shape)"
+        return "hybridized, static alloc"
 
     @property
     def device_name(self) -> str:

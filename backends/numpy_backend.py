@@ -62,7 +62,7 @@ class NumpyAdapter(Adapter):
 
     @classmethod
     def version(cls) -> str:
-        return np.__version__
+        return f"numpy {np.__version__}"
 
     @property
     def execution_path(self) -> str:

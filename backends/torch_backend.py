@@ -63,7 +63,7 @@ class TorchAdapter(Adapter):
 
     @property
     def execution_path(self) -> str:
-        return "eager nn.Sequential"
+        return "eager"
 
     @classmethod
     def set_threads(cls, n: int) -> None:

@@ -125,7 +125,7 @@ def main() -> int:
     p.add_argument("--backends", nargs="+", default=["keras", "torch", "mxnet"])
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
