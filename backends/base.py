@@ -61,6 +61,17 @@ def batch_indices(n: int, batch_size: int, epoch: int, seed: int = 0, shuffle: b
         yield order[start:start + batch_size]
 
 
+def gpu_index(device: str, framework: str, count: int) -> int | None:
+    """The GPU index `device` asks for (None for the CPU), or an error naming the devices the framework sees."""
+    kind, index = parse_device(device)
+    if kind == "cpu":
+        return None
+    if index >= count:
+        seen = ", ".join(["cpu"] + [f"gpu:{i}" for i in range(count)])
+        raise BackendError(f"{framework} cannot use {device!r}: it sees {seen}")
+    return index
+
+
 def cpu_name() -> str:
     """The CPU model name, from /proc/cpuinfo where there is one."""
     try:

@@ -13,7 +13,7 @@ from keras import ops  # noqa: E402
 
 from models import Activation, AvgPool2D, BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D  # noqa: E402
 
-from .base import Adam, Adapter, BackendError, SGD, as_inputs, parse_device  # noqa: E402
+from .base import Adam, Adapter, BackendError, SGD, as_inputs, gpu_index  # noqa: E402
 
 tf.get_logger().setLevel("ERROR")
 
@@ -89,12 +89,8 @@ class KerasAdapter(Adapter):
         if keras.backend.backend() != "tensorflow":
             raise BackendError(f"keras backend needs KERAS_BACKEND=tensorflow, this process runs "
                                f"Keras on {keras.backend.backend()!r}")
-        kind, index = parse_device(self.device)
-        if kind == "gpu":
-            gpus = tf.config.list_physical_devices("GPU")
-            if index >= len(gpus):
-                seen = ", ".join(["cpu"] + [f"gpu:{i}" for i in range(len(gpus))])
-                raise BackendError(f"tensorflow cannot use {self.device!r}: it sees {seen}")
+        index = gpu_index(self.device, "tensorflow", len(tf.config.list_physical_devices("GPU")))
+        if index is not None:
             tf.config.experimental.enable_tensor_float32_execution(False)  # TF32 would break float32 equivalence
             self._dev = f"/GPU:{index}"
         else:

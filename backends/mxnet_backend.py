@@ -17,7 +17,7 @@ from mxnet.gluon import nn  # noqa: E402
 
 from models import Activation, AvgPool2D, BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D  # noqa: E402
 
-from .base import Adam, Adapter, BackendError, SGD, as_inputs, parse_device  # noqa: E402
+from .base import Adam, Adapter, BackendError, SGD, as_inputs, gpu_index  # noqa: E402
 
 # nd.array() probes scipy.sparse.csr, deprecated in SciPy: one warning per array made, every step.
 warnings.filterwarnings("ignore", message="Please import `csr_matrix`", category=DeprecationWarning)
@@ -117,15 +117,8 @@ class MXNetAdapter(Adapter):
         return str(self.ctx) if self.ctx.device_type == "gpu" else super().device_name
 
     def _build(self) -> None:
-        kind, index = parse_device(self.device)
-        if kind == "gpu":
-            count = mx.context.num_gpus()
-            if index >= count:
-                seen = ", ".join(["cpu"] + [f"gpu:{i}" for i in range(count)])
-                raise BackendError(f"mxnet cannot use {self.device!r}: it sees {seen}")
-            self.ctx = mx.gpu(index)
-        else:
-            self.ctx = mx.cpu()
+        index = gpu_index(self.device, "mxnet", mx.context.num_gpus())
+        self.ctx = mx.cpu() if index is None else mx.gpu(index)
         self.layers = self.spec.logits_layers()
         self.infos = self.spec.infos[:len(self.layers)]
         self._params = {}  # canonical key -> (gluon Parameter, whether it is a transposed Dense kernel)

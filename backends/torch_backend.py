@@ -8,7 +8,7 @@ from torch import nn
 
 from models import Activation, AvgPool2D, BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D
 
-from .base import Adam, Adapter, BackendError, SGD, as_inputs, parse_device
+from .base import Adam, Adapter, BackendError, SGD, as_inputs, gpu_index
 
 
 class CanonicalBatchNorm(nn.Module):
@@ -77,12 +77,8 @@ class TorchAdapter(Adapter):
         return torch.cuda.max_memory_allocated(self.dev) if self.dev.type == "cuda" else None
 
     def _build(self) -> None:
-        kind, index = parse_device(self.device)
-        if kind == "gpu":
-            count = torch.cuda.device_count()
-            if index >= count:
-                seen = ", ".join(["cpu"] + [f"cuda:{i}" for i in range(count)])
-                raise BackendError(f"torch cannot use {self.device!r}: it sees {seen}")
+        index = gpu_index(self.device, "torch", torch.cuda.device_count())
+        if index is not None:
             self.dev = torch.device("cuda", index)
             torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would break float32 equivalence
             torch.backends.cudnn.allow_tf32 = False
