@@ -193,12 +193,18 @@ def plan_run(args) -> tuple[list[ModelSpec], list[str], list[str]]:
     return specs, backends, devices
 
 
+def reference_is_quick(spec: ModelSpec, batch: int, args) -> bool:
+    """Whether the float64 NumPy row fits a default run: at most ~50 GFLOP of training work."""
+    steps = 1 + args.warmup + args.steps * args.repeats
+    return 3 * spec.flops * batch * steps <= 5e10
+
+
 def cmd_run(args) -> int:
     specs, backends, devices = plan_run(args)
     optimizer = make_optimizer(args.optimizer, args.lr)
     opt_task = {"type": args.optimizer, "args": vars(optimizer)}
     cells = [(spec, b, d, bs) for spec in specs for d in devices for bs in args.batch_sizes for b in backends
-             if not (b == "numpy" and d != "cpu")]
+             if b != "numpy" or d == "cpu" and (args.backends or reference_is_quick(spec, bs, args))]
     quiet = args.quiet or not sys.stderr.isatty()
     from tqdm import tqdm
     peaks = {d: run_subprocess({"kind": "peak", "device": d}, args.threads, args.timeout).get("gemm_gflops")
@@ -396,7 +402,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="+", default=["mlp", "lenet5"], metavar="MODEL",
                    help="zoo names or spec .json files (default: mlp lenet5)")
     p.add_argument("--backends", nargs="+", metavar="BACKEND",
-                   help=f"any of {', '.join(names())} (default: every installed framework, plus numpy)")
+                   help=f"any of {', '.join(names())} (default: every installed framework, plus the numpy "
+                        "reference where it is quick)")
     p.add_argument("--devices", nargs="+", metavar="DEVICE", help="cpu, gpu, gpu:N (default: every device)")
     p.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[64], metavar="N")
     p.add_argument("--steps", type=positive_int, default=10, help="timed training steps per repeat")

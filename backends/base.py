@@ -118,7 +118,8 @@ class Adapter(ABC):
         net = cls(spec, device)
         if weights is not None or init == "canonical":
             net.set_weights(init_weights(spec, seed) if weights is None else weights)
-        net.set_optimizer(optimizer or SGD())
+        if spec.trainable_keys():  # frameworks refuse an optimizer over no parameters
+            net.set_optimizer(optimizer or SGD())
         return net
 
     # --- the contract ------------------------------------------------------------------------------
@@ -184,8 +185,13 @@ class Adapter(ABC):
         return None
 
     # --- shared behaviour --------------------------------------------------------------------------
+    def _check_trainable(self) -> None:
+        if not self.spec.trainable_keys():
+            raise BackendError(f"model {self.spec.name!r} has no trainable parameters: nothing to train")
+
     def train_step(self, x: np.ndarray, y: np.ndarray) -> float:
         """One optimizer step on a batch; returns its loss."""
+        self._check_trainable()
         return float(self._train_batch(as_inputs(self.spec, x), np.asarray(y)))
 
     def fit(self, x: np.ndarray, y: np.ndarray, epochs: int = 1, batch_size: int = 32,
@@ -193,6 +199,7 @@ class Adapter(ABC):
             start_epoch: int = 0) -> dict[str, list[float]]:
         """Train epochs start_epoch .. start_epoch + epochs - 1 over the shared seeded batch order;
         returns {"loss": [mean batch loss per epoch]}."""
+        self._check_trainable()
         if optimizer is not None:
             self.set_optimizer(optimizer)
         x, y = as_inputs(self.spec, x), np.asarray(y)

@@ -1,0 +1,124 @@
+"""One test per trap of DESIGN.md ("Traps between frameworks"), on the native objects where the trap lives."""
+import numpy as np
+import pytest
+
+from backends import Adam, BackendError, SGD, get_adapter
+from backends.bench import thread_env
+from backends.check import TOLERANCE, dict_diff, sample_batch, scaled_diff
+from models import BatchNorm, Conv2D, Dense, Flatten, MaxPool2D, ModelSpec, init_weights, zoo
+
+from .conftest import FRAMEWORKS, require
+
+
+def build(backend, spec, **kw):
+    require(backend)
+    return get_adapter(backend).build(spec, **kw)
+
+
+def test_trap1_kernel_layouts_are_translated():
+    spec = ModelSpec("k", (2, 5, 5), (Conv2D(3, (2, 3)), Flatten(), Dense(4)))
+    w = init_weights(spec, 1)
+    torch_net = build("torch", spec, weights=w)
+    conv, linear = torch_net.native[0][0], torch_net.native[2][0]
+    assert np.array_equal(conv.weight.detach().numpy(), w["conv2d_0/kernel"])                  # OIHW
+    assert np.array_equal(linear.weight.detach().numpy(), w["dense_2/kernel"].T)               # (out, in)
+    mx_net = build("mxnet", spec, weights=w)
+    assert np.array_equal(mx_net.native[2].weight.data().asnumpy(), w["dense_2/kernel"].T)     # (out, in)
+    keras_net = build("keras", spec, weights=w)
+    keras_conv = keras_net.native.get_layer("conv2d_0").kernel.numpy()
+    assert np.array_equal(keras_conv, w["conv2d_0/kernel"].transpose(2, 3, 1, 0))             # HWIO
+
+
+def test_trap2_keras_is_channels_last_and_permutes_the_first_dense_rows():
+    spec = ModelSpec("f", (3, 2, 2), (Flatten(), Dense(2)))
+    w = init_weights(spec, 2)
+    net = build("keras", spec, weights=w)
+    assert tuple(net.native.input_shape[1:]) == (2, 2, 3)
+    native = net.native.get_layer("dense_1").kernel.numpy()
+    # row r of Keras' kernel is flat position r in (H, W, C) order, i.e. canonical (C, H, W) index c*4 + h*2 + w
+    hwc_to_chw = [c * 4 + h * 2 + x for h in range(2) for x in range(2) for c in range(3)]
+    assert np.array_equal(native, w["dense_1/kernel"][hwc_to_chw])
+    x = sample_batch(spec, 3)[0]
+    oracle = get_adapter("numpy").build(spec, weights=w)
+    assert scaled_diff(net.logits(x), oracle.logits(x)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("backend", FRAMEWORKS)
+@pytest.mark.parametrize("size,stride", [(6, 2), (7, 2), (8, 3)])
+def test_trap3_same_padding_puts_the_odd_pixel_bottom_right(backend, size, stride):
+    spec = ModelSpec("p", (1, size, size), (Conv2D(2, 4, strides=stride, padding="same"),))
+    net, oracle = build(backend, spec), get_adapter("numpy").build(spec)
+    x = sample_batch(spec, 2)[0]
+    assert scaled_diff(net.logits(x), oracle.logits(x)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("backend", FRAMEWORKS)
+def test_trap4_pooling_floors_odd_sizes(backend):
+    spec = ModelSpec("pool", (2, 7, 9), (MaxPool2D(2), MaxPool2D(2, strides=1)))
+    net = build(backend, spec)
+    out = net.logits(sample_batch(spec, 2)[0])
+    assert out.shape == (2, 2, 2, 3)
+    assert scaled_diff(out, get_adapter("numpy").build(spec).logits(sample_batch(spec, 2)[0])) <= TOLERANCE
+    with pytest.raises(BackendError, match="no trainable parameters"):
+        net.train_step(*sample_batch(spec, 2))
+
+
+@pytest.mark.parametrize("backend", FRAMEWORKS)
+def test_trap5_batchnorm_momentum_weighs_the_old_value_and_variance_is_biased(backend):
+    spec = ModelSpec("bn", (3,), (BatchNorm(momentum=0.9, epsilon=1e-5), Dense(2)))
+    net = build(backend, spec, optimizer=SGD(lr=0.0))
+    x, y = sample_batch(spec, 4)
+    net.train_step(x, y)
+    w = net.get_weights()
+    np.testing.assert_allclose(w["batchnorm_0/moving_mean"], 0.1 * x.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(w["batchnorm_0/moving_var"], 0.9 + 0.1 * x.var(0), rtol=1e-5)  # ddof=0
+
+
+@pytest.mark.parametrize("backend", FRAMEWORKS)
+def test_trap7_loss_is_a_batch_mean(backend):
+    spec = zoo.get("digits_mlp")
+    net, oracle = build(backend, spec, optimizer=SGD(lr=0.1)), get_adapter("numpy").build(spec, optimizer=SGD(lr=0.1))
+    for n in (1, 7, 32):  # a mean makes the step size independent of the batch size
+        x, y = sample_batch(spec, n, seed=n)
+        net.train_step(x, y)
+        oracle.train_step(x, y)
+    assert dict_diff(net.get_weights(), oracle.get_weights())[0] <= TOLERANCE
+
+
+@pytest.mark.parametrize("backend", FRAMEWORKS)
+def test_trap8_adam_epsilon_is_added_after_bias_correction(backend):
+    # with a large epsilon, Keras' and MXNet's stock Adam (epsilon before correction) are visibly off
+    spec = zoo.get("digits_mlp")
+    opt = Adam(lr=0.01, epsilon=0.1)
+    net, oracle = build(backend, spec, optimizer=opt), get_adapter("numpy").build(spec, optimizer=opt)
+    for i in range(3):
+        batch = sample_batch(spec, 16, seed=i)
+        net.train_step(*batch)
+        oracle.train_step(*batch)
+    assert dict_diff(net.get_weights(), oracle.get_weights())[0] <= TOLERANCE
+
+
+def test_trap10_every_framework_gets_the_same_thread_count():
+    env = thread_env(3)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "MXNET_CPU_WORKER_NTHREADS"):
+        assert env[var] == "3"
+
+
+def test_trap11_mxnet_weights_map_by_position_not_by_global_names():
+    spec = zoo.get("lenet5")
+    first = build("mxnet", spec, seed=0)
+    second = build("mxnet", spec, seed=1)  # MXNet names its parameters with global counters: conv2_, conv3_ ...
+    names = [p.name for p in second.native.collect_params().values()]
+    assert not any(n.startswith("hybridsequential0_") for n in names)
+    expected = init_weights(spec, 1)
+    got = second.get_weights()
+    assert all(np.array_equal(got[k], expected[k]) for k in expected)
+    assert not np.array_equal(first.get_weights()["dense_5/kernel"], got["dense_5/kernel"])
+
+
+def test_trap11_mxnet_dense_does_not_flatten_and_softmax_works():
+    spec = ModelSpec("s", (6,), (Dense(4, activation="softmax"), Dense(3, activation="softmax")))
+    net, oracle = build("mxnet", spec), get_adapter("numpy").build(spec)
+    x = sample_batch(spec, 5)[0]
+    assert scaled_diff(net.predict(x), oracle.predict(x)) <= TOLERANCE
+    np.testing.assert_allclose(net.predict(x).sum(1), 1, rtol=1e-6)
