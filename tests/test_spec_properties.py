@@ -1,0 +1,61 @@
+"""Property tests (hypothesis): any spec either validates or raises SpecError; valid specs round-trip and
+their inferred shapes, parameter counts and FLOP totals agree with what the NumPy oracle computes."""
+import json
+import math
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from backends import get_adapter
+from models import LAYER_KINDS, ModelSpec, SpecError
+
+sizes = st.sampled_from([1, 2, 3, 4, 5, 2, 3, 0, -1])  # mostly valid, sometimes not
+layer_dicts = st.one_of(
+    st.fixed_dictionaries({"type": st.just("dense"), "units": sizes,
+                           "activation": st.sampled_from(["linear", "relu", "tanh", "softmax", "swish"])}),
+    st.fixed_dictionaries({"type": st.just("conv2d"), "filters": sizes,
+                           "kernel_size": st.one_of(sizes, st.lists(sizes, min_size=2, max_size=2)),
+                           "strides": st.sampled_from([1, 2, 3, 0]),
+                           "padding": st.sampled_from(["valid", "same", "same", 1, 0, "full"])}),
+    st.fixed_dictionaries({"type": st.sampled_from(["maxpool2d", "avgpool2d"]), "pool_size": sizes}),
+    st.fixed_dictionaries({"type": st.just("flatten")}),
+    st.fixed_dictionaries({"type": st.just("dropout"), "rate": st.floats(-0.5, 1.5)}),
+    st.fixed_dictionaries({"type": st.just("batchnorm"), "momentum": st.floats(0, 1.2)}),
+    st.fixed_dictionaries({"type": st.sampled_from(["lstm", "activation"])}),
+)
+spec_dicts = st.fixed_dictionaries({
+    "name": st.just("h"),
+    "input_shape": st.one_of(st.lists(st.integers(1, 9), min_size=3, max_size=3),
+                             st.lists(st.integers(1, 9), min_size=1, max_size=1),
+                             st.lists(st.integers(0, 7), min_size=1, max_size=3)),
+    "layers": st.lists(layer_dicts, min_size=1, max_size=5),
+})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec_dicts)
+def test_any_spec_validates_or_raises_spec_error_naming_the_place(d):
+    try:
+        spec = ModelSpec.from_dict(d)
+    except SpecError as e:
+        message = str(e)
+        assert message.startswith(("layer ", "model")) and "field '" in message
+        return
+    assert ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    assert set(LAYER_KINDS) >= {l.kind for l in spec.layers}
+
+
+@settings(max_examples=100, deadline=None)
+@given(spec_dicts)
+def test_inferred_shapes_and_counts_match_the_oracle(d):
+    try:
+        spec = ModelSpec.from_dict(d)
+    except SpecError:
+        return
+    net = get_adapter("numpy").build(spec)
+    outputs = net.layer_outputs(np.zeros((2,) + spec.input_shape, np.float32))
+    for info in spec.infos[:len(spec.logits_layers())]:
+        assert outputs[info.name].shape == (2,) + info.out_shape, info.name
+    assert spec.params == sum(math.prod(w.shape) for w in net.get_weights().values())
+    assert spec.flops == sum(i.flops for i in spec.infos) and spec.flops >= 0
