@@ -151,7 +151,7 @@ def cell_main(task_json: str) -> int:
             from backends.bench import measure
             result = measure(task["backend"], ModelSpec.from_dict(task["spec"]), task["device"], task["batch_size"],
                              task["steps"], task["repeats"], task["warmup"], _optimizer(task["optimizer"]),
-                             task["threads"])
+                             task["threads"], compile=task["compile"])
     except (BackendError, SpecError, DataError, MemoryError, RuntimeError, ValueError) as e:
         result = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
     print(RESULT_MARK + json.dumps(result), flush=True)
@@ -215,11 +215,11 @@ def cmd_run(args) -> int:
             bar.set_description(f"{spec.name} {backend} {device} b{batch}")
             task = {"kind": "measure", "backend": backend, "model_name": spec.name, "spec": spec.to_dict(),
                     "device": device, "batch_size": batch, "steps": args.steps, "repeats": args.repeats,
-                    "warmup": args.warmup, "threads": args.threads, "optimizer": opt_task}
+                    "warmup": args.warmup, "threads": args.threads, "optimizer": opt_task, "compile": args.compile}
             result = run_subprocess(task, args.threads, args.timeout)
             row = {"model": spec.name, "backend": backend, "device": device, "batch_size": batch,
                    "threads": args.threads, "optimizer": args.optimizer, "steps": args.steps,
-                   "repeats": args.repeats, "warmup": args.warmup, "model_params": spec.params,
+                   "repeats": args.repeats, "warmup": args.warmup, "compile": args.compile, "model_params": spec.params,
                    "model_flops": spec.flops, "gemm_peak_gflops": peaks[device], **result}
             if "train_gflops" in row and peaks[device]:
                 row["peak_pct"] = 100 * row["train_gflops"] / peaks[device]
@@ -361,7 +361,7 @@ def cmd_check(args) -> int:
     rows, failed = [], False
     for b in backends:
         try:
-            report = compare(get_adapter(b), oracle, spec, device=device, steps=args.steps)
+            report = compare(get_adapter(b), oracle, spec, device=device, steps=args.steps, compile=args.compile)
         except BackendError as e:
             raise UsageError(str(e)) from None
         failed |= not report.ok()
@@ -413,6 +413,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for every framework (default: all cores)")
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     p.add_argument("--lr", type=float, help="learning rate (default: 0.01 for sgd, 0.001 for adam)")
+    p.add_argument("--compile", action="store_true",
+                   help="compiled paths: Keras with XLA, torch.compile (Gluon is always hybridized)")
     p.add_argument("--baseline", default="torch", help="framework the ratio column divides by")
     p.add_argument("--timeout", type=float, default=600, help="seconds before a cell counts as hung")
     p.add_argument("--json", metavar="PATH", help="write all rows as JSON (atomically)")
@@ -433,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--backends", nargs="+", metavar="BACKEND")
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--steps", type=positive_int, default=5, help="optimizer steps before comparing weights")
+    sp.add_argument("--compile", action="store_true", help="check the compiled paths (XLA, torch.compile)")
     sp.set_defaults(func=cmd_check)
     sp = sub.add_parser("train", help="train every framework on real data: accuracy, curves, time to accuracy")
     sp.add_argument("--model", required=True, help="zoo model name or spec .json file")

@@ -100,9 +100,10 @@ class Adapter(ABC):
 
     name: ClassVar[str] = ""
 
-    def __init__(self, spec: ModelSpec, device: str = "cpu"):
+    def __init__(self, spec: ModelSpec, device: str = "cpu", compile: bool = False):
         self.spec = spec
         self.device = device
+        self.compile = compile
         self.optimizer: Optimizer | None = None
         self.native: Any = None
         self._build()
@@ -110,12 +111,13 @@ class Adapter(ABC):
     @classmethod
     def build(cls, spec: ModelSpec, device: str = "cpu", seed: int = 0,
               weights: dict[str, np.ndarray] | None = None, optimizer: Optimizer | None = None,
-              init: str = "canonical") -> "Adapter":
+              init: str = "canonical", compile: bool = False) -> "Adapter":
         """Build `spec` on `device`, load weights (given, else the canonical seeded init; init="native"
-        keeps the framework's own initialisation), and set the optimizer."""
+        keeps the framework's own initialisation), and set the optimizer. compile=True uses the
+        framework's compiler for training and inference where it has one (XLA, torch.compile)."""
         if init not in ("canonical", "native"):
             raise BackendError(f"unknown init {init!r} (known: canonical, native)")
-        net = cls(spec, device)
+        net = cls(spec, device, compile)
         if weights is not None or init == "canonical":
             net.set_weights(init_weights(spec, seed) if weights is None else weights)
         if spec.trainable_keys():  # frameworks refuse an optimizer over no parameters

@@ -28,7 +28,7 @@ def _spread(values: list[float]) -> float:
 
 
 def measure(backend: str, spec: ModelSpec, device: str, batch_size: int, steps: int, repeats: int,
-            warmup: int, optimizer: Optimizer, threads: int, seed: int = 0) -> dict:
+            warmup: int, optimizer: Optimizer, threads: int, seed: int = 0, compile: bool = False) -> dict:
     """Build, time the first step apart, warm up, then time `repeats` x `steps` training and inference steps."""
     from . import get_adapter  # imports the framework: only ever called in a cell's own process
 
@@ -42,7 +42,7 @@ def measure(backend: str, spec: ModelSpec, device: str, batch_size: int, steps: 
              rng.integers(0, max(spec.num_classes, 2), batch_size).astype(np.int64)) for _ in range(4)]
 
     t0 = time.perf_counter()
-    net = cls.build(spec, device=device, seed=seed, optimizer=optimizer)
+    net = cls.build(spec, device=device, seed=seed, optimizer=optimizer, compile=compile)
     net.sync()
     build_s = time.perf_counter() - t0
 

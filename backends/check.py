@@ -67,13 +67,13 @@ def sample_batch(spec: ModelSpec, n: int = 8, seed: int = 0) -> tuple[np.ndarray
 
 
 def compare(backend_cls: type[Adapter], oracle_cls: type[Adapter], spec: ModelSpec, checks=None,
-            device: str = "cpu", seed: int = 0, n: int = 8, steps: int = 5) -> Report:
+            device: str = "cpu", seed: int = 0, n: int = 8, steps: int = 5, compile: bool = False) -> Report:
     """Run the equivalence checks ("logits", "loss", "grads", "sgd", "adam") of one backend against the oracle."""
     checks = checks or ("logits", "loss", "grads", "sgd", "adam")
     report = Report(backend_cls.name, spec.name)
     x, y = sample_batch(spec, n, seed)
     batches = [sample_batch(spec, n, seed + 1 + i) for i in range(steps)]
-    net, oracle = backend_cls.build(spec, device, seed), oracle_cls.build(spec, "cpu", seed)
+    net, oracle = backend_cls.build(spec, device, seed, compile=compile), oracle_cls.build(spec, "cpu", seed)
     if "logits" in checks:
         report.diffs["logits"] = scaled_diff(net.logits(x), oracle.logits(x))
         if report.diffs["logits"] > TOLERANCE:
@@ -89,7 +89,8 @@ def compare(backend_cls: type[Adapter], oracle_cls: type[Adapter], spec: ModelSp
     for name, opt in (("sgd", SGD(lr=0.005, momentum=0.9)), ("adam", Adam(lr=1e-4, epsilon=1e-3))):
         if name not in checks:
             continue
-        net, oracle = backend_cls.build(spec, device, seed, optimizer=opt), oracle_cls.build(spec, "cpu", seed, optimizer=opt)
+        net = backend_cls.build(spec, device, seed, optimizer=opt, compile=compile)
+        oracle = oracle_cls.build(spec, "cpu", seed, optimizer=opt)
         report.diffs[name] = 0.0
         for bx, by in batches:
             net.train_step(bx, by)

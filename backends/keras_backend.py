@@ -64,7 +64,7 @@ class KerasAdapter(Adapter):
 
     @property
     def execution_path(self) -> str:
-        return "tf.function graph"
+        return "tf.function + XLA" if self.compile else "tf.function graph"
 
     @classmethod
     def set_threads(cls, n: int) -> None:
@@ -135,8 +135,8 @@ class KerasAdapter(Adapter):
         x_sig = tf.TensorSpec((None, *in_shape), tf.float32)
         y_sig = tf.TensorSpec((None,), tf.float32 if self._binary else tf.int64)
         self._sigs = [x_sig, y_sig]
-        self._logits_fn = tf.function(self._logits_graph, input_signature=[x_sig])
-        self._predict_fn = tf.function(self._predict_graph, input_signature=[x_sig])
+        self._logits_fn = tf.function(self._logits_graph, input_signature=[x_sig], jit_compile=self.compile)
+        self._predict_fn = tf.function(self._predict_graph, input_signature=[x_sig], jit_compile=self.compile)
         self._layers_fn = tf.function(self._layers_graph, input_signature=[x_sig])
         self._grads_fn = tf.function(self._grads_graph, input_signature=self._sigs)
         self._step_fn = None
@@ -297,7 +297,8 @@ class KerasAdapter(Adapter):
         with tf.device(self._dev):
             opt.build(self._trainable)  # slots created eagerly, outside the traced step
         self.optimizer, self._opt = optimizer, opt
-        self._step_fn = tf.function(self._step_graph, input_signature=self._sigs)  # traces against the new slots
+        self._step_fn = tf.function(self._step_graph, input_signature=self._sigs,  # traces against the new slots
+                                    jit_compile=self.compile)
 
     def _train_batch(self, x, y):
         with tf.device(self._dev):

@@ -63,7 +63,7 @@ class TorchAdapter(Adapter):
 
     @property
     def execution_path(self) -> str:
-        return "eager"
+        return "torch.compile" if self.compile else "eager"
 
     @classmethod
     def set_threads(cls, n: int) -> None:
@@ -87,6 +87,7 @@ class TorchAdapter(Adapter):
         self.layers = self.spec.logits_layers()
         self.infos = self.spec.infos[:len(self.layers)]
         self.native = nn.Sequential(*(self._module(l, i.in_shape) for l, i in zip(self.layers, self.infos))).to(self.dev)
+        self._run = torch.compile(self.native) if self.compile else self.native  # shares native's parameters
 
     @staticmethod
     def _module(layer, in_shape) -> nn.Module:
@@ -150,7 +151,7 @@ class TorchAdapter(Adapter):
     @torch.no_grad()
     def logits(self, x):
         self.native.eval()
-        return self.native(self._tensor(x)).cpu().numpy()
+        return self._run(self._tensor(x)).cpu().numpy()
 
     def predict(self, x):
         z = torch.from_numpy(self.logits(x))
@@ -206,7 +207,7 @@ class TorchAdapter(Adapter):
         xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.dev, non_blocking=True)
         yt = torch.from_numpy(np.asarray(y)).to(self.dev, non_blocking=True)
         self.opt.zero_grad(set_to_none=True)
-        loss = self._loss(self.native(xt), yt)
+        loss = self._loss(self._run(xt), yt)
         loss.backward()
         self.opt.step()
         return loss.detach()

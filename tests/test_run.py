@@ -107,3 +107,11 @@ def test_check_prints_the_report_and_exits_0_when_equivalent(backend):
     out = cli("check", "digits_cnn", "--backends", backend)
     assert out.returncode == 0, out.stdout + out.stderr
     assert backend in out.stdout and "ok" in out.stdout and "Adam weights" in out.stdout
+
+
+def test_check_of_the_compiled_paths_agrees_with_the_oracle():
+    for backend in ("torch", "keras"):
+        require(backend)
+    out = cli("check", "digits_mlp", "--backends", "torch", "keras", "--compile")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count(" ok") == 2
