@@ -1,7 +1,6 @@
 """Timing one (model, backend, device, batch size) cell, inside a fresh process: see DESIGN.md "Timing"."""
 from __future__ import annotations
 
-import os
 import resource
 import statistics
 import time
@@ -112,10 +111,6 @@ def gemm_peak(device: str, n: int = 2048, repeats: int = 5) -> float:
         times.append(time.perf_counter() - t0)
     return 2 * (2 * n) ** 3 / min(times) / 1e9
 
-
-def worker_threads() -> int:
-    """The thread count this process was started with."""
-    return int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
 
 
 def train_run(backend: str, spec: ModelSpec, dataset: str, device: str, epochs: int, batch_size: int,

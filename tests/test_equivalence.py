@@ -10,7 +10,7 @@ import pytest
 
 from backends import SGD, get_adapter
 from backends.check import TOLERANCE, compare, first_divergence, sample_batch, scaled_diff
-from models import BatchNorm, Dense, Dropout, Flatten, ModelSpec, zoo
+from models import BatchNorm, Dense, Dropout, ModelSpec, zoo
 
 from .conftest import FRAMEWORKS, require
 from .randspec import random_spec
