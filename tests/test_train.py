@@ -55,9 +55,15 @@ def test_live_dropout_is_reported(tmp_path):
     from models import Dense, Dropout, ModelSpec
     path = tmp_path / "dropout.json"
     ModelSpec("dropout_mlp", (64,), (Dense(32, activation="relu"), Dropout(0.5), Dense(10))).save(path)
-    out = train("--model", str(path), "--dataset", "digits", "--epochs", "1", "--backends", "numpy")
+    out = train("--model", str(path), "--dataset", "digits", "--epochs", "1", "--backends", "numpy",
+                "--json", str(tmp_path / "live.json"))
     assert out.returncode == 0, out.stderr
     assert "live dropout" in out.stdout
+    assert json.loads((tmp_path / "live.json").read_text())["results"][0]["dropout"] is True
+    out = train("--model", str(path), "--dataset", "digits", "--epochs", "1", "--backends", "numpy", "--no-dropout",
+                "--json", str(tmp_path / "off.json"))
+    assert out.returncode == 0 and "live dropout" not in out.stdout
+    assert json.loads((tmp_path / "off.json").read_text())["results"][0]["dropout"] is False
 
 
 @pytest.mark.parametrize("args,message", [
