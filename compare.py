@@ -259,7 +259,7 @@ def render_table(rows: list[dict], baseline: str) -> str:
     table = []
     for r in rows:
         if "error" in r:
-            table.append((r["model"], r["backend"], r["device"], r["batch_size"], "ERROR: " + r["error"][:70]) + ("",) * 9)
+            table.append((r["model"], r["backend"], r["device"], r["batch_size"], "ERROR: " + r["error"][:70]) + ("",) * 8)
             continue
         table.append((r["model"], r["version"].split(" / ")[0] or r["backend"],
                       r["device"], r["batch_size"], r["path"], _f(r["first_step_s"], ".2f"),

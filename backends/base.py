@@ -138,10 +138,6 @@ class Adapter(ABC):
         """Load a canonical weight dict."""
 
     @abstractmethod
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """Inference-mode outputs (head activation applied) for canonical NCHW inputs."""
-
-    @abstractmethod
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Inference-mode outputs before the head activation."""
 
@@ -214,6 +210,17 @@ class Adapter(ABC):
             losses = np.array([float(h) for h in handles])
             history.append(float(np.average(losses, weights=sizes)))
         return {"loss": history}
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Inference-mode outputs for canonical NCHW inputs: the logits with the head activation applied."""
+        z = self.logits(x)
+        if self.spec.head is None:
+            return z
+        z = z.astype(np.float64)
+        if self.spec.head == "sigmoid":
+            return (1 / (1 + np.exp(-z))).astype(np.float32)
+        e = np.exp(z - z.max(axis=1, keepdims=True))  # softmax over channels/features: canonical axis 1
+        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> tuple[float, float]:
         """Inference-mode (mean loss, accuracy) over a dataset, in batches."""

@@ -136,7 +136,6 @@ class KerasAdapter(Adapter):
         y_sig = tf.TensorSpec((None,), tf.float32 if self._binary else tf.int64)
         self._sigs = [x_sig, y_sig]
         self._logits_fn = tf.function(self._logits_graph, input_signature=[x_sig], jit_compile=self.compile)
-        self._predict_fn = tf.function(self._predict_graph, input_signature=[x_sig], jit_compile=self.compile)
         self._layers_fn = tf.function(self._layers_graph, input_signature=[x_sig])
         self._grads_fn = tf.function(self._grads_graph, input_signature=self._sigs)
         self._step_fn = None
@@ -227,12 +226,6 @@ class KerasAdapter(Adapter):
     def _logits_graph(self, x, training=False):
         return self._canonical_output(self.native(self._nhwc(x), training=training), self._perm_out[-1])
 
-    def _predict_graph(self, x):
-        z = self._logits_graph(x)
-        if self.spec.head == "softmax":
-            return tf.nn.softmax(z, axis=1)
-        return tf.sigmoid(z) if self.spec.head == "sigmoid" else z
-
     def _layers_graph(self, x):
         outs = self._probe(self._nhwc(x), training=False)
         outs = outs if isinstance(outs, (list, tuple)) else [outs]  # a one-layer model returns a bare tensor
@@ -269,10 +262,6 @@ class KerasAdapter(Adapter):
     def logits(self, x):
         with tf.device(self._dev):
             return self._logits_fn(as_inputs(self.spec, x)).numpy()
-
-    def predict(self, x):
-        with tf.device(self._dev):
-            return self._predict_fn(as_inputs(self.spec, x)).numpy()
 
     def layer_outputs(self, x):
         with tf.device(self._dev):

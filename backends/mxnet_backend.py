@@ -206,14 +206,6 @@ class MXNetAdapter(Adapter):
     def logits(self, x):
         return self.native(self._array(x)).asnumpy()
 
-    def predict(self, x):
-        z = self.native(self._array(x))
-        if self.spec.head == "softmax":
-            z = nd.softmax(z, axis=1)
-        elif self.spec.head == "sigmoid":
-            z = nd.sigmoid(z)
-        return z.asnumpy()
-
     def layer_outputs(self, x):
         h, out = self._array(x), {}
         for info, block in zip(self.infos, self.native):

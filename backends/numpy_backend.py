@@ -202,10 +202,6 @@ class NumpyAdapter(Adapter):
     def logits(self, x):
         return self.forward(as_inputs(self.spec, x)).astype(np.float32)
 
-    def predict(self, x):
-        z = self.forward(as_inputs(self.spec, x))
-        return (act_forward(self.spec.head, z) if self.spec.head else z).astype(np.float32)
-
     def layer_outputs(self, x) -> dict[str, np.ndarray]:
         """Inference-mode output of every layer, keyed by layer name (for divergence reports)."""
         _, outs, _ = self.forward(as_inputs(self.spec, x), collect=True)

@@ -153,14 +153,6 @@ class TorchAdapter(Adapter):
         self.native.eval()
         return self._run(self._tensor(x)).cpu().numpy()
 
-    def predict(self, x):
-        z = torch.from_numpy(self.logits(x))
-        if self.spec.head == "softmax":
-            z = torch.softmax(z, dim=1)
-        elif self.spec.head == "sigmoid":
-            z = torch.sigmoid(z)
-        return z.numpy()
-
     @torch.no_grad()
     def layer_outputs(self, x):
         self.native.eval()
