@@ -9,10 +9,10 @@ from .base import Adam, Adapter, BackendError, SGD, batch_indices, make_optimize
 
 # name -> (module, class, the distribution that provides the framework, the pip extra that installs it)
 _REGISTRY = {
-    "numpy": ("backends.numpy_backend", "NumpyAdapter", "numpy", None),
-    "keras": ("backends.keras_backend", "KerasAdapter", "keras", "keras"),
-    "torch": ("backends.torch_backend", "TorchAdapter", "torch", "torch"),
-    "mxnet": ("backends.mxnet_backend", "MXNetAdapter", "mxnet", "mxnet"),
+    "numpy": ("nncompare.backends.numpy_backend", "NumpyAdapter", "numpy", None),
+    "keras": ("nncompare.backends.keras_backend", "KerasAdapter", "keras", "keras"),
+    "torch": ("nncompare.backends.torch_backend", "TorchAdapter", "torch", "torch"),
+    "mxnet": ("nncompare.backends.mxnet_backend", "MXNetAdapter", "mxnet", "mxnet"),
 }
 _IMPORT_NAME = {"keras": "tensorflow"}  # Keras 3 here runs on TensorFlow: both must be present
 

@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Iterator
 
 import numpy as np
 
-from models import ModelSpec, init_weights
+from ..models import ModelSpec, init_weights
 
 
 class BackendError(RuntimeError):

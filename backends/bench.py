@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from models import ModelSpec
+from ..models import ModelSpec
 
 from .base import Optimizer, parse_device
 
@@ -117,7 +117,7 @@ def train_run(backend: str, spec: ModelSpec, dataset: str, device: str, epochs: 
               optimizer: Optimizer, threads: int, target: float | None, data_dir: str | None = None,
               seed: int = 0) -> dict:
     """Train from the canonical weights over the shared batch order; per-epoch losses, accuracy and times."""
-    from models.data import load
+    from ..models.data import load
     from . import get_adapter
 
     data = load(dataset, spec, data_dir)

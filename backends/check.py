@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models import ModelSpec
+from ..models import ModelSpec
 
 from .base import Adam, Adapter, SGD
 

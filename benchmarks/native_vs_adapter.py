@@ -86,8 +86,8 @@ def worker(backend: str, batch_size: int, steps: int, repeats: int, threads: int
     """Time the adapter and the native loop alternately in this process; samples/s per repeat."""
     import numpy as np
 
-    from backends import SGD, get_adapter
-    from models import zoo
+    from nncompare.backends import SGD, get_adapter
+    from nncompare.models import zoo
 
     rng = np.random.default_rng(0)
     data = [(rng.standard_normal((batch_size, 1, 28, 28)).astype(np.float32),
@@ -133,7 +133,7 @@ def main() -> int:
         print(json.dumps(worker(args.worker, args.batch_size, args.steps, args.repeats, args.threads)))
         return 0
     from tabulate import tabulate
-    from backends.bench import thread_env
+    from nncompare.backends.bench import thread_env
     rows = []
     for backend in args.backends:
         cmd = [sys.executable, __file__, "--worker", backend, "--batch-size", str(args.batch_size),

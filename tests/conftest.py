@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT))
 if importlib.util.find_spec("torch") is not None:
     import torch  # noqa: F401
 
-from backends import available_backends  # noqa: E402
+from nncompare.backends import available_backends  # noqa: E402
 
 FRAMEWORKS = ["keras", "torch", "mxnet"]
 REQUIRED = {b for b in os.environ.get("NNCOMPARE_REQUIRE_BACKENDS", "").split(",") if b}

@@ -1,7 +1,7 @@
 """Seeded generator of random valid specs mixing every layer kind, odd sizes, strides and "same" padding."""
 import numpy as np
 
-from models import (Activation, AvgPool2D, BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ModelSpec,
+from nncompare.models import (Activation, AvgPool2D, BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ModelSpec,
                     SpecError)
 
 ACTS = ("linear", "relu", "sigmoid", "tanh", "softmax")

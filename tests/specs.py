@@ -1,5 +1,5 @@
 """Hand-written specs that together exercise every layer kind, odd sizes, strides and paddings."""
-from models import Activation, AvgPool2D, BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ModelSpec
+from nncompare.models import Activation, AvgPool2D, BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ModelSpec
 
 EVERY_LAYER = {
     "conv_same_stride2": ModelSpec("conv_same_stride2", (2, 7, 6), (

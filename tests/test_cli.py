@@ -22,7 +22,7 @@ def test_list_shows_models_backends_and_devices():
 
 
 def test_summary_of_a_zoo_model_and_a_json_file(tmp_path):
-    from models import zoo
+    from nncompare.models import zoo
     path = tmp_path / "m.json"
     zoo.get("mlp").save(path)
     for target in ("mlp", str(path)):

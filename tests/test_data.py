@@ -9,8 +9,8 @@ from functools import partial
 import numpy as np
 import pytest
 
-from models import data, zoo
-from models.data import DataError, load
+from nncompare.models import data, zoo
+from nncompare.models.data import DataError, load
 
 
 def write_idx(path, array):

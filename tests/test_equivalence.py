@@ -8,9 +8,9 @@ import itertools
 import numpy as np
 import pytest
 
-from backends import SGD, get_adapter
-from backends.check import TOLERANCE, compare, first_divergence, sample_batch, scaled_diff
-from models import BatchNorm, Dense, Dropout, ModelSpec, zoo
+from nncompare.backends import SGD, get_adapter
+from nncompare.backends.check import TOLERANCE, compare, first_divergence, sample_batch, scaled_diff
+from nncompare.models import BatchNorm, Dense, Dropout, ModelSpec, zoo
 
 from .conftest import FRAMEWORKS, require
 from .randspec import random_spec
@@ -138,7 +138,7 @@ def test_fit_follows_the_oracle_over_the_shared_batch_order(backend):
 
 @pytest.mark.parametrize("backend", FRAMEWORKS)
 def test_unsupported_device_names_what_the_framework_sees(backend):
-    from backends import BackendError
+    from nncompare.backends import BackendError
     with pytest.raises(BackendError, match="cpu"):
         adapter(backend).build(zoo.get("perceptron"), device="gpu:7")
 

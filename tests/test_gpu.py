@@ -1,10 +1,10 @@
 """The GPU paths, where this machine has a GPU that the framework sees; skipped with the reason elsewhere."""
 import pytest
 
-import compare as cli
-from backends import BackendError, get_adapter
-from backends.check import TOLERANCE, compare
-from models import zoo
+from nncompare import runner as cli
+from nncompare.backends import BackendError, get_adapter
+from nncompare.backends.check import TOLERANCE, compare
+from nncompare.models import zoo
 
 from .conftest import FRAMEWORKS, require
 

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from backends import Adam, SGD, get_adapter
-from models import zoo
+from nncompare.backends import Adam, SGD, get_adapter
+from nncompare.models import zoo
 
 from .gradcheck import max_relative_fd_error
 from .specs import EVERY_LAYER
@@ -107,6 +107,6 @@ def test_fit_reduces_the_loss_and_is_deterministic():
 
 
 def test_numpy_backend_refuses_gpu():
-    from backends import BackendError
+    from nncompare.backends import BackendError
     with pytest.raises(BackendError, match="cpu only"):
         NumpyAdapter.build(zoo.get("perceptron"), device="gpu")

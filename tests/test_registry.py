@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-import backends
-from backends import BackendError, available_backends, get_adapter
+from nncompare import backends
+from nncompare.backends import BackendError, available_backends, get_adapter
 
 from .conftest import ROOT
 
@@ -14,7 +14,7 @@ FRAMEWORK_MODULES = ("tensorflow", "keras", "torch", "mxnet")
 
 
 def test_importing_models_and_backends_imports_no_framework():
-    code = ("import sys, models, backends, compare\n"
+    code = ("import sys\nfrom nncompare import models, backends, cli, runner, report\n"
             "backends.available_backends(); backends.get_adapter('numpy'); models.zoo.get('lenet5').summary()\n"
             f"print(sorted(m for m in {FRAMEWORK_MODULES!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -43,6 +43,20 @@ def test_missing_framework_names_the_install_extra(monkeypatch):
 
 @pytest.mark.parametrize("device", ["tpu", "gpu:x", ""])
 def test_bad_device_names_are_rejected(device):
-    from backends import parse_device
+    from nncompare.backends import parse_device
     with pytest.raises(BackendError, match="unknown device"):
         parse_device(device)
+
+
+def test_the_api_imports_from_a_folder_with_its_own_models_package(tmp_path):
+    """One installed namespace: a user's own `models` package neither shadows nor is shadowed by ours."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "__init__.py").write_text("MINE = True\n")
+    code = ("import models; assert models.MINE\n"
+            "from nncompare.backends import get_adapter\nfrom nncompare.models import zoo\n"
+            "net = get_adapter('numpy').build(zoo.get('perceptron'))\nprint(net.predict([[0.0] * 2]).shape)")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(ROOT)  # a checkout on the path, as on a machine where nothing is installed
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(1, 1)"

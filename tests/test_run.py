@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-import compare
+from nncompare import cli as compare, report, runner
 
 from .conftest import ROOT, require
 
@@ -89,7 +89,7 @@ def test_write_atomic_leaves_the_old_file_when_writing_fails(tmp_path):
             raise RuntimeError("boom")
 
     with pytest.raises(TypeError):
-        compare.write_atomic(str(path), Boom())
+        runner.write_atomic(str(path), Boom())
     assert path.read_text() == "old" and len(list(tmp_path.iterdir())) == 1
 
 
@@ -97,7 +97,7 @@ def test_ratios_divide_by_the_baseline_of_the_same_cell():
     rows = [{"model": "m", "device": "cpu", "batch_size": 8, "backend": "torch", "train_samples_s": 100.0},
             {"model": "m", "device": "cpu", "batch_size": 8, "backend": "keras", "train_samples_s": 50.0},
             {"model": "m", "device": "cpu", "batch_size": 16, "backend": "keras", "train_samples_s": 80.0}]
-    compare.add_ratios(rows, "torch")
+    report.add_ratios(rows, "torch")
     assert rows[0]["vs_baseline"] == 1.0 and rows[1]["vs_baseline"] == 0.5 and "vs_baseline" not in rows[2]
 
 

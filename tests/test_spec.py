@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from models import (Activation, AvgPool2D, BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ModelSpec,
+from nncompare.models import (Activation, AvgPool2D, BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ModelSpec,
                     SpecError, init_weights, resolve, zoo)
 
 ZOO_PARAMS = {"perceptron": 3, "mlp": 235_146, "lenet5": 61_706, "cifar_cnn": 1_117_738,

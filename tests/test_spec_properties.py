@@ -7,8 +7,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends import get_adapter
-from models import LAYER_KINDS, ModelSpec, SpecError
+from nncompare.backends import get_adapter
+from nncompare.models import LAYER_KINDS, ModelSpec, SpecError
 
 sizes = st.sampled_from([1, 2, 3, 4, 5, 2, 3, 0, -1])  # mostly valid, sometimes not
 layer_dicts = st.one_of(

@@ -52,7 +52,7 @@ def test_train_writes_table_csv_and_plot(digits_run):
 
 
 def test_live_dropout_is_reported(tmp_path):
-    from models import Dense, Dropout, ModelSpec
+    from nncompare.models import Dense, Dropout, ModelSpec
     path = tmp_path / "dropout.json"
     ModelSpec("dropout_mlp", (64,), (Dense(32, activation="relu"), Dropout(0.5), Dense(10))).save(path)
     out = train("--model", str(path), "--dataset", "digits", "--epochs", "1", "--backends", "numpy",
@@ -80,7 +80,7 @@ def test_train_bad_input_exits_2(args, message):
 def test_missing_dataset_files_say_where_to_put_them(tmp_path):
     env = dict(os.environ)
     out = subprocess.run([sys.executable, "-c", (
-        "import sys, compare, models.data as d; d.MIRRORS['mnist'] = 'http://127.0.0.1:9/'; "
+        "import sys; from nncompare import cli as compare; import nncompare.models.data as d; d.MIRRORS['mnist'] = 'http://127.0.0.1:9/'; "
         f"sys.exit(compare.main(['train', '--model', 'lenet5', '--dataset', 'mnist', '--data-dir', {str(tmp_path)!r}]))")],
         cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 2 and "put the file there" in out.stderr and "Traceback" not in out.stderr

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from backends import Adam, BackendError, SGD, get_adapter
-from backends.bench import thread_env
-from backends.check import TOLERANCE, dict_diff, sample_batch, scaled_diff
-from models import BatchNorm, Conv2D, Dense, Flatten, MaxPool2D, ModelSpec, init_weights, zoo
+from nncompare.backends import Adam, BackendError, SGD, get_adapter
+from nncompare.backends.bench import thread_env
+from nncompare.backends.check import TOLERANCE, dict_diff, sample_batch, scaled_diff
+from nncompare.models import BatchNorm, Conv2D, Dense, Flatten, MaxPool2D, ModelSpec, init_weights, zoo
 
 from .conftest import FRAMEWORKS, require
 
