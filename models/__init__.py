@@ -1,8 +1,9 @@
 """Framework-neutral model specs and the zoo. Importing this package imports no deep-learning framework."""
 from . import zoo
 from .init import init_weights
-from .spec import (ACTIVATIONS, LAYER_KINDS, Activation, AvgPool2D, BatchNorm, Conv2D, Dense, Dropout, Flatten,
-                   Layer, LayerInfo, MaxPool2D, ModelSpec, SpecError)
+from .spec import (ACTIVATIONS, INPUT, LAYER_KINDS, Activation, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense,
+                   Dropout, Flatten, GlobalAveragePooling2D, Layer, LayerInfo, MaxPool2D, ModelSpec, SpecError,
+                   parse_activation, same_padding)
 
 
 def resolve(name_or_path: str) -> ModelSpec:
@@ -15,5 +16,6 @@ def resolve(name_or_path: str) -> ModelSpec:
                     f"nor a .json spec file")
 
 
-__all__ = ["ACTIVATIONS", "LAYER_KINDS", "Activation", "AvgPool2D", "BatchNorm", "Conv2D", "Dense", "Dropout",
-           "Flatten", "Layer", "LayerInfo", "MaxPool2D", "ModelSpec", "SpecError", "init_weights", "resolve", "zoo"]
+__all__ = ["ACTIVATIONS", "INPUT", "LAYER_KINDS", "Activation", "Add", "AvgPool2D", "BatchNorm", "Concatenate", "Conv2D",
+           "Dense", "Dropout", "Flatten", "GlobalAveragePooling2D", "Layer", "LayerInfo", "MaxPool2D", "ModelSpec",
+           "SpecError", "init_weights", "parse_activation", "resolve", "same_padding", "zoo"]

@@ -1,16 +1,36 @@
-"""Framework-neutral model spec: layer dataclasses, validation, shape/param/FLOP inference, JSON."""
+"""Framework-neutral model spec: layer dataclasses, graph validation, shape/param/FLOP inference, JSON.
+
+A spec is a list of layers in topological order. Each layer reads the previous layer's output unless it names
+its `inputs` (layer names, or INPUT for the model input); the last layer is the model output. A plain stack
+never names inputs, so Sequential specs and their JSON look exactly as before graphs existed.
+
+Heads (the rule the loss and `predict` rely on): a final softmax or sigmoid (the last layer's `activation`, or a
+final Activation layer) is the head, folded into the loss; `predict` applies it. A sigmoid head needs exactly 1
+output (binary cross-entropy), a softmax head at least 2 (softmax cross-entropy); a head needs a flat
+(features,) output, and may not sit directly on another softmax/sigmoid (it would be applied twice). Anywhere
+else softmax and sigmoid are ordinary activations. Without a head the logits are the output itself.
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh", "softmax")
+ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh", "softmax", "leaky_relu", "elu", "softplus", "silu", "gelu",
+               "gelu_tanh")
 HEADS = ("softmax", "sigmoid")  # output activations the loss folds into its logits
 NON_TRAINABLE = ("moving_mean", "moving_var")
+INPUT = "input"  # reserved name addressing the model input in `inputs`
+LEAKY_RELU_SLOPE = 0.2  # plain "leaky_relu": Keras 3's default (PyTorch's default is 0.01: a trap)
+ELU_ALPHA = 1.0
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_PARAMS = 2_000_000_000        # ~8 GB of float32 weights
+MAX_ELEMENTS = 1_000_000_000      # per sample, per tensor: ~4 GB of float32 activations
+_OMIT_DEFAULT = {"omit_default": True}  # fields added after v1: left out of JSON at their default
 
 
 class SpecError(ValueError):
@@ -26,29 +46,67 @@ class _FieldError(Exception):
         self.message = message
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """repr() cut to a readable length (a spec file may hold huge or deeply nested values)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"<deeply nested {type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _pair(value: Any, field_name: str) -> tuple[int, int]:
-    if isinstance(value, bool):
-        raise _FieldError(field_name, f"must be a positive int or a pair of them, got {value!r}")
-    if isinstance(value, int):
+    if _is_int(value):
         value = (value, value)
-    if (not isinstance(value, (tuple, list)) or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-        raise _FieldError(field_name, f"must be a positive int or a pair of them, got {value!r}")
+    if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(_is_int(v) for v in value):
+        raise _FieldError(field_name, f"must be a positive int or a pair of them, got {_short(value)}")
     if min(value) <= 0:
-        raise _FieldError(field_name, f"must be positive, got {value!r}")
+        raise _FieldError(field_name, f"must be positive, got {_short(value)}")
     return int(value[0]), int(value[1])
 
 
 def _positive_int(value: Any, field_name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise _FieldError(field_name, f"must be a positive int, got {value!r}")
+    if not _is_int(value) or value <= 0:
+        raise _FieldError(field_name, f"must be a positive int, got {_short(value)}")
     return value
 
 
-def _activation(value: Any, field_name: str = "activation") -> str:
+def _unit_interval(value: Any, field_name: str) -> float:
+    """A finite number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise _FieldError(field_name, f"must be a number in [0, 1), got {_short(value)}")
+    return value
+
+
+def parse_activation(value: Any) -> tuple[str, float | None]:
+    """(kind, alpha): alpha is the slope of leaky_relu ("leaky_relu(0.1)"; plain means 0.2) or elu's 1.0,
+    None for every other kind. Raises SpecError for an unknown or malformed activation."""
+    try:
+        return _parse_activation(value)
+    except _FieldError as e:
+        raise SpecError(f"activation: {e.message}") from None
+
+
+def _parse_activation(value: Any, field_name: str = "activation") -> tuple[str, float | None]:
+    if not isinstance(value, str):
+        raise _FieldError(field_name, f"must be an activation name (a string), got {_short(value)}")
+    m = re.fullmatch(r"leaky_relu\(([^()]*)\)", value.strip())
+    if m:
+        try:
+            alpha = float(m.group(1))
+        except ValueError:
+            alpha = float("nan")
+        if not (math.isfinite(alpha) and alpha >= 0):
+            raise _FieldError(field_name, f"leaky_relu slope must be a finite number >= 0, got {_short(m.group(1))}")
+        return "leaky_relu", alpha
     if value not in ACTIVATIONS:
-        raise _FieldError(field_name, f"unknown activation {value!r} (known: {', '.join(ACTIVATIONS)})")
-    return value
+        raise _FieldError(field_name, f"unknown activation {_short(value)} (known: {', '.join(ACTIVATIONS)}; "
+                                      f"leaky_relu takes a slope: 'leaky_relu(0.1)')")
+    return value, {"leaky_relu": LEAKY_RELU_SLOPE, "elu": ELU_ALPHA}.get(value)
 
 
 def _image(shape: tuple, field_name: str, what: str) -> tuple[int, int, int]:
@@ -64,20 +122,39 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def _activation_flops(kind: str, elements: int) -> int:
-    return {"linear": 0, "relu": 1, "sigmoid": 4, "tanh": 4, "softmax": 3}[kind] * elements
+_ACT_FLOPS = {"linear": 0, "relu": 1, "leaky_relu": 2, "sigmoid": 4, "tanh": 4, "softmax": 3, "elu": 4,
+              "softplus": 4, "silu": 5, "gelu": 8, "gelu_tanh": 8}
+
+
+def _activation_flops(activation: str, elements: int) -> int:
+    return _ACT_FLOPS[parse_activation(activation)[0]] * elements
 
 
 @dataclass(frozen=True)
 class Layer:
-    """Base of every layer kind; `kind` is the JSON "type" tag."""
+    """Base of every layer kind; `kind` is the JSON "type" tag.
+
+    `inputs`: the names of the layers (or INPUT) this layer reads; None means the previous layer
+    (the model input for layer 0). Single-input kinds take exactly one, merge kinds (Add, Concatenate) two or more.
+    """
 
     kind: ClassVar[str] = ""
+    merges: ClassVar[bool] = False  # takes >= 2 inputs
+    size_field: ClassVar[str] = "name"  # the field blamed for an output too large to fit
     name: str | None = field(default=None, kw_only=True)
+    inputs: tuple[str, ...] | None = field(default=None, kw_only=True, metadata=_OMIT_DEFAULT)
+
+    def __post_init__(self):
+        if isinstance(self.inputs, list):
+            object.__setattr__(self, "inputs", tuple(self.inputs))
 
     def check(self, in_shape: tuple) -> tuple:
         """Validate fields against the input shape; return the output shape."""
         raise NotImplementedError
+
+    def check_inputs(self, in_shapes: tuple[tuple, ...], names: tuple[str, ...]) -> tuple:
+        """Validate against every input's shape (names for the messages); return the output shape."""
+        return self.check(in_shapes[0])
 
     def param_shapes(self, in_shape: tuple) -> dict[str, tuple]:
         """Canonical parameter shapes, in canonical order."""
@@ -90,7 +167,7 @@ class Layer:
         d = {"type": self.kind}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.name == "name" and v is None:
+            if (f.name == "name" and v is None) or (f.metadata.get("omit_default") and v == f.default):
                 continue
             d[f.name] = list(v) if isinstance(v, tuple) else v
         return d
@@ -99,12 +176,13 @@ class Layer:
 @dataclass(frozen=True)
 class Dense(Layer):
     kind: ClassVar[str] = "dense"
+    size_field: ClassVar[str] = "units"
     units: int
     activation: str = "linear"
 
     def check(self, in_shape):
         _positive_int(self.units, "units")
-        _activation(self.activation)
+        _parse_activation(self.activation)
         if len(in_shape) != 1:
             raise _FieldError("units", f"Dense needs a flat input, got shape {in_shape}; add a Flatten before it")
         return (self.units,)
@@ -118,12 +196,16 @@ class Dense(Layer):
 
 @dataclass(frozen=True)
 class Conv2D(Layer):
+    """2-D convolution, canonical kernel (out, in, kh, kw); use_bias=False for a conv before BatchNorm."""
+
     kind: ClassVar[str] = "conv2d"
+    size_field: ClassVar[str] = "filters"
     filters: int
     kernel_size: int | tuple[int, int] = 3
     strides: int | tuple[int, int] = 1
     padding: str | int = "valid"
     activation: str = "linear"
+    use_bias: bool = field(default=True, metadata=_OMIT_DEFAULT)
 
     def pads(self, in_shape) -> tuple[tuple[int, int], tuple[int, int]]:
         """Explicit ((top, bottom), (left, right)) padding, TensorFlow's meaning for "same"."""
@@ -136,39 +218,60 @@ class Conv2D(Layer):
     def check(self, in_shape):
         _positive_int(self.filters, "filters")
         (kh, kw), (sh, sw) = _pair(self.kernel_size, "kernel_size"), _pair(self.strides, "strides")
-        if not (self.padding in ("valid", "same")
-                or (isinstance(self.padding, int) and not isinstance(self.padding, bool) and self.padding >= 0)):
-            raise _FieldError("padding", f"must be 'valid', 'same' or an int >= 0, got {self.padding!r}")
-        _activation(self.activation)
+        if not (self.padding in ("valid", "same") or (_is_int(self.padding) and self.padding >= 0)):
+            raise _FieldError("padding", f"must be 'valid', 'same' or an int >= 0, got {_short(self.padding)}")
+        _parse_activation(self.activation)
+        if not isinstance(self.use_bias, bool):
+            raise _FieldError("use_bias", f"must be true or false, got {_short(self.use_bias)}")
         c, h, w = _image(in_shape, "filters", "Conv2D")
         (pt, pb), (pl, pr) = self.pads(in_shape)
+        if math.prod((c, h + pt + pb, w + pl + pr)) > MAX_ELEMENTS:
+            raise _FieldError("padding", f"padded input {c}x{h + pt + pb}x{w + pl + pr} is "
+                                         f"{_bytes(c * (h + pt + pb) * (w + pl + pr))} of float32 per sample")
         if kh > h + pt + pb or kw > w + pl + pr:
             raise _FieldError("kernel_size", f"kernel {kh}x{kw} is larger than the padded input {h + pt + pb}x{w + pl + pr}")
         return (self.filters, (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1)
 
     def param_shapes(self, in_shape):
         kh, kw = _pair(self.kernel_size, "kernel_size")
-        return {"kernel": (self.filters, in_shape[0], kh, kw), "bias": (self.filters,)}
+        kernel = {"kernel": (self.filters, in_shape[0], kh, kw)}
+        return kernel | {"bias": (self.filters,)} if self.use_bias else kernel
 
     def flops(self, in_shape, out_shape):
         kh, kw = _pair(self.kernel_size, "kernel_size")
         n = math.prod(out_shape)
-        return 2 * n * in_shape[0] * kh * kw + n + _activation_flops(self.activation, n)
+        return 2 * n * in_shape[0] * kh * kw + n * self.use_bias + _activation_flops(self.activation, n)
 
 
 @dataclass(frozen=True)
 class _Pool(Layer):
+    """Pooling; "same" padding is TensorFlow's (output ceil(H/s)): max ignores padded cells and the average
+    excludes them from its count."""
+
+    size_field: ClassVar[str] = "pool_size"
     pool_size: int | tuple[int, int] = 2
     strides: int | tuple[int, int] | None = None
+    padding: str = field(default="valid", metadata=_OMIT_DEFAULT)
 
     def window(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        """(pool_size, strides) as pairs; strides default to the pool size (floor output, no padding)."""
+        """(pool_size, strides) as pairs; strides default to the pool size."""
         k = _pair(self.pool_size, "pool_size")
         return k, (k if self.strides is None else _pair(self.strides, "strides"))
 
+    def pads(self, in_shape) -> tuple[tuple[int, int], tuple[int, int]]:
+        """((top, bottom), (left, right)) padding: zero for "valid", TensorFlow's split for "same"."""
+        (kh, kw), (sh, sw) = self.window()
+        if self.padding == "same":
+            return same_padding(in_shape[1], kh, sh), same_padding(in_shape[2], kw, sw)
+        return (0, 0), (0, 0)
+
     def check(self, in_shape):
         (kh, kw), (sh, sw) = self.window()
+        if self.padding not in ("valid", "same"):
+            raise _FieldError("padding", f"must be 'valid' or 'same', got {_short(self.padding)}")
         c, h, w = _image(in_shape, "pool_size", type(self).__name__)
+        if self.padding == "same":
+            return (c, -(-h // sh), -(-w // sw))
         if kh > h or kw > w:
             raise _FieldError("pool_size", f"pool {kh}x{kw} is larger than the input {h}x{w}")
         return (c, (h - kh) // sh + 1, (w - kw) // sw + 1)
@@ -189,6 +292,20 @@ class AvgPool2D(_Pool):
 
 
 @dataclass(frozen=True)
+class GlobalAveragePooling2D(Layer):
+    """Mean over the spatial dimensions: (C, H, W) -> (C,)."""
+
+    kind: ClassVar[str] = "globalavgpool2d"
+
+    def check(self, in_shape):
+        c, _, _ = _image(in_shape, "inputs", "GlobalAveragePooling2D")
+        return (c,)
+
+    def flops(self, in_shape, out_shape):
+        return math.prod(in_shape)
+
+
+@dataclass(frozen=True)
 class Flatten(Layer):
     kind: ClassVar[str] = "flatten"
 
@@ -202,7 +319,7 @@ class Activation(Layer):
     activation: str = "relu"
 
     def check(self, in_shape):
-        _activation(self.activation)
+        _parse_activation(self.activation)
         return in_shape
 
     def flops(self, in_shape, out_shape):
@@ -215,8 +332,7 @@ class Dropout(Layer):
     rate: float = 0.5
 
     def check(self, in_shape):
-        if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)) or not 0 <= self.rate < 1:
-            raise _FieldError("rate", f"must be a number in [0, 1), got {self.rate!r}")
+        _unit_interval(self.rate, "rate")
         return in_shape
 
 
@@ -233,10 +349,10 @@ class BatchNorm(Layer):
     epsilon: float = 1e-3
 
     def check(self, in_shape):
-        if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)) or not 0 <= self.momentum < 1:
-            raise _FieldError("momentum", f"must be a number in [0, 1), got {self.momentum!r}")
-        if isinstance(self.epsilon, bool) or not isinstance(self.epsilon, (int, float)) or not self.epsilon > 0:
-            raise _FieldError("epsilon", f"must be a positive number, got {self.epsilon!r}")
+        _unit_interval(self.momentum, "momentum")
+        if (isinstance(self.epsilon, bool) or not isinstance(self.epsilon, (int, float))
+                or not (math.isfinite(self.epsilon) and self.epsilon > 0)):
+            raise _FieldError("epsilon", f"must be a finite positive number, got {_short(self.epsilon)}")
         if len(in_shape) not in (1, 3):
             raise _FieldError("momentum", f"BatchNorm needs a (C, H, W) or (features,) input, got {in_shape}")
         return in_shape
@@ -249,14 +365,63 @@ class BatchNorm(Layer):
         return 2 * math.prod(out_shape)
 
 
+@dataclass(frozen=True)
+class Add(Layer):
+    """Elementwise sum of two or more inputs of equal shape (a residual connection)."""
+
+    kind: ClassVar[str] = "add"
+    merges: ClassVar[bool] = True
+
+    def check_inputs(self, in_shapes, names):
+        for shape, name in zip(in_shapes[1:], names[1:]):
+            if shape != in_shapes[0]:
+                raise _FieldError("inputs", f"cannot add {name!r} of shape {shape} to {names[0]!r} of shape "
+                                            f"{in_shapes[0]}: Add needs equal shapes")
+        return in_shapes[0]
+
+    def flops(self, in_shape, out_shape):
+        return (len(self.inputs) - 1) * math.prod(out_shape)
+
+
+@dataclass(frozen=True)
+class Concatenate(Layer):
+    """Concatenation of two or more inputs along canonical axis 1: channels of (C, H, W), features of flat."""
+
+    kind: ClassVar[str] = "concatenate"
+    merges: ClassVar[bool] = True
+
+    def check_inputs(self, in_shapes, names):
+        first = in_shapes[0]
+        for shape, name in zip(in_shapes[1:], names[1:]):
+            if len(shape) != len(first):
+                raise _FieldError("inputs", f"cannot concatenate {name!r} of shape {shape} with {names[0]!r} of "
+                                            f"shape {first}: one is flat, the other an image")
+            if shape[1:] != first[1:]:
+                raise _FieldError("inputs", f"cannot concatenate {name!r} of shape {shape} with {names[0]!r} of "
+                                            f"shape {first}: spatial sizes {shape[1:]} and {first[1:]} differ")
+        return (sum(s[0] for s in in_shapes),) + first[1:]
+
+
 LAYER_KINDS: dict[str, type[Layer]] = {
-    cls.kind: cls for cls in (Dense, Conv2D, MaxPool2D, AvgPool2D, Flatten, Activation, Dropout, BatchNorm)
+    cls.kind: cls for cls in (Dense, Conv2D, MaxPool2D, AvgPool2D, Flatten, Activation, Dropout, BatchNorm,
+                              Add, Concatenate, GlobalAveragePooling2D)
 }
+
+
+def _bytes(elements: int) -> str:
+    """A float32 tensor's size in words: "about 4.0 TB"."""
+    size = 4.0 * elements
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB", "EB"):
+        if size < 1000 or unit == "EB":
+            return f"about {size:.1f} {unit}" if size < 1e21 else f"about {size:.1e} B"
+        size /= 1000
+    return f"about {size:.1f} EB"  # pragma: no cover
 
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """What the spec infers about one layer."""
+    """What the spec infers about one layer: its resolved inputs (producer names, INPUT for the model input)
+    and their shapes; in_shape is in_shapes[0]."""
 
     index: int
     name: str
@@ -265,54 +430,148 @@ class LayerInfo:
     out_shape: tuple
     params: int
     flops: int
+    inputs: tuple[str, ...] = ()
+    in_shapes: tuple[tuple, ...] = ()
+
+
+def _layer_name(layer: Layer, index: int) -> Any:
+    return layer.name if layer.name is not None else f"{layer.kind}_{index}"
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A whole network: name, channels-first input shape and an ordered list of layers."""
+    """A whole network: name, channels-first input shape and layers in topological order (the last is the output)."""
 
     name: str
     input_shape: tuple
     layers: tuple
 
     def __post_init__(self):
-        if not isinstance(self.name, str) or not self.name:
-            raise SpecError(f"model: field 'name': must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.name, str) or not self.name.strip() or len(self.name) > 100 \
+                or not self.name.isprintable():
+            raise SpecError(f"model: field 'name': must be a non-empty printable string of at most 100 characters, "
+                            f"got {_short(self.name)}")
         shape = self.input_shape
         if (not isinstance(shape, (tuple, list)) or len(shape) not in (1, 3)
-                or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
+                or not all(_is_int(s) and s > 0 for s in shape)):
             raise SpecError(f"model {self.name!r}: field 'input_shape': must be (features,) or (C, H, W) "
-                            f"of positive ints, got {shape!r}")
+                            f"of positive ints, got {_short(shape)}")
+        if math.prod(shape) > MAX_ELEMENTS:
+            raise SpecError(f"model {self.name!r}: field 'input_shape': {_short(tuple(shape))} is "
+                            f"{_bytes(math.prod(shape))} of float32 per sample")
         object.__setattr__(self, "input_shape", tuple(shape))
+        if not isinstance(self.layers, (tuple, list)):
+            raise SpecError(f"model {self.name!r}: field 'layers': must be a list of layers, got {_short(self.layers)}")
         layers = tuple(self.layers)
         object.__setattr__(self, "layers", layers)
         if not layers:
             raise SpecError(f"model {self.name!r}: field 'layers': a model needs at least one layer")
-        infos, seen = [], set()
+        object.__setattr__(self, "_infos", self._infer(layers))
+
+    def _infer(self, layers: tuple) -> tuple[LayerInfo, ...]:
+        all_names = {}  # name -> first index, to tell a forward reference (a cycle) from an unknown input
         for i, layer in enumerate(layers):
             if not isinstance(layer, Layer):
-                raise SpecError(f"layer {i}: field 'type': not a layer: {layer!r}")
-            name = layer.name if layer.name is not None else f"{layer.kind}_{i}"
-            where = f"layer {i} ({name})"
-            if not isinstance(name, str) or not name or "/" in name:
-                raise SpecError(f"{where}: field 'name': must be a non-empty string without '/', got {name!r}")
-            if name in seen:
+                raise SpecError(f"layer {i}: field 'type': not a layer: {_short(layer)}")
+            if isinstance(_layer_name(layer, i), str):
+                all_names.setdefault(_layer_name(layer, i), i)
+        shapes, consumed, infos, total = {INPUT: self.input_shape}, set(), [], 0
+        for i, layer in enumerate(layers):
+            name = _layer_name(layer, i)
+            where = f"layer {i} ({name if isinstance(name, str) and name.isprintable() else _short(name)})"
+            if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+                raise SpecError(f"{where}: field 'name': must be 1 to 64 ASCII letters, digits, '_' or '-', "
+                                f"got {_short(name)}")
+            if name == INPUT:
+                raise SpecError(f"{where}: field 'name': {INPUT!r} is reserved for the model input")
+            if name in shapes:
                 raise SpecError(f"{where}: field 'name': duplicate layer name {name!r}")
-            seen.add(name)
+            inputs = self._resolve_inputs(layer, i, where, infos, all_names, shapes)
+            consumed.update(inputs)
+            in_shapes = tuple(shapes[n] for n in inputs)
             try:
-                out = tuple(layer.check(shape))
+                out = tuple(layer.check_inputs(in_shapes, inputs))
+                if math.prod(out) > MAX_ELEMENTS:
+                    raise _FieldError(layer.size_field, f"output {out} is {_bytes(math.prod(out))} of float32 "
+                                                        f"per sample")
+                pshapes = layer.param_shapes(in_shapes[0])
+                params = sum(math.prod(s) for s in pshapes.values())
+                if params > MAX_PARAMS or total + params > MAX_PARAMS:
+                    what = "" if params > MAX_PARAMS else " (with the layers before it)"
+                    raise _FieldError(layer.size_field, f"{_bytes(max(params, total + params))} of float32 "
+                                                        f"weights{what}")
             except _FieldError as e:
                 raise SpecError(f"{where}: field '{e.field}': {e.message}") from None
-            pshapes = layer.param_shapes(shape)
-            infos.append(LayerInfo(i, name, layer, shape, out, sum(math.prod(s) for s in pshapes.values()),
-                                   layer.flops(shape, out)))
-            shape = out
-        object.__setattr__(self, "_infos", tuple(infos))
+            total += params
+            infos.append(LayerInfo(i, name, layer, in_shapes[0], out, params, layer.flops(in_shapes[0], out),
+                                   inputs, in_shapes))
+            shapes[name] = out
+        for info in infos[:-1]:
+            if info.name not in consumed:
+                raise SpecError(f"layer {info.index} ({info.name}): field 'name': dangling branch: no later layer "
+                                f"takes {info.name!r} as input, and only the last layer is the model output")
+        self._check_head(infos)
+        return tuple(infos)
+
+    @staticmethod
+    def _resolve_inputs(layer, i, where, infos, all_names, shapes) -> tuple[str, ...]:
+        if layer.inputs is None:
+            if layer.merges:
+                raise SpecError(f"{where}: field 'inputs': {type(layer).__name__} needs 'inputs' naming at least "
+                                f"two layers (or {INPUT!r})")
+            return (infos[-1].name if infos else INPUT,)
+        if not isinstance(layer.inputs, (tuple, list)) or not all(isinstance(n, str) for n in layer.inputs):
+            raise SpecError(f"{where}: field 'inputs': must be a list of layer names, got {_short(layer.inputs)}")
+        inputs = tuple(layer.inputs)
+        if layer.merges and len(inputs) < 2:
+            raise SpecError(f"{where}: field 'inputs': {type(layer).__name__} takes at least 2 inputs, "
+                            f"got {len(inputs)}")
+        if not layer.merges and len(inputs) != 1:
+            raise SpecError(f"{where}: field 'inputs': {type(layer).__name__} takes exactly 1 input, "
+                            f"got {len(inputs)}")
+        for n in inputs:
+            if n in shapes:
+                continue
+            if all_names.get(n, -1) >= i:
+                raise SpecError(f"{where}: field 'inputs': input {_short(n)} is layer {all_names[n]}, not an earlier "
+                                f"layer: layers must be in topological order, and a layer that reads itself or a "
+                                f"later one makes a cycle")
+            known = ", ".join([INPUT] + [x.name for x in infos][-8:])
+            raise SpecError(f"{where}: field 'inputs': unknown input {_short(n)} (earlier layers: {known})")
+        return inputs
+
+    @staticmethod
+    def _check_head(infos: list[LayerInfo]) -> None:
+        last = infos[-1]
+        head = getattr(last.layer, "activation", None)
+        if head not in HEADS:
+            return
+        where = f"layer {last.index} ({last.name}): field 'activation'"
+        if len(last.out_shape) != 1:
+            raise SpecError(f"{where}: a {head} head needs a flat (features,) output, got {last.out_shape}; "
+                            f"add Flatten (or GlobalAveragePooling2D) and a Dense before it")
+        n = last.out_shape[0]
+        if head == "sigmoid" and n != 1:
+            raise SpecError(f"{where}: a sigmoid head needs exactly 1 output (binary cross-entropy), got {n}; "
+                            f"use softmax for {n} classes")
+        if head == "softmax" and n < 2:
+            raise SpecError(f"{where}: a softmax head needs at least 2 outputs, got 1; use sigmoid for one "
+                            f"binary output")
+        if isinstance(last.layer, Activation) and len(infos) > 1:
+            below = getattr(infos[-2].layer, "activation", None)
+            if below in HEADS:
+                raise SpecError(f"{where}: the {head} head sits directly on {infos[-2].name!r}, which already "
+                                f"applies {below}: it would be applied twice; drop one of them")
 
     # --- inference -------------------------------------------------------------------------------
     @property
     def infos(self) -> tuple[LayerInfo, ...]:
         return self._infos
+
+    @property
+    def is_graph(self) -> bool:
+        """True when some layer reads anything other than the layer before it."""
+        return any(i.inputs != ((self._infos[i.index - 1].name,) if i.index else (INPUT,)) for i in self._infos)
 
     @property
     def output_shape(self) -> tuple:
@@ -333,7 +592,7 @@ class ModelSpec:
 
     @property
     def flops(self) -> int:
-        """Forward FLOPs per sample (2 per multiply-add, plus bias, activation, pooling, norm)."""
+        """Forward FLOPs per sample (2 per multiply-add, plus bias, activation, pooling, norm, adds)."""
         return sum(i.flops for i in self._infos)
 
     def param_shapes(self) -> dict[str, tuple]:
@@ -346,18 +605,24 @@ class ModelSpec:
     @property
     def head(self) -> str | None:
         """The output activation ("softmax"/"sigmoid") that the loss folds into its logits, if any."""
-        last = self.layers[-1]
-        act = getattr(last, "activation", None)
+        act = getattr(self.layers[-1], "activation", None)
         return act if act in HEADS else None
+
+    def logits_infos(self) -> tuple[LayerInfo, ...]:
+        """The nodes that compute the logits, in topological order: a final Activation head is dropped (the
+        logits node is its input), a final Dense/Conv2D head becomes linear under its own name."""
+        if self.head is None:
+            return self._infos
+        last = self._infos[-1]
+        if isinstance(last.layer, Activation):
+            return self._infos[:-1]
+        layer = dataclasses.replace(last.layer, activation="linear", name=last.name)
+        return self._infos[:-1] + (dataclasses.replace(last, layer=layer, flops=layer.flops(last.in_shape,
+                                                                                          last.out_shape)),)
 
     def logits_layers(self) -> tuple[Layer, ...]:
         """The layers up to the logits: the model without its head activation."""
-        if self.head is None:
-            return self.layers
-        last = self.layers[-1]
-        if isinstance(last, Activation):
-            return self.layers[:-1]
-        return self.layers[:-1] + (dataclasses.replace(last, activation="linear", name=self._infos[-1].name),)
+        return tuple(i.layer for i in self.logits_infos())
 
     def without_dropout(self) -> "ModelSpec":
         """The same model with every Dropout rate set to 0 (names and weights unchanged)."""
@@ -377,29 +642,33 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, d: Any) -> "ModelSpec":
         if not isinstance(d, dict):
-            raise SpecError(f"model: not a spec object (a JSON object with name, input_shape, layers), got {type(d).__name__}")
+            raise SpecError(f"model: not a spec object (a JSON object with name, input_shape, layers), "
+                            f"got {type(d).__name__}")
         missing = [k for k in ("name", "input_shape", "layers") if k not in d]
         if missing:
             raise SpecError(f"model: field '{missing[0]}': missing (a spec needs name, input_shape, layers)")
         extra = sorted(set(d) - {"name", "input_shape", "layers"})
         if extra:
-            raise SpecError(f"model: field '{extra[0]}': unknown field")
+            raise SpecError(f"model: field {_short(extra[0])}: unknown field")
         if not isinstance(d["layers"], list):
             raise SpecError("model: field 'layers': must be a list of layer objects")
         layers = []
         for i, ld in enumerate(d["layers"]):
             if not isinstance(ld, dict):
-                raise SpecError(f"layer {i}: field 'type': must be an object with a 'type', got {ld!r}")
-            where = f"layer {i} ({ld.get('name') or ld.get('type')})"
+                raise SpecError(f"layer {i}: field 'type': must be an object with a 'type', got {_short(ld)}")
+            label = ld.get("name") if isinstance(ld.get("name"), str) else ld.get("type")
+            where = f"layer {i} ({label if isinstance(label, str) else '?'})"
             kind = ld.get("type")
-            if kind not in LAYER_KINDS:
-                raise SpecError(f"{where}: field 'type': unknown layer kind {kind!r} (known: {', '.join(LAYER_KINDS)})")
+            if not isinstance(kind, str) or kind not in LAYER_KINDS:
+                raise SpecError(f"{where}: field 'type': unknown layer kind {_short(kind)} "
+                                f"(known: {', '.join(LAYER_KINDS)})")
             cls_ = LAYER_KINDS[kind]
             fields = {f.name for f in dataclasses.fields(cls_)}
             args = {k: (tuple(v) if isinstance(v, list) else v) for k, v in ld.items() if k != "type"}
             for k in args:
                 if k not in fields:
-                    raise SpecError(f"{where}: field '{k}': unknown field for {kind} (known: {', '.join(sorted(fields))})")
+                    raise SpecError(f"{where}: field {_short(k)}: unknown field for {kind} "
+                                    f"(known: {', '.join(sorted(fields))})")
             required = [f.name for f in dataclasses.fields(cls_)
                         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
             for k in required:
@@ -417,28 +686,40 @@ class ModelSpec:
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelSpec":
+        """Read a JSON spec file (UTF-8, a BOM accepted); every problem is one SpecError naming the file."""
         path = Path(path)
         try:
-            text = path.read_text()
+            raw = path.read_bytes()
         except OSError as e:
             raise SpecError(f"{path}: cannot read spec file: {e.strerror}") from None
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise SpecError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise SpecError(f"{path}: not JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        except RecursionError:
+            raise SpecError(f"{path}: not a usable spec: JSON nested too deeply") from None
+        except ValueError as e:  # e.g. an integer literal past Python's digit limit
+            raise SpecError(f"{path}: not a usable spec: {str(e).splitlines()[0]}") from None
         try:
             return cls.from_dict(data)
         except SpecError as e:
             raise SpecError(f"{path}: {e}") from None
+        except RecursionError:
+            raise SpecError(f"{path}: not a usable spec: values nested too deeply") from None
 
     # --- display ---------------------------------------------------------------------------------
     def summary(self) -> str:
-        """A Keras-style table: layer, output shape, params, FLOPs."""
+        """A Keras-style table: layer, output shape, params, FLOPs (and each layer's inputs for a graph)."""
         from tabulate import tabulate
-        rows = [(f"{i.name} ({type(i.layer).__name__})", str(i.out_shape), f"{i.params:,}", f"{i.flops:,}")
-                for i in self._infos]
-        table = tabulate(rows, headers=("Layer (type)", "Output shape", "Params", "FLOPs"),
-                         colalign=("left", "left", "right", "right"))
+        graph = self.is_graph
+        rows = [(f"{i.name} ({type(i.layer).__name__})",) + ((", ".join(i.inputs),) if graph else ())
+                + (str(i.out_shape), f"{i.params:,}", f"{i.flops:,}") for i in self._infos]
+        headers = ("Layer (type)",) + (("Inputs",) if graph else ()) + ("Output shape", "Params", "FLOPs")
+        table = tabulate(rows, headers=headers, colalign=("left",) * (len(headers) - 2) + ("right", "right"))
         return (f'Model "{self.name}"  input {self.input_shape}\n{table}\n'
                 f"Total params: {self.params:,} (trainable {self.trainable_params:,})\n"
                 f"Forward FLOPs per sample: {self.flops:,}")

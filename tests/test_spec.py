@@ -60,7 +60,7 @@ def test_batchnorm_params_count_statistics_but_are_not_trainable():
 @pytest.mark.parametrize("build,message", [
     (lambda: ModelSpec("m", (3,), (Dense(0),)), "layer 0 (dense_0): field 'units': must be a positive int"),
     (lambda: ModelSpec("m", (3,), (Dense(4), Dense(-2))), "layer 1 (dense_1): field 'units'"),
-    (lambda: ModelSpec("m", (3,), (Dense(4, activation="gelu"),)), "layer 0 (dense_0): field 'activation': unknown activation 'gelu'"),
+    (lambda: ModelSpec("m", (3,), (Dense(4, activation="gelu_fast"),)), "layer 0 (dense_0): field 'activation': unknown activation 'gelu_fast'"),
     (lambda: ModelSpec("m", (1, 4, 4), (Conv2D(2, 5),)), "layer 0 (conv2d_0): field 'kernel_size': kernel 5x5 is larger"),
     (lambda: ModelSpec("m", (1, 4, 4), (Conv2D(2, 3, strides=0),)), "layer 0 (conv2d_0): field 'strides': must be positive"),
     (lambda: ModelSpec("m", (1, 4, 4), (Conv2D(2, 3, padding="full"),)), "field 'padding'"),
