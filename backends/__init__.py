@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import os
+import sys
 
 from .base import Adam, Adapter, BackendError, SGD, batch_indices, make_optimizer, parse_device
 
@@ -11,10 +13,13 @@ from .base import Adam, Adapter, BackendError, SGD, batch_indices, make_optimize
 _REGISTRY = {
     "numpy": ("nncompare.backends.numpy_backend", "NumpyAdapter", "numpy", None),
     "keras": ("nncompare.backends.keras_backend", "KerasAdapter", "keras", "keras"),
+    "keras-jax": ("nncompare.backends.keras_backend", "KerasJaxAdapter", "keras", "jax"),
+    "keras-torch": ("nncompare.backends.keras_backend", "KerasTorchAdapter", "keras", "torch"),
     "torch": ("nncompare.backends.torch_backend", "TorchAdapter", "torch", "torch"),
     "mxnet": ("nncompare.backends.mxnet_backend", "MXNetAdapter", "mxnet", "mxnet"),
 }
-_IMPORT_NAME = {"keras": "tensorflow"}  # Keras 3 here runs on TensorFlow: both must be present
+# The engine each Keras backend runs on (Keras 3 needs it beside keras); it is also the KERAS_BACKEND value.
+_IMPORT_NAME = {"keras": "tensorflow", "keras-jax": "jax", "keras-torch": "torch"}
 
 
 def names() -> list[str]:
@@ -52,8 +57,20 @@ def check_backend(name: str) -> None:
 def get_adapter(name: str) -> type[Adapter]:
     """The adapter class for `name`; its framework is imported when the class is first used."""
     check_backend(name)
-    module, cls, _, _ = _REGISTRY[name]
+    module, cls, dist, _ = _REGISTRY[name]
+    if dist == "keras":
+        _select_keras_engine(name, _IMPORT_NAME[name])
     return getattr(importlib.import_module(module), cls)
+
+
+def _select_keras_engine(name: str, engine: str) -> None:
+    """Keras reads KERAS_BACKEND once, when it is first imported: set it, or refuse a second engine."""
+    keras = sys.modules.get("keras")
+    if keras is None:
+        os.environ["KERAS_BACKEND"] = engine
+    elif keras.backend.backend() != engine:
+        raise BackendError(f"{name} needs its own process: this one already runs Keras on "
+                           f"{keras.backend.backend()}")
 
 
 __all__ = ["Adam", "Adapter", "BackendError", "SGD", "available_backends", "batch_indices", "check_backend",
