@@ -7,7 +7,8 @@ import importlib.util
 import os
 import sys
 
-from .base import Adam, Adapter, BackendError, SGD, batch_indices, make_optimizer, parse_device
+from .base import (Adam, Adapter, BackendError, SGD, as_inputs, as_labels, batch_indices, check_optimizer,
+                   make_optimizer, parse_device)
 
 # name -> (module, class, the distribution that provides the framework, the pip extra that installs it)
 _REGISTRY = {
@@ -46,6 +47,9 @@ def available_backends() -> dict[str, dict]:
 
 def check_backend(name: str) -> None:
     """Raise BackendError if `name` is unknown or its framework is not installed."""
+    if not isinstance(name, str):
+        raise BackendError(f"backend name must be a string ({', '.join(_REGISTRY)}), "
+                           f"got {type(name).__name__} {name!r}"[:200])
     if name not in _REGISTRY:
         raise BackendError(f"unknown backend {name!r} (known: {', '.join(_REGISTRY)})")
     if not _installed(name):
@@ -73,5 +77,5 @@ def _select_keras_engine(name: str, engine: str) -> None:
                            f"{keras.backend.backend()}")
 
 
-__all__ = ["Adam", "Adapter", "BackendError", "SGD", "available_backends", "batch_indices", "check_backend",
-           "get_adapter", "make_optimizer", "names", "parse_device"]
+__all__ = ["Adam", "Adapter", "BackendError", "SGD", "as_inputs", "as_labels", "available_backends", "batch_indices",
+           "check_backend", "check_optimizer", "get_adapter", "make_optimizer", "names", "parse_device"]

@@ -1,10 +1,14 @@
 """The adapter contract every framework implements, optimizer configs, and shared helpers."""
 from __future__ import annotations
 
+import functools
+import math
+import numbers
 import platform
 import re
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Iterator
 
 import numpy as np
@@ -13,7 +17,26 @@ from ..models import ModelSpec, init_weights
 
 
 class BackendError(RuntimeError):
-    """A backend that cannot be used as asked: unknown, not installed, or a device it cannot see."""
+    """A backend that cannot be used as asked: unknown, not installed, a device it cannot see, or bad
+    arguments (inputs, labels, weights, optimizer, training settings) at the adapter boundary."""
+
+
+# field -> (lowest, whether the lowest is allowed, highest or None, whether the highest is allowed)
+_OPTIMIZER_RANGES = {"lr": (0.0, True, None, False), "momentum": (0.0, True, 1.0, False),
+                     "beta1": (0.0, True, 1.0, False), "beta2": (0.0, True, 1.0, False),
+                     "epsilon": (0.0, False, None, False)}
+
+
+def _check_optimizer_fields(opt) -> None:
+    """Every field a finite real number in its range (lr >= 0: lr=0 is a deliberate no-op step)."""
+    for f in fields(opt):
+        v, (lo, lo_ok, hi, hi_ok) = getattr(opt, f.name), _OPTIMIZER_RANGES[f.name]
+        ok = (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+              and (v >= lo if lo_ok else v > lo) and (hi is None or (v <= hi if hi_ok else v < hi)))
+        if not ok:
+            want = f"{'>=' if lo_ok else '>'} {lo:g}" if hi is None else \
+                f"in {'[' if lo_ok else '('}{lo:g}, {hi:g}{']' if hi_ok else ')'}"
+            raise BackendError(f"{type(opt).__name__}: field {f.name!r}: must be a finite number {want}, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -22,6 +45,9 @@ class SGD:
 
     lr: float = 0.01
     momentum: float = 0.0
+
+    def __post_init__(self):
+        _check_optimizer_fields(self)
 
 
 @dataclass(frozen=True)
@@ -33,8 +59,20 @@ class Adam:
     beta2: float = 0.999
     epsilon: float = 1e-8
 
+    def __post_init__(self):
+        _check_optimizer_fields(self)
+
 
 Optimizer = SGD | Adam
+
+
+def check_optimizer(optimizer: Any) -> Optimizer:
+    """`optimizer` itself if it is an SGD or Adam config, else a BackendError saying what to pass."""
+    if isinstance(optimizer, (SGD, Adam)):
+        return optimizer
+    hint = f"; make_optimizer({optimizer!r}) builds one from a name" if isinstance(optimizer, str) else ""
+    raise BackendError(f"optimizer: must be an SGD(...) or Adam(...) config from nncompare.backends, "
+                       f"got {type(optimizer).__name__} {optimizer!r}"[:300] + hint)
 
 
 def make_optimizer(name: str, lr: float | None = None, momentum: float = 0.9) -> Optimizer:
@@ -48,7 +86,10 @@ def make_optimizer(name: str, lr: float | None = None, momentum: float = 0.9) ->
 
 def parse_device(device: str) -> tuple[str, int]:
     """'cpu' -> ('cpu', 0); 'gpu', 'cuda', 'gpu:1', 'cuda:1' -> ('gpu', index)."""
-    m = re.fullmatch(r"(cpu|gpu|cuda)(?::(\d+))?", str(device).strip().lower())
+    if not isinstance(device, str):
+        raise BackendError(f"device must be a string (cpu, gpu, gpu:N or cuda:N), "
+                           f"got {type(device).__name__} {device!r}"[:200])
+    m = re.fullmatch(r"(cpu|gpu|cuda)(?::(\d+))?", device.strip().lower())
     if not m:
         raise BackendError(f"unknown device {device!r} (use cpu, gpu, gpu:N or cuda:N)")
     return ("cpu" if m.group(1) == "cpu" else "gpu"), int(m.group(2) or 0)
@@ -84,26 +125,151 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _first_bad(mask: np.ndarray) -> int | tuple[int, ...]:
+    """The index of the first True in `mask`, an int for a vector."""
+    idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(mask)), mask.shape))
+    return idx[0] if len(idx) == 1 else idx
+
+
+def _numeric(what: str, a: Any) -> np.ndarray:
+    """`a` as a bool, integer or float array, or a BackendError naming `what`."""
+    if a is None or isinstance(a, (str, bytes)):
+        raise BackendError(f"{what}: must be a numeric array, got {type(a).__name__}")
+    try:
+        arr = np.asarray(a)
+    except (ValueError, TypeError, RuntimeError) as e:  # ragged nesting, tensors that refuse conversion
+        raise BackendError(f"{what}: not a numeric array ({e})") from None
+    if arr.dtype.kind not in "biuf":
+        raise BackendError(f"{what}: dtype {arr.dtype} is not numeric (bool, int or float)")
+    return arr
+
+
+def _as_float32(what: str, a: np.ndarray) -> np.ndarray:
+    """`a` as a C-contiguous float32 array whose every value is finite, or a BackendError naming the first
+    value that is not (NaN, inf, or a float64 beyond float32's range)."""
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: reported below
+        a32 = np.ascontiguousarray(a, dtype=np.float32)
+    # A float64 sum of float32 values cannot overflow, and NaN/inf propagate: one pass, no temporary array.
+    if a.dtype.kind == "f" and not math.isfinite(a32.sum(dtype=np.float64)):
+        i = _first_bad(~np.isfinite(a32))
+        v = a[i].item()
+        why = "is not finite" if not math.isfinite(v) else "is outside float32's range"
+        raise BackendError(f"{what}: value {v!r} at index {i} {why}")
+    return a32
+
+
+def _check_int(what: str, v: Any, lowest: int) -> int:
+    """`v` as an int, if it is an integer (not a bool) >= lowest."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lowest:
+        raise BackendError(f"{what}: must be an integer >= {lowest}, got {v!r}"[:200])
+    return int(v)
+
+
+def _check_bool(what: str, v: Any) -> bool:
+    if not isinstance(v, (bool, np.bool_)):
+        raise BackendError(f"{what}: must be True or False, got {v!r}"[:200])
+    return bool(v)
+
+
 def as_inputs(spec: ModelSpec, x: Any) -> np.ndarray:
-    """Validate and convert inputs to canonical float32 (N, *input_shape)."""
-    x = np.asarray(x, dtype=np.float32)
-    if x.shape[1:] != spec.input_shape:
-        raise BackendError(f"input shape {x.shape[1:]} does not match the spec's input_shape {spec.input_shape}")
-    return x
+    """Validate inputs and convert them to canonical float32 (N, *input_shape), C-contiguous and writable:
+    a non-empty batch of finite numbers."""
+    a = _numeric("inputs", x)
+    if a.shape[1:] != spec.input_shape:
+        hint = " (one sample needs a batch axis: x[None])" if a.shape == spec.input_shape else ""
+        raise BackendError(f"inputs: shape {a.shape} does not match the spec's input_shape: expected "
+                           f"(N, {', '.join(map(str, spec.input_shape))}){hint}")
+    if len(a) == 0:
+        raise BackendError("inputs: empty (0 samples)")
+    x32 = _as_float32("inputs", a)
+    return x32 if x32.flags.writeable else x32.copy()  # torch.from_numpy warns on a read-only array
+
+
+def as_labels(spec: ModelSpec, y: Any, n: int | None = None) -> np.ndarray:
+    """Validate class labels for `spec` (and `n` inputs) and convert them to int64 (N,).
+
+    Labels are shape (N,) or (N, 1); integers, or floats holding whole numbers (1.0 is class 1, 1.5 is an
+    error); in 0..outputs-1, or 0/1 for a one-output (binary) head.
+    """
+    a = _numeric("labels", y)
+    if a.ndim == 2 and a.shape[1] == 1:
+        a = a[:, 0]
+    if a.ndim != 1:
+        raise BackendError(f"labels: shape {a.shape}: expected (N,) or (N, 1) class indices "
+                           f"(not one-hot rows or probabilities)")
+    if n is not None and len(a) != n:
+        raise BackendError(f"labels: {len(a)} labels for {n} input samples (x and y must have the same length)")
+    if a.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(a) | (a != np.trunc(a))
+        if bad.any():
+            i = _first_bad(bad)
+            raise BackendError(f"labels: {a[i].item()!r} at index {i} is not a class index "
+                               f"(labels are integers, or floats holding whole numbers)")
+    classes = spec.num_classes
+    top = 1 if classes == 1 else classes - 1
+    bad = (a < 0) | (a > top)
+    if bad.any():
+        i = _first_bad(bad)
+        where = "a binary head (1 output: labels 0 or 1)" if classes == 1 else f"{classes} outputs (0..{top})"
+        raise BackendError(f"labels: class {int(a[i])} at index {i} is out of range for {where}")
+    return a.astype(np.int64)
+
+
+def _guard_set_weights(impl):
+    @functools.wraps(impl)
+    def set_weights(self, weights):
+        return impl(self, self._check_weights(weights))
+    return set_weights
+
+
+def _guard_set_optimizer(impl):
+    @functools.wraps(impl)
+    def set_optimizer(self, optimizer):
+        return impl(self, check_optimizer(optimizer))
+    return set_optimizer
+
+
+def _guard_loss_and_grads(impl):
+    @functools.wraps(impl)
+    def loss_and_grads(self, x, y):
+        x = as_inputs(self.spec, x)
+        return impl(self, x, as_labels(self.spec, y, len(x)))
+    return loss_and_grads
+
+
+# Public methods each backend implements under its own name: __init_subclass__ wraps them with these checks.
+_GUARDS = {"set_weights": _guard_set_weights, "set_optimizer": _guard_set_optimizer,
+           "loss_and_grads": _guard_loss_and_grads}
 
 
 class Adapter(ABC):
     """One framework's build of a ModelSpec, speaking the canonical weight layout.
 
-    Subclasses build their native network in `_build` and keep it in `self.native`.
+    Subclasses build their native network in `_build` and keep it in `self.native`. Arguments are checked
+    here, once for every framework: the shared methods check their own, and a subclass's set_weights,
+    set_optimizer and loss_and_grads are wrapped at class creation so the checks run before its code;
+    logits and layer_outputs are checked by `as_inputs`, which every backend calls.
     """
 
     name: ClassVar[str] = ""
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for method, guard in _GUARDS.items():
+            impl = cls.__dict__.get(method)
+            if impl is not None and not getattr(impl, "_guarded", False):
+                wrapped = guard(impl)
+                wrapped._guarded = True
+                setattr(cls, method, wrapped)
+
     def __init__(self, spec: ModelSpec, device: str = "cpu", compile: bool = False):
+        if not isinstance(spec, ModelSpec):
+            raise BackendError(f"spec: must be a ModelSpec (nncompare.models), got {type(spec).__name__}")
+        parse_device(device)
         self.spec = spec
         self.device = device
-        self.compile = compile
+        self.compile = _check_bool("compile", compile)
         self.optimizer: Optimizer | None = None
         self.native: Any = None
         self._build()
@@ -115,13 +281,19 @@ class Adapter(ABC):
         """Build `spec` on `device`, load weights (given, else the canonical seeded init; init="native"
         keeps the framework's own initialisation), and set the optimizer. compile=True uses the
         framework's compiler for training and inference where it has one (XLA, torch.compile)."""
-        if init not in ("canonical", "native"):
-            raise BackendError(f"unknown init {init!r} (known: canonical, native)")
+        if not isinstance(init, str) or init not in ("canonical", "native"):
+            raise BackendError(f"unknown init {init!r} (known: canonical, native)"[:200])
+        seed = _check_int("seed", seed, 0)
+        if optimizer is not None:
+            check_optimizer(optimizer)
+        if weights is not None and not isinstance(weights, Mapping):  # before the (slow) build
+            raise BackendError(f"weights: must be a dict of canonical key -> array (as get_weights() returns), "
+                               f"got {type(weights).__name__}")
         net = cls(spec, device, compile)
         if weights is not None or init == "canonical":
             net.set_weights(init_weights(spec, seed) if weights is None else weights)
         if spec.trainable_keys():  # frameworks refuse an optimizer over no parameters
-            net.set_optimizer(optimizer or SGD())
+            net.set_optimizer(SGD() if optimizer is None else optimizer)
         return net
 
     # --- the contract ------------------------------------------------------------------------------
@@ -135,7 +307,7 @@ class Adapter(ABC):
 
     @abstractmethod
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
-        """Load a canonical weight dict."""
+        """Load a canonical weight dict (checked by _check_weights before the backend's code runs)."""
 
     @abstractmethod
     def logits(self, x: np.ndarray) -> np.ndarray:
@@ -147,7 +319,8 @@ class Adapter(ABC):
 
     @abstractmethod
     def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
-        """Training-mode mean loss and canonical gradients of the trainable weights; changes no state."""
+        """Training-mode mean loss and canonical gradients of the trainable weights; changes no state.
+        The backend's code receives checked float32 inputs and int64 (N,) labels."""
 
     @abstractmethod
     def set_optimizer(self, optimizer: Optimizer) -> None:
@@ -155,7 +328,8 @@ class Adapter(ABC):
 
     @abstractmethod
     def _train_batch(self, x: np.ndarray, y: np.ndarray) -> Any:
-        """One optimizer step; returns the loss as a framework value (not yet fetched to host)."""
+        """One optimizer step on checked float32 inputs and int64 (N,) labels; returns the loss as a
+        framework value (not yet fetched to host)."""
 
     def sync(self) -> None:
         """Wait until all queued work on the device is done."""
@@ -187,10 +361,16 @@ class Adapter(ABC):
         if not self.spec.trainable_keys():
             raise BackendError(f"model {self.spec.name!r} has no trainable parameters: nothing to train")
 
+    def _check_optimizer_set(self) -> None:
+        if not isinstance(self.optimizer, (SGD, Adam)):
+            raise BackendError("no optimizer set: build(..., optimizer=SGD(...)) or call set_optimizer first")
+
     def train_step(self, x: np.ndarray, y: np.ndarray) -> float:
         """One optimizer step on a batch; returns its loss."""
         self._check_trainable()
-        return float(self._train_batch(as_inputs(self.spec, x), np.asarray(y)))
+        self._check_optimizer_set()
+        x = as_inputs(self.spec, x)
+        return float(self._train_batch(x, as_labels(self.spec, y, len(x))))
 
     def fit(self, x: np.ndarray, y: np.ndarray, epochs: int = 1, batch_size: int = 32,
             optimizer: Optimizer | None = None, seed: int = 0, shuffle: bool = True,
@@ -198,9 +378,14 @@ class Adapter(ABC):
         """Train epochs start_epoch .. start_epoch + epochs - 1 over the shared seeded batch order;
         returns {"loss": [mean batch loss per epoch]}."""
         self._check_trainable()
+        epochs, batch_size = _check_int("epochs", epochs, 0), _check_int("batch_size", batch_size, 1)
+        seed, start_epoch = _check_int("seed", seed, 0), _check_int("start_epoch", start_epoch, 0)
+        shuffle = _check_bool("shuffle", shuffle)
+        x = as_inputs(self.spec, x)
+        y = as_labels(self.spec, y, len(x))
         if optimizer is not None:
             self.set_optimizer(optimizer)
-        x, y = as_inputs(self.spec, x), np.asarray(y)
+        self._check_optimizer_set()
         history = []
         for epoch in range(start_epoch, start_epoch + epochs):
             handles, sizes = [], []
@@ -218,34 +403,54 @@ class Adapter(ABC):
             return z
         z = z.astype(np.float64)
         if self.spec.head == "sigmoid":
-            return (1 / (1 + np.exp(-z))).astype(np.float32)
+            return (0.5 * (1 + np.tanh(0.5 * z))).astype(np.float32)  # 1 / (1 + exp(-z)) without overflow
         e = np.exp(z - z.max(axis=1, keepdims=True))  # softmax over channels/features: canonical axis 1
         return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> tuple[float, float]:
         """Inference-mode (mean loss, accuracy) over a dataset, in batches."""
+        batch_size = _check_int("batch_size", batch_size, 1)
+        x = as_inputs(self.spec, x)
+        y = as_labels(self.spec, y, len(x))
         z = np.concatenate([self.logits(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
         z = z.reshape(len(z), -1).astype(np.float64)
-        y = np.asarray(y)
         predicted = (z[:, 0] > 0).astype(np.int64) if z.shape[1] == 1 else z.argmax(axis=1)
         return float(loss_and_dlogits(z, y)[0]), float((predicted == y).mean())
 
-    def _check_weights(self, weights: dict[str, np.ndarray]) -> None:
+    def _check_weights(self, weights: Any) -> dict[str, np.ndarray]:
+        """The weights as {canonical key: numeric array} in the spec's key order, after checking them: a
+        mapping with exactly the spec's keys and shapes, every value finite in float32, and non-negative
+        BatchNorm variances. Arrays keep their dtype (the float64 oracle keeps float64 weights)."""
+        if not isinstance(weights, Mapping):
+            raise BackendError(f"weights: must be a dict of canonical key -> array (as get_weights() returns), "
+                               f"got {type(weights).__name__}")
         expected = self.spec.param_shapes()
         missing = [k for k in expected if k not in weights]
         extra = [k for k in weights if k not in expected]
         if missing or extra:
             raise BackendError(f"weights do not fit model {self.spec.name!r}: "
-                               f"missing {missing[:3]}, unexpected {extra[:3]}")
+                               f"missing {missing[:3]}, unexpected {extra[:3]}"[:400])
+        checked = {}
         for k, shape in expected.items():
-            if tuple(np.shape(weights[k])) != tuple(shape):
-                raise BackendError(f"weight {k!r}: shape {np.shape(weights[k])}, the spec needs {shape}")
+            a = _numeric(f"weight {k!r}", weights[k])
+            if a.shape != tuple(shape):
+                raise BackendError(f"weight {k!r}: shape {a.shape}, the spec needs {tuple(shape)}")
+            a32 = _as_float32(f"weight {k!r}", a)
+            if k.endswith("/moving_var") and (a32 < 0).any():
+                i = _first_bad(a32 < 0)
+                raise BackendError(f"weight {k!r}: variance {a[i].item()!r} at index {i} is negative")
+            checked[k] = a
+        return checked
 
 
 def loss_and_dlogits(z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-    """Mean softmax cross-entropy (or binary cross-entropy for one output) from logits, and d loss / d z."""
+    """Mean softmax cross-entropy (or binary cross-entropy for one output) from logits, and d loss / d z.
+    Labels are class indices, (N,) or (N, 1)."""
     n = len(z)
     z = z.reshape(n, -1)
+    y = np.asarray(y).reshape(-1)  # (N, 1) labels would broadcast against arange(n) into an (N, N) pick
+    if len(y) != n:
+        raise BackendError(f"labels: {len(y)} labels for {n} logits")
     if z.shape[1] == 1:
         t = y.reshape(n, 1).astype(z.dtype)
         loss = np.maximum(z, 0) - z * t + np.log1p(np.exp(-np.abs(z)))
