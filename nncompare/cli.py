@@ -1,9 +1,15 @@
-"""nncompare command line: run (default), check, train, list, summary. `compare.py` is a thin entry point here."""
+"""nncompare command line: run (default), check, train, report, list, summary. `compare.py` is a thin entry point.
+
+Exit codes: 0 done, 1 a failed comparison (or cell, with --strict) or results that could not be written,
+2 bad input (one line, before any work), 130 interrupted by Ctrl-C, 143 by SIGTERM.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import socket
 import sys
 import time
 
@@ -13,19 +19,15 @@ from .backends import BackendError, available_backends, check_backend, make_opti
 from .backends.base import cpu_name
 from .models import ModelSpec, SpecError, resolve, zoo
 from .models.data import NAMES as DATASETS, DataError
-from .report import add_ratios, render_table, render_training
-from .runner import (Task, UsageError, available_devices, canonical_device, cell_main, check_writable, gpu_names,
-                     rows_to_csv, run_subprocess, write_atomic)
+from .report import add_ratios, render_check, render_scaling, render_table, render_training
+from .runner import (Journal, Task, UsageError, canonical_device, cell_main, check_outputs,
+                     check_plot, gpu_names, Interrupted, interruptible, make_executor, rows_to_csv, strict_json,
+                     sweep, uninterruptible, write_atomic)
 
 FRAMEWORKS = ("keras", "torch", "mxnet")
 
 
-# --- run -------------------------------------------------------------------------------------------
-def default_backends() -> list[str]:
-    info = available_backends()
-    return [b for b in FRAMEWORKS if info[b]["installed"]] + ["numpy"]
-
-
+# --- option types ----------------------------------------------------------------------------------
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -40,21 +42,106 @@ def nonnegative_int(text: str) -> int:
     return 0 if text.strip() == "0" else positive_int(text)
 
 
-def plan_run(args) -> tuple[list[ModelSpec], list[str], list[str]]:
-    """Validate every option before any long work; return (specs, backends, devices)."""
-    specs = [resolve(m) for m in args.models]
-    backends = args.backends or default_backends()
+def positive_float(text: str) -> float:
+    """A finite number > 0: a timeout or learning rate of 0, a negative, nan or inf gives nonsense rows."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+# --- shared plumbing -------------------------------------------------------------------------------
+def default_backends() -> list[str]:
+    info = available_backends()
+    return [b for b in FRAMEWORKS if info[b]["installed"]] + ["numpy"]
+
+
+def checked_backends(args, default: list[str]) -> list[str]:
+    backends = list(dict.fromkeys(args.backends or default))
     for b in backends:
         check_backend(b)
-    devices = list(dict.fromkeys(canonical_device(d) for d in (args.devices or available_devices())))
-    if args.baseline not in names():
-        raise UsageError(f"unknown baseline {args.baseline!r} (known: {', '.join(names())})")
-    check_writable(args.json)
-    check_writable(args.csv)
-    check_writable(args.plot)
-    return specs, backends, devices
+    return backends
 
 
+def load_models(arguments: list[str]) -> list[tuple[str, ModelSpec, str | None]]:
+    """(label, spec, file) per distinct model argument; specs sharing a name are labelled with their file, so
+    ratios and plots never mix two different models."""
+    loaded = [(a, resolve(a)) for a in dict.fromkeys(arguments)]
+    counts: dict[str, int] = {}
+    for _, s in loaded:
+        counts[s.name] = counts.get(s.name, 0) + 1
+    return [(s.name if counts[s.name] == 1 else f"{s.name} ({a})", s, None if a in zoo.names() else a)
+            for a, s in loaded]
+
+
+def plan_outputs(args, inputs: list[str], rows_key: str) -> tuple[Journal | None, dict[str, dict]]:
+    """Validate every output before any work; open the journal; the finished rows --resume starts from."""
+    base = args.json or args.csv
+    journal = Journal(base + ".journal") if base else None
+    check_outputs({"--json": args.json, "--csv": args.csv, "--plot": args.plot,
+                   "journal": journal.path if journal else None}, inputs)
+    check_plot(args.plot)
+    if args.resume and not journal:
+        raise UsageError("--resume needs the --json or --csv path of the run to continue")
+    finished: dict[str, dict] = {}
+    if journal and args.resume:
+        if args.json and os.path.exists(args.json):
+            try:
+                with open(args.json, encoding="utf-8") as f:
+                    finished = {r["cell"]: r for r in json.load(f).get(rows_key, []) if "cell" in r}
+            except (OSError, ValueError, AttributeError, TypeError, KeyError):
+                raise UsageError(f"--resume: {args.json!r} is not a results file of this command") from None
+        finished.update(journal.read())
+    elif journal and journal.read():
+        raise UsageError(f"{journal.path!r} holds the finished cells of an interrupted run: continue it with "
+                         "--resume, or delete the file")
+    if journal:
+        journal.fresh = not args.resume
+    return journal, finished
+
+
+def write_outputs(items: list[tuple[str | None, object]]) -> list[str]:
+    """Write each (path, producer of its content or writer); a failure is reported, never lost work."""
+    failures = []
+    with uninterruptible():
+        for path, make in items:
+            if path is None:
+                continue
+            try:
+                result = make(path)
+                if result is not None:
+                    write_atomic(path, result)
+            except Exception as e:  # noqa: BLE001  (any failure to write must still leave the table printed)
+                failures.append(f"could not write {path!r}: {type(e).__name__}: {e}")
+    return failures
+
+
+def finish(args, journal: Journal | None, failures: list[str], code: int | None, done: int, total: int) -> int | None:
+    """Tell the user what happened to the results; the exit code for failures and interrupts (else None)."""
+    for f in failures:
+        print(f"error: {f}", file=sys.stderr)
+    if failures and journal:
+        print(f"every finished cell is kept in {journal.path!r}", file=sys.stderr)
+    if code is not None:
+        where = ", ".join(p for p in (args.json, args.csv) if p)
+        print(f"interrupted: {done} of {total} cells finished" +
+              (f", written to {where} (marked partial); --resume continues" if where else ""), file=sys.stderr)
+        return code
+    if journal and not failures:
+        journal.remove()
+    elif journal:
+        journal.close()
+    return 1 if failures else None
+
+
+def executor_for(args):
+    return make_executor(args.executor, args.timeout, args.verbose, args.address, args.concurrency)
+
+
+# --- run -------------------------------------------------------------------------------------------
 def reference_is_quick(spec: ModelSpec, batch: int, args) -> bool:
     """Whether the float64 NumPy row fits a default run: at most ~50 GFLOP of training work."""
     steps = 1 + args.warmup + args.steps * args.repeats
@@ -62,126 +149,197 @@ def reference_is_quick(spec: ModelSpec, batch: int, args) -> bool:
 
 
 def cmd_run(args) -> int:
-    specs, backends, devices = plan_run(args)
+    models = load_models(args.models)
+    backends = checked_backends(args, default_backends())
+    if args.baseline not in names():
+        raise UsageError(f"unknown baseline {args.baseline!r} (known: {', '.join(names())})")
     optimizer = make_optimizer(args.optimizer, args.lr)
+    journal, finished = plan_outputs(args, [f for _, _, f in models if f], "rows")
+    executor = executor_for(args)
+    try:
+        have = executor.devices()
+        devices = list(dict.fromkeys(canonical_device(d, have) for d in (args.devices or have)))
+    except BaseException:
+        executor.close()
+        raise
+    threads = list(dict.fromkeys(args.threads))
     opt_task = {"type": args.optimizer, "args": vars(optimizer)}
-    cells = [(spec, b, d, bs) for spec in specs for d in devices for bs in args.batch_sizes for b in backends
+    tasks = [Task("measure", device=d, threads=t, backend=b, model_name=label, spec=spec.to_dict(), batch_size=bs,
+                  optimizer=opt_task, steps=args.steps, repeats=args.repeats, warmup=args.warmup, compile=args.compile)
+             for label, spec, _ in models for d in devices for bs in args.batch_sizes for t in threads
+             for b in backends
              if b != "numpy" or d == "cpu" and (args.backends or reference_is_quick(spec, bs, args))]
-    quiet = args.quiet or not sys.stderr.isatty()
-    from tqdm import tqdm
-    peaks = {d: run_subprocess(Task("peak", device=d, threads=args.threads), args.timeout).get("gemm_gflops")
-             for d in devices}
+    by_label = {label: (spec, f) for label, spec, f in models}
+    peaks: dict = {}
+    code = None
+    try:
+        with interruptible():
+            peaks = executor.peaks(devices, max(threads))
+    except KeyboardInterrupt:
+        code = 130
+    except Interrupted as e:
+        code = e.code
+
+    def make_row(task: Task, result: dict) -> dict:
+        spec, spec_file = by_label[task.model_name]
+        result = {k: v for k, v in result.items() if k != "bad_input"}
+        row = {"model": task.model_name, "backend": task.backend, "device": task.device,
+               "batch_size": task.batch_size, "threads": task.threads, "optimizer": args.optimizer,
+               "lr": optimizer.lr, "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
+               "compile": args.compile, "model_params": spec.params, "model_flops": spec.flops,
+               **({"spec_file": spec_file} if spec_file else {}), "executor": executor.name, **result}
+        peak = peaks.get((row.get("host"), task.device))
+        row["gemm_peak_gflops"] = peak
+        if row.get("train_gflops") and peak:
+            row["peak_pct"] = 100 * row["train_gflops"] / peak
+        return row
+
     rows = []
-    with tqdm(cells, disable=quiet, unit="cell", file=sys.stderr) as bar:
-        for spec, backend, device, batch in bar:
-            bar.set_description(f"{spec.name} {backend} {device} b{batch}")
-            task = Task("measure", device=device, threads=args.threads, backend=backend, model_name=spec.name,
-                        spec=spec.to_dict(), batch_size=batch, optimizer=opt_task, steps=args.steps,
-                        repeats=args.repeats, warmup=args.warmup, compile=args.compile)
-            result = run_subprocess(task, args.timeout)
-            row = {"model": spec.name, "backend": backend, "device": device, "batch_size": batch,
-                   "threads": args.threads, "optimizer": args.optimizer, "steps": args.steps,
-                   "repeats": args.repeats, "warmup": args.warmup, "compile": args.compile, "model_params": spec.params,
-                   "model_flops": spec.flops, "gemm_peak_gflops": peaks[device], **result}
-            if "train_gflops" in row and peaks[device]:
-                row["peak_pct"] = 100 * row["train_gflops"] / peaks[device]
-            rows.append(row)
+    if code is None:
+        rows, code = sweep(tasks, make_row, executor, journal, finished,
+                           lambda t: f"{t.model_name} {t.backend} {t.device} b{t.batch_size} t{t.threads}",
+                           quiet=args.quiet or not sys.stderr.isatty())
+    else:
+        executor.close()
     add_ratios(rows, args.baseline)
-    payload = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host_cpu": cpu_name(),
-               "baseline": args.baseline, "rows": rows}
-    if args.json:
-        write_atomic(args.json, json.dumps(payload, indent=2) + "\n")
-    if args.csv:
-        write_atomic(args.csv, rows_to_csv(rows))
-    if args.plot:
-        from .plots import throughput_chart
-        throughput_chart(rows, args.plot)
+    payload = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
+               "host_cpu": cpu_name(), "baseline": args.baseline, "partial": code is not None,
+               "cells": len(tasks), "rows": rows}
+    from . import plots
+    chart = plots.scaling_chart if len(threads) > 1 else plots.throughput_chart
+    failures = write_outputs([(args.json, lambda p: strict_json(payload) + "\n"),
+                              (args.csv, lambda p: rows_to_csv(rows)),
+                              (args.plot, lambda p: chart(rows, p))])
     print(render_table(rows, args.baseline))
-    print(f"\nthreads {args.threads}; {args.repeats} repeats x {args.steps} steps after {args.warmup} warm-up; "
-          f"optimizer {args.optimizer}; " + "; ".join(
-              f"{d} GEMM peak {peaks[d]:.0f} GFLOP/s" for d in devices if peaks[d]))
+    if len(threads) > 1:
+        print("\n" + render_scaling(rows))
+    print(f"\n{args.repeats} repeats x {args.steps} steps after {args.warmup} warm-up; optimizer {args.optimizer} "
+          f"lr {optimizer.lr:g}; threads {', '.join(map(str, threads))}" + "".join(
+              f"; {d} GEMM peak {v:.0f} GFLOP/s" + (f" ({h})" if len({h for h, _ in peaks}) > 1 else "")
+              for (h, d), v in peaks.items() if v))
+    exit_code = finish(args, journal, failures, code, len(rows), len(tasks))
+    if exit_code is not None:
+        return exit_code
     return 1 if any("error" in r for r in rows) and args.strict else 0
 
 
 # --- train -----------------------------------------------------------------------------------------
 def cmd_train(args) -> int:
     from .models.data import load
-    spec = resolve(args.model)
+    (label, spec, spec_file), = load_models([args.model])
     if args.no_dropout:
         spec = spec.without_dropout()
-    backends = args.backends or default_backends()
-    for b in backends:
-        check_backend(b)
+    backends = checked_backends(args, default_backends())
     devices = list(dict.fromkeys(canonical_device(d) for d in (args.devices or ["cpu"])))
-    for path in (args.json, args.csv, args.plot):
-        check_writable(path)
     if args.target is not None and not 0 < args.target <= 1:
         raise UsageError(f"--target must be an accuracy in (0, 1], got {args.target}")
-    data = load(args.dataset, spec, args.data_dir)  # fails here, before any training, if the files are missing
     optimizer = make_optimizer(args.optimizer, args.lr)
+    journal, finished = plan_outputs(args, [spec_file] if spec_file else [], "results")
+    data = load(args.dataset, spec, args.data_dir)  # fails here, before any training, if the files are missing
+    executor = executor_for(args)
     print(f"{spec.name} on {args.dataset}: {len(data.x_train):,} train / {len(data.x_test):,} test samples, "
-          f"{args.epochs} epochs, batch {args.batch_size}, {args.optimizer} lr {optimizer.lr:g}")
+          f"{args.epochs} epochs, batch {args.batch_size}, {args.optimizer} lr {optimizer.lr:g}", flush=True)
     if spec.has_dropout:
         print("note: the model trains with live dropout, which is random per framework: trajectories differ "
-              "by design (use --no-dropout to compare them)")
-    from tqdm import tqdm
-    cells = [(b, d) for d in devices for b in backends if not (b == "numpy" and d != "cpu")]
-    results = []
-    for backend, device in tqdm(cells, disable=args.quiet or not sys.stderr.isatty(), unit="framework",
-                                file=sys.stderr):
-        task = Task("train", device=device, threads=args.threads, backend=backend, model_name=spec.name,
-                    spec=spec.to_dict(), batch_size=args.batch_size,
-                    optimizer={"type": args.optimizer, "args": vars(optimizer)}, dataset=args.dataset,
-                    epochs=args.epochs, target=args.target, data_dir=args.data_dir)
-        results.append({"model": spec.name, "dataset": args.dataset, "backend": backend, "device": device,
-                        "epochs": args.epochs, "batch_size": args.batch_size, "optimizer": args.optimizer,
-                        "lr": optimizer.lr, "threads": args.threads, "dropout": spec.has_dropout,
-                        **run_subprocess(task, args.timeout)})
-    if args.json:
-        write_atomic(args.json, json.dumps({"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host_cpu": cpu_name(),
-                                            "results": results}, indent=2) + "\n")
-    if args.csv:
-        write_atomic(args.csv, rows_to_csv([
-            {k: v for k, v in r.items() if not isinstance(v, list)} | {
-                "epoch": e + 1, **{k: r[k][e] for k in ("train_loss", "test_loss", "test_accuracy", "epoch_s")}}
-            for r in results if "error" not in r for e in range(len(r["train_loss"]))]))
-    if args.plot:
-        from .plots import training_curves
-        training_curves(results, args.plot, f"{spec.name} on {args.dataset}, {args.optimizer}, batch {args.batch_size}")
+              "by design (use --no-dropout to compare them)", flush=True)
+    tasks = [Task("train", device=d, threads=args.threads, backend=b, model_name=label, spec=spec.to_dict(),
+                  batch_size=args.batch_size, optimizer={"type": args.optimizer, "args": vars(optimizer)},
+                  dataset=args.dataset, epochs=args.epochs, target=args.target, data_dir=args.data_dir)
+             for d in devices for b in backends if not (b == "numpy" and d != "cpu")]
+
+    def make_row(task: Task, result: dict) -> dict:
+        result = {k: v for k, v in result.items() if k != "bad_input"}
+        return {"model": label, "dataset": args.dataset, "backend": task.backend, "device": task.device,
+                "epochs": args.epochs, "batch_size": args.batch_size, "optimizer": args.optimizer, "lr": optimizer.lr,
+                "threads": args.threads, "dropout": spec.has_dropout, "executor": executor.name, **result}
+
+    results, code = sweep(tasks, make_row, executor, journal, finished, lambda t: f"{t.backend} {t.device}",
+                          quiet=args.quiet or not sys.stderr.isatty())
+    payload = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
+               "host_cpu": cpu_name(), "partial": code is not None, "cells": len(tasks), "results": results}
+    curves = [{k: v for k, v in r.items() if not isinstance(v, list)} | {
+        "epoch": e + 1, **{k: r[k][e] for k in ("train_loss", "test_loss", "test_accuracy", "epoch_s")}}
+        for r in results if "error" not in r for e in range(len(r["train_loss"]))]
+    from . import plots
+    failures = write_outputs([
+        (args.json, lambda p: strict_json(payload) + "\n"),
+        (args.csv, lambda p: rows_to_csv(curves)),
+        (args.plot, lambda p: plots.training_curves(
+            results, p, f"{spec.name} on {args.dataset}, {args.optimizer}, batch {args.batch_size}"))])
     print(render_training(results, args.target))
-    return 0
+    exit_code = finish(args, journal, failures, code, len(results), len(tasks))
+    if exit_code is not None:
+        return exit_code
+    errors = sum("error" in r for r in results)
+    return 1 if errors and (args.strict or errors == len(results)) else 0
 
 
 # --- check -----------------------------------------------------------------------------------------
 def cmd_check(args) -> int:
-    from .backends.check import TOLERANCE, compare
-    spec = resolve(args.model)
+    from .backends.check import TOLERANCE
+    (label, spec, _), = load_models([args.model])
     if spec.has_dropout:
         spec = spec.without_dropout()  # live dropout is random per framework: compare without it
-    backends = args.backends or [b for b in FRAMEWORKS if available_backends()[b]["installed"]]
-    for b in backends:
-        check_backend(b)
+    backends = checked_backends(args, [b for b in names() if b != "numpy" and available_backends()[b]["installed"]])
     device = canonical_device(args.device)
-    from .backends import get_adapter
-    if "torch" in backends:
-        import torch  # noqa: F401  (Keras documents a segfault when TensorFlow loads before torch)
-    oracle = get_adapter("numpy")
-    rows, failed = [], False
-    for b in backends:
-        try:
-            report = compare(get_adapter(b), oracle, spec, device=device, steps=args.steps, compile=args.compile)
-        except BackendError as e:
-            raise UsageError(str(e)) from None
-        failed |= not report.ok()
-        worst = [c for c in report.diffs if report.diffs[c] > TOLERANCE]
-        where = report.where.get("logits") or next((report.where[c] for c in worst if report.where.get(c)), None)
-        rows.append((b, *(f"{report.diffs[c]:.1e}" for c in ("logits", "loss", "grads", "sgd", "adam")),
-                     "ok" if report.ok() else f"DIFFERS: {', '.join(worst)}" + (f" (first at {where})" if where else "")))
+    executor = executor_for(args)
+    tasks = [Task("check", device=device, threads=os.cpu_count() or 1, backend=b, model_name=label,
+                  spec=spec.to_dict(), steps=args.steps, compile=args.compile) for b in backends]
+    results, code = sweep(tasks, lambda t, r: {"backend": t.backend, **r}, executor, quiet=True)
+    for r in results:
+        if "bad_input" in r:
+            raise UsageError(r["bad_input"])
     print(f"{spec.name} on {device} against the float64 NumPy oracle "
           f"(max abs diff / scale; tolerance {TOLERANCE:g}; weights after {args.steps} steps)")
-    print(tabulate(rows, headers=("Framework", "Logits", "Loss", "Grads", "SGD weights", "Adam weights", "Verdict"),
-                   disable_numparse=True))
-    return 1 if failed else 0
+    print(render_check(results))
+    if code is not None:
+        print(f"interrupted: {len(results)} of {len(tasks)} frameworks checked", file=sys.stderr)
+        return code
+    return 1 if any("error" in r or not r["ok"] for r in results) else 0
+
+
+# --- report ----------------------------------------------------------------------------------------
+def load_results(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            payload = json.load(f)
+    except OSError as e:
+        raise UsageError(f"cannot read {path!r}: {e.strerror}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path!r} is not JSON: {e}") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("rows"), list) or not all(
+            isinstance(r, dict) and {"model", "backend", "device", "batch_size"} <= r.keys() for r in payload["rows"]):
+        raise UsageError(f"{path!r} is not a results file of `compare.py run --json`")
+    return payload
+
+
+def cmd_report(args) -> int:
+    check_outputs({"--plot": args.plot}, args.files)
+    check_plot(args.plot)
+    rows, notes = [], []
+    for path in dict.fromkeys(args.files):
+        payload = load_results(path)
+        host = payload.get("host") or f"{payload.get('host_cpu', '?')} ({os.path.basename(path)})"
+        for r in payload["rows"]:
+            rows.append({"host": host, "source": path, **{k: v for k, v in r.items() if k != "vs_baseline"}})
+        if payload.get("partial"):
+            notes.append(f"{path} is partial: {len(payload['rows'])} of {payload.get('cells', '?')} cells")
+    add_ratios(rows, args.baseline)
+    print(render_table(rows, args.baseline, markdown=args.markdown, show_machine=True))
+    if len({r.get("threads") for r in rows}) > 1:
+        print("\n" + render_scaling(rows, markdown=args.markdown))
+    machines = {}
+    for r in rows:
+        machines.setdefault(r["host"], set()).add(r.get("cpu_name") if r["device"] == "cpu" else r.get("device_name"))
+    print("\n" + "; ".join(f"{h}: {', '.join(sorted(filter(None, n))) or '?'}" for h, n in machines.items())
+          + f". Ratios (x {args.baseline}) compare rows of one machine, device and settings only.")
+    for n in notes:
+        print("note: " + n)
+    from . import plots
+    failures = write_outputs([(args.plot, lambda p: plots.throughput_chart(rows, p))])
+    for f in failures:
+        print(f"error: {f}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 # --- list / summary --------------------------------------------------------------------------------
@@ -206,65 +364,89 @@ def cmd_summary(args) -> int:
 
 
 # --- parser ----------------------------------------------------------------------------------------
-def add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", nargs="+", default=["mlp", "lenet5"], metavar="MODEL",
-                   help="zoo names or spec .json files (default: mlp lenet5)")
+def executor_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: one cell at a time on this machine (default); ray: cells as Ray tasks")
+    p.add_argument("--address", help="Ray cluster to join (auto, ray://host:port; default: start a local one)")
+    p.add_argument("--concurrency", type=positive_int, default=1,
+                   help="timing cells allowed at once on one Ray node (default 1: parallel timing corrupts numbers)")
+    p.add_argument("--verbose", action="store_true", help="show the frameworks' start-up output")
+    return p
+
+
+def sweep_options() -> argparse.ArgumentParser:
+    """The options run and train share (a fresh parent for each: set_defaults would change a shared one's)."""
+    p = argparse.ArgumentParser(add_help=False, parents=[executor_options()])
     p.add_argument("--backends", nargs="+", metavar="BACKEND",
                    help=f"any of {', '.join(names())} (default: every installed framework, plus the numpy "
-                        "reference where it is quick)")
-    p.add_argument("--devices", nargs="+", metavar="DEVICE", help="cpu, gpu, gpu:N (default: every device)")
-    p.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[64], metavar="N")
-    p.add_argument("--steps", type=positive_int, default=10, help="timed training steps per repeat")
-    p.add_argument("--repeats", type=positive_int, default=3, help="timed repeats (median and spread)")
-    p.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed steps after the first step")
-    p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1,
-                   help="CPU threads for every framework (default: all cores)")
-    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
-    p.add_argument("--lr", type=float, help="learning rate (default: 0.01 for sgd, 0.001 for adam)")
-    p.add_argument("--compile", action="store_true",
-                   help="compiled paths: Keras with XLA, torch.compile (Gluon is always hybridized)")
-    p.add_argument("--baseline", default="torch", help="framework the ratio column divides by")
-    p.add_argument("--timeout", type=float, default=600, help="seconds before a cell counts as hung")
+                        "reference)")
+    p.add_argument("--devices", nargs="+", metavar="DEVICE", help="cpu, gpu, gpu:N")
+    p.add_argument("--optimizer", choices=("sgd", "adam"))
+    p.add_argument("--lr", type=positive_float, help="learning rate (default: 0.01 for sgd, 0.001 for adam)")
     p.add_argument("--json", metavar="PATH", help="write all rows as JSON (atomically)")
     p.add_argument("--csv", metavar="PATH", help="write all rows as CSV (atomically)")
-    p.add_argument("--plot", metavar="PNG", help="bar chart of training throughput")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run: skip the cells its --json/--csv journal holds")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--strict", action="store_true", help="exit 1 when any cell failed")
-    p.set_defaults(func=cmd_run)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="compare.py", description="Compare deep-learning frameworks on one spec. "
                                 "Without a command: run the default comparison.")
     sub = p.add_subparsers(dest="command")
-    add_run_options(sub.add_parser("run", help="time training and inference, one fresh process per cell"))
-    sp = sub.add_parser("check", help="equivalence report of every framework against the NumPy oracle")
+
+    sp = sub.add_parser("run", parents=[sweep_options()], help="time training and inference, one fresh process per cell")
+    sp.add_argument("--models", nargs="+", default=["mlp", "lenet5"], metavar="MODEL",
+                    help="zoo names or spec .json files (default: mlp lenet5)")
+    sp.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[64], metavar="N")
+    sp.add_argument("--steps", type=positive_int, default=10, help="timed training steps per repeat")
+    sp.add_argument("--repeats", type=positive_int, default=3, help="timed repeats (median and spread)")
+    sp.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed steps after the first step")
+    sp.add_argument("--threads", nargs="+", type=positive_int, default=[os.cpu_count() or 1], metavar="N",
+                    help="CPU threads for every framework (default: all cores); several values: a scaling table")
+    sp.add_argument("--compile", action="store_true",
+                    help="compiled paths: Keras with XLA, torch.compile (Gluon is always hybridized)")
+    sp.add_argument("--baseline", default="torch", help="framework the ratio column divides by")
+    sp.add_argument("--timeout", type=positive_float, default=600, help="seconds before a cell counts as hung")
+    sp.add_argument("--plot", metavar="FILE", help="chart of training throughput (.png, .pdf, .svg...)")
+    sp.set_defaults(func=cmd_run, optimizer="sgd")
+
+    sp = sub.add_parser("check", parents=[executor_options()],
+                        help="equivalence report of every framework against the NumPy oracle")
     sp.add_argument("model", help="zoo model name or spec .json file")
     sp.add_argument("--backends", nargs="+", metavar="BACKEND")
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--steps", type=positive_int, default=5, help="optimizer steps before comparing weights")
     sp.add_argument("--compile", action="store_true", help="check the compiled paths (XLA, torch.compile)")
+    sp.add_argument("--timeout", type=positive_float, default=1800, help="seconds before a framework counts as hung")
     sp.set_defaults(func=cmd_check)
-    sp = sub.add_parser("train", help="train every framework on real data: accuracy, curves, time to accuracy")
-    sp.add_argument("--model", required=True, help="zoo model name or spec .json file")
-    sp.add_argument("--dataset", required=True, choices=DATASETS)
+
+    sp = sub.add_parser("train", parents=[sweep_options()],
+                        help="train every framework on real data: accuracy, curves, time to accuracy "
+                             "(default: digits_mlp on the bundled digits)")
+    sp.add_argument("--model", default="digits_mlp", help="zoo model name or spec .json file (default: digits_mlp)")
+    sp.add_argument("--dataset", default="digits", choices=DATASETS, help="default: digits (bundled, no download)")
     sp.add_argument("--epochs", type=positive_int, default=10)
     sp.add_argument("--batch-size", type=positive_int, default=32)
-    sp.add_argument("--backends", nargs="+", metavar="BACKEND")
-    sp.add_argument("--devices", nargs="+", metavar="DEVICE", help="default: cpu")
-    sp.add_argument("--optimizer", choices=("sgd", "adam"), default="adam")
-    sp.add_argument("--lr", type=float)
     sp.add_argument("--target", type=float, default=0.95, help="test accuracy whose time-to-reach is reported")
     sp.add_argument("--no-dropout", action="store_true", help="set every dropout rate to 0 (comparable curves)")
     sp.add_argument("--data-dir", help="folder holding the dataset files (default: $NNCOMPARE_DATA or "
                                        "~/.cache/nncompare)")
     sp.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
-    sp.add_argument("--timeout", type=float, default=1800)
-    sp.add_argument("--json", metavar="PATH")
-    sp.add_argument("--csv", metavar="PATH")
-    sp.add_argument("--plot", metavar="PNG", help="loss and accuracy curves of every framework")
-    sp.add_argument("--quiet", action="store_true")
-    sp.set_defaults(func=cmd_train)
+    sp.add_argument("--timeout", type=positive_float, default=1800)
+    sp.add_argument("--plot", metavar="FILE", help="loss and accuracy curves of every framework")
+    sp.set_defaults(func=cmd_train, optimizer="adam")
+
+    sp = sub.add_parser("report", help="merge result files (several machines) into one table")
+    sp.add_argument("files", nargs="+", metavar="RESULTS.json", help="files written by `run --json`")
+    sp.add_argument("--baseline", default="torch")
+    sp.add_argument("--markdown", action="store_true", help="GitHub markdown tables")
+    sp.add_argument("--plot", metavar="FILE", help="chart of training throughput per machine")
+    sp.set_defaults(func=cmd_report)
+
     sp = sub.add_parser("list", help="zoo models, installed backends, devices")
     sp.set_defaults(func=cmd_list)
     sp = sub.add_parser("summary", help="layer table of a zoo model or spec JSON file")
@@ -280,12 +462,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["run", *argv]
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         return args.func(args)
     except (SpecError, BackendError, UsageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside a sweep (loading, validating): nothing finished to keep
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `compare.py list | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -1,5 +1,11 @@
-"""PNG charts for compare.py (matplotlib, no display needed): training curves and throughput bars."""
+"""Charts for compare.py (matplotlib, no display needed): training curves, throughput bars, thread scaling.
+Each is written whole or not at all (runner.write_atomic), in the format the file name's extension names."""
 from __future__ import annotations
+
+import io
+import os
+
+from .runner import write_atomic
 
 
 def _pyplot():
@@ -7,6 +13,12 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def _save(fig, path: str) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format=os.path.splitext(path)[1][1:].lower(), dpi=110)
+    write_atomic(path, buf.getvalue())
 
 
 def training_curves(results: list[dict], path: str, title: str = "") -> None:
@@ -27,32 +39,63 @@ def training_curves(results: list[dict], path: str, title: str = "") -> None:
     axes[2].legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
 
 
+def _group(r: dict, hosts: bool) -> tuple:
+    return ((r.get("host") or "?",) if hosts else ()) + (r["model"], r["device"], r["batch_size"], r["threads"])
+
+
 def throughput_chart(rows: list[dict], path: str) -> None:
-    """Training samples/s per (model, device, batch) group, one bar per framework, with spread."""
+    """Training samples/s per (machine, model, device, batch, threads) group, one bar per framework, with spread."""
     plt = _pyplot()
     ok = [r for r in rows if "error" not in r]
-    groups = list(dict.fromkeys((r["model"], r["device"], r["batch_size"]) for r in ok))
+    hosts = len({r.get("host") for r in ok}) > 1
+    groups = list(dict.fromkeys(_group(r, hosts) for r in ok))
     backends = list(dict.fromkeys(r["backend"] for r in ok))
     width = 0.8 / max(len(backends), 1)
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(groups)), 4.5))
     for i, b in enumerate(backends):
         xs, hs, errs = [], [], []
         for g, key in enumerate(groups):
-            r = next((r for r in ok if (r["model"], r["device"], r["batch_size"]) == key and r["backend"] == b), None)
+            r = next((r for r in ok if _group(r, hosts) == key and r["backend"] == b), None)
             if r:
                 xs.append(g + (i - (len(backends) - 1) / 2) * width)
                 hs.append(r["train_samples_s"])
-                errs.append(r["train_spread"] * r["train_samples_s"])
+                errs.append((r.get("train_spread") or 0) * r["train_samples_s"])
         ax.bar(xs, hs, width, yerr=errs, capsize=3, label=b)
-    ax.set_xticks(range(len(groups)), [f"{m}\n{d}, batch {bs}" for m, d, bs in groups])
+    ax.set_xticks(range(len(groups)), ["\n".join(map(str, g[:-3])) + f"\n{g[-3]}, batch {g[-2]}, {g[-1]} thr"
+                                       for g in groups])
     ax.set_ylabel("training samples/s (median)")
     ax.set_yscale("log")
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def scaling_chart(rows: list[dict], path: str) -> None:
+    """Training samples/s against the thread count, one line per (machine, model, framework, device, batch)."""
+    plt = _pyplot()
+    ok = [r for r in rows if "error" not in r]
+    hosts = len({r.get("host") for r in ok}) > 1
+    lines: dict[tuple, list[tuple[int, float]]] = {}
+    for r in ok:
+        key = ((r.get("host") or "?",) if hosts else ()) + (r["model"], r["backend"], r["device"], f"b{r['batch_size']}")
+        lines.setdefault(key, []).append((r["threads"], r["train_samples_s"]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, points in lines.items():
+        points.sort()
+        ax.plot([t for t, _ in points], [s for _, s in points], marker="o", label=" ".join(map(str, key)))
+    threads = sorted({r["threads"] for r in ok})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(threads, [str(t) for t in threads])
+    ax.set_xlabel("threads")
+    ax.set_ylabel("training samples/s (median)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
     plt.close(fig)

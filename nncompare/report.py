@@ -1,51 +1,135 @@
-"""Tables of results: training/inference throughput rows with ratios, and training curves."""
+"""Tables of results: throughput rows with ratios (one run, or many merged from several machines), thread
+scaling, and training curves."""
 from __future__ import annotations
 
+import json
 import statistics
 
 from tabulate import tabulate
 
+# Settings that define a timing row beside its model, framework, device and batch: two rows that differ in any
+# of them are different measurements, never one.
+SETTINGS = ("threads", "steps", "repeats", "warmup", "optimizer", "lr", "compile")
+
+
+def _settings_value(row: dict, key: str):
+    value = row.get(key)
+    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
+
+
+def group_key(row: dict) -> tuple:
+    """The rows one ratio compares: same machine, device, model, batch and settings."""
+    return (row.get("host"), row["device"], row["model"], row["batch_size"],
+            *(_settings_value(row, k) for k in SETTINGS), _settings_value(row, "settings"))
+
 
 def add_ratios(rows: list[dict], baseline: str) -> None:
-    """Training throughput relative to the baseline framework's row of the same model, device and batch."""
-    base = {(r["model"], r["device"], r["batch_size"]): r.get("train_samples_s")
-            for r in rows if r["backend"] == baseline}
+    """Training throughput relative to the baseline framework's row of the same group (see group_key); no ratio
+    where the group has no baseline row or several (two versions of it: ambiguous)."""
+    base: dict[tuple, list[dict]] = {}
     for r in rows:
-        b = base.get((r["model"], r["device"], r["batch_size"]))
-        if b and r.get("train_samples_s"):
-            r["vs_baseline"] = r["train_samples_s"] / b
+        if r["backend"] == baseline:
+            base.setdefault(group_key(r), []).append(r)
+    for r in rows:
+        r.pop("vs_baseline", None)
+        b = base.get(group_key(r), [])
+        if len(b) == 1 and b[0].get("train_samples_s") and r.get("train_samples_s"):
+            r["vs_baseline"] = r["train_samples_s"] / b[0]["train_samples_s"]
 
 
 def _f(value, fmt):
     return "-" if value is None else format(value, fmt)
 
 
+def varying(rows: list[dict], keys) -> list[str]:
+    """The keys whose values differ between rows: shown as columns, so that no two rows look alike."""
+    return [k for k in keys if len({_settings_value(r, k) for r in rows}) > 1]
+
+
 RUN_HEADERS = ("Model", "Framework", "Device", "Batch", "Path", "First step s", "Train samples/s", "Infer samples/s",
                "Peak MB", "GFLOP/s", "% peak", "Loss")
 
 
-def render_table(rows: list[dict], baseline: str) -> str:
+def machine(row: dict) -> str:
+    return row.get("host") or "?"
+
+
+def render_table(rows: list[dict], baseline: str, markdown: bool = False, show_machine: bool | None = None) -> str:
+    """One line per row; a Machine column when rows come from several hosts, and a column for every setting
+    that differs between rows."""
+    if show_machine is None:
+        show_machine = len({machine(r) for r in rows}) > 1
+    extra = varying(rows, [*SETTINGS, "settings"])
+    lead = ("Machine",) if show_machine else ()
     table = []
     for r in rows:
+        head = (machine(r),) if show_machine else ()
+        tail = tuple(str(_settings_value(r, k)) for k in extra)
         if "error" in r:
-            table.append((r["model"], r["backend"], r["device"], r["batch_size"], "ERROR: " + r["error"][:70])
-                         + ("",) * (len(RUN_HEADERS) - 4))
+            body = (r["model"], r["backend"], r["device"], r["batch_size"], "ERROR: " + r["error"][:70])
+            table.append(head + body + ("",) * (len(RUN_HEADERS) - 4) + tail)
             continue
-        table.append((r["model"], r["version"].split(" / ")[0] or r["backend"],
-                      r["device"], r["batch_size"], r["path"], _f(r["first_step_s"], ".2f"),
-                      f"{r['train_samples_s']:,.0f} ±{100 * r['train_spread']:.0f}%",
-                      f"{r['infer_samples_s']:,.0f}", _f(r["host_rss_mb"], ",.0f") +
-                      (f" / {r['device_mem_mb']:,.0f}" if r.get("device_mem_mb") is not None else ""),
-                      _f(r["train_gflops"], ".2f"), _f(r.get("peak_pct"), ".1f"), _f(r["loss"], ".4f"),
-                      _f(r.get("vs_baseline"), ".2f")))
-    return tabulate(table, headers=(*RUN_HEADERS, f"x {baseline}"), disable_numparse=True)
+        version = r.get("version") or r["backend"]
+        device = r["device"] + (f" ({r['device_name']})" if show_machine and r.get("device_name") else "")
+        table.append(head + (
+            r["model"], version.split(" / ")[0], device, r["batch_size"], r.get("path", "-"),
+            _f(r.get("first_step_s"), ".2f"),
+            f"{r['train_samples_s']:,.0f} ±{100 * (r.get('train_spread') or 0):.0f}%",
+            _f(r.get("infer_samples_s"), ",.0f"),
+            _f(r.get("host_rss_mb"), ",.0f") + (f" / {r['device_mem_mb']:,.0f}" if r.get("device_mem_mb") is not None else ""),
+            _f(r.get("train_gflops"), ".2f"), _f(r.get("peak_pct"), ".1f"), _f(r.get("loss"), ".4f"),
+            _f(r.get("vs_baseline"), ".2f")) + tail)
+    headers = (*lead, *RUN_HEADERS, f"x {baseline}", *(k.replace("_", " ").capitalize() for k in extra))
+    return tabulate(table, headers=headers, disable_numparse=True, tablefmt="github" if markdown else "simple")
+
+
+def render_scaling(rows: list[dict], markdown: bool = False) -> str:
+    """Training samples/s per thread count, one line per (machine, model, framework, device, batch)."""
+    threads = sorted({r["threads"] for r in rows})
+    lines: dict[tuple, dict[int, dict]] = {}
+    for r in rows:
+        lines.setdefault((machine(r), r["model"], r["backend"], r["device"], r["batch_size"]), {})[r["threads"]] = r
+    show_machine = len({k[0] for k in lines}) > 1
+    table = []
+    for key, by_t in lines.items():
+        cells = []
+        first = next((by_t[t].get("train_samples_s") for t in threads if t in by_t
+                      and by_t[t].get("train_samples_s")), None)
+        for t in threads:
+            sps = by_t.get(t, {}).get("train_samples_s")
+            cells.append("-" if t not in by_t else "ERROR" if sps is None
+                         else f"{sps:,.0f}" + (f" (x{sps / first:.2f})" if first and len(threads) > 1 else ""))
+        table.append((key[0],) * show_machine + key[1:] + tuple(cells))
+    headers = ("Machine",) * show_machine + ("Model", "Framework", "Device", "Batch",
+                                              *(f"{t} thread{'s' * (t > 1)}" for t in threads))
+    return ("Training samples/s by thread count (x: against the fewest threads)\n"
+            + tabulate(table, headers=headers, disable_numparse=True, tablefmt="github" if markdown else "simple"))
+
+
+CHECKS = ("logits", "loss", "grads", "sgd", "adam")
+
+
+def render_check(results: list[dict]) -> str:
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append((r["backend"], *("-" for _ in CHECKS), "ERROR: " + r["error"][:80]))
+            continue
+        diffs, where, tol = r["diffs"], r["where"], r["tolerance"]
+        value = lambda c: float("inf") if diffs.get(c) is None else diffs[c]  # noqa: E731  (inf travels as null)
+        worst = [c for c in CHECKS if c in diffs and value(c) > tol]
+        at = where.get("logits") or next((where[c] for c in worst if where.get(c)), None)
+        rows.append((r["backend"], *(f"{value(c):.1e}" if c in diffs else "-" for c in CHECKS),
+                     "ok" if r["ok"] else f"DIFFERS: {', '.join(worst)}" + (f" (first at {at})" if at else "")))
+    return tabulate(rows, headers=("Framework", "Logits", "Loss", "Grads", "SGD weights", "Adam weights", "Verdict"),
+                    disable_numparse=True)
 
 
 def render_training(results: list[dict], target: float | None) -> str:
     ok = [r for r in results if "error" not in r]
     epochs = max((len(r["train_loss"]) for r in ok), default=0)
     per_epoch = [[e + 1] + [f"{r['train_loss'][e]:.4f} / {r['test_loss'][e]:.4f} / {100 * r['test_accuracy'][e]:.1f}%"
-                            for r in ok] for e in range(epochs)]
+                            if e < len(r["train_loss"]) else "-" for r in ok] for e in range(epochs)]
     heads = [f"{r['backend']} ({r['device']})" for r in ok]
     summary = []
     for r in results:
@@ -54,7 +138,7 @@ def render_training(results: list[dict], target: float | None) -> str:
             continue
         summary.append((r["backend"], r["device"], f"{100 * r['final_accuracy']:.2f}%", f"{r['test_loss'][-1]:.4f}",
                         f"{statistics.median(r['epoch_s']):.2f}", f"{r['train_s']:.1f}",
-                        "-" if r["time_to_target_s"] is None
+                        "-" if r.get("time_to_target_s") is None
                         else f"{r['time_to_target_s']:.1f} s (epoch {r['epochs_to_target']})"))
     target_head = f"Time to {100 * target:g}%" if target is not None else "Time to target"
     return (tabulate(per_epoch, headers=["Epoch", *heads], disable_numparse=True)

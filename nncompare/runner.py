@@ -3,14 +3,22 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
+import importlib.util
 import io
 import json
+import math
 import os
 import shutil
+import signal
+import socket
+import stat
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,44 +51,108 @@ def available_devices() -> list[str]:
     return ["cpu"] + [f"gpu:{i}" for i in range(len(gpu_names()))]
 
 
-def canonical_device(device: str) -> str:
-    """'cuda' -> 'gpu:0'; raises UsageError for a device this machine does not have."""
+def canonical_device(device: str, have: list[str] | None = None) -> str:
+    """'cuda' -> 'gpu:0'; raises UsageError for a device this machine (or `have`) lacks."""
     try:
         kind, index = parse_device(device)
     except BackendError as e:
         raise UsageError(str(e)) from None
     name = "cpu" if kind == "cpu" else f"gpu:{index}"
-    have = available_devices()
+    have = have or available_devices()
     if name not in have:
         raise UsageError(f"device {device!r} is not available on this machine (devices: {', '.join(have)})")
     return name
 
 
 # --- files -----------------------------------------------------------------------------------------
-def check_writable(path: str | None) -> None:
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_target(path: str, what: str = "output") -> None:
+    """Refuse, before any work, a path a results file must not replace: a link, a folder, a device node..."""
+    if os.path.islink(path):
+        raise UsageError(f"will not write over {path!r}: it is a symbolic link")
+    if os.path.isdir(path) or path.endswith(os.sep):
+        raise UsageError(f"{what} path {path!r} is a directory")
+    if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+        raise UsageError(f"will not write over {path!r}: it is not a regular file")
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {path!r}: folder {parent!r} does not exist or is not writable")
+
+
+def check_outputs(outputs: dict[str, str | None], inputs: list[str] = ()) -> None:
+    """Every output writable, none a link or special file, no two the same file, none an input file."""
+    seen: dict[str, str] = {}
+    for path in inputs:
+        if os.path.exists(path):
+            seen[os.path.realpath(path)] = f"the input {path!r}"
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        check_target(path)
+        real = os.path.realpath(path)
+        if real in seen:
+            raise UsageError(f"will not write over {path!r} ({option}): it is also {seen[real]}")
+        seen[real] = f"the {option} output"
+
+
+def check_plot(path: str | None) -> None:
+    """matplotlib is installed and can write this file type: checked before any work."""
     if path is None:
         return
-    target = Path(path)
-    parent = target.parent if str(target.parent) else Path(".")
-    if target.is_dir():
-        raise UsageError(f"output path {path!r} is a directory")
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UsageError(f"cannot write {path!r}: folder {str(parent)!r} does not exist or is not writable")
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UsageError(f"--plot {path!r} needs matplotlib: pip install 'nncompare[plot]'") from None
+    formats = Figure().canvas.get_supported_filetypes()
+    ext = os.path.splitext(path)[1][1:].lower()
+    if ext not in formats:
+        raise UsageError(f"--plot {path!r}: unsupported file type {('.' + ext) if ext else '(no extension)'} "
+                         f"(use one of {', '.join(sorted(formats))})")
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Write a whole file or nothing: a temporary file in the same folder, then an atomic rename."""
+def write_atomic(path: str, data: str | bytes) -> None:
+    """Write a whole file or nothing: a temporary file in the same folder, then an atomic rename. Never replaces
+    a link or a special file; a new file gets the umask's mode, a replaced one keeps its own."""
     target = Path(path)
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        mode = 0o666 & ~_umask()
+    else:
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"will not write over {path!r}: it is not a regular file")
+        mode = stat.S_IMODE(st.st_mode)
     fd, tmp = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".", prefix=f".{target.name}.")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def finite(obj):
+    """NaN and infinities as None, recursively: strict JSON has no NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def strict_json(obj, indent: int | None = 2) -> str:
+    return json.dumps(finite(obj), indent=indent, allow_nan=False)
 
 
 def rows_to_csv(rows: list[dict]) -> str:
@@ -95,8 +167,8 @@ def rows_to_csv(rows: list[dict]) -> str:
 # --- cells -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Task:
-    """What one cell process does: time training ("measure"), train on data ("train"), or measure the
-    device's GEMM peak ("peak"). Travels to the cell as JSON."""
+    """What one cell process does: time training ("measure"), train on data ("train"), compare a backend with
+    the oracle ("check"), or measure the device's GEMM peak ("peak"). Travels to the cell as JSON."""
 
     kind: str
     device: str = "cpu"
@@ -106,7 +178,7 @@ class Task:
     spec: dict = field(default_factory=dict)
     batch_size: int = 32
     optimizer: dict = field(default_factory=dict)  # {"type": "sgd"|"adam", "args": {...}}
-    # measure
+    # measure (steps also: optimizer steps of a check)
     steps: int = 10
     repeats: int = 3
     warmup: int = 2
@@ -124,32 +196,67 @@ class Task:
     def from_json(cls, text: str) -> "Task":
         return cls(**json.loads(text))
 
+    @property
+    def key(self) -> str:
+        """Identity of the cell's configuration (every setting that defines it): what --resume matches on."""
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:20]
 
-def cell_env(threads: int) -> dict[str, str]:
+    @property
+    def exclusive(self) -> bool:
+        """Timing cells own their node's cores: parallel timing on shared cores corrupts the numbers."""
+        return self.kind in ("measure", "peak")
+
+
+def cell_env(threads: int, extra: dict[str, str] | None = None) -> dict[str, str]:
     from .backends.bench import thread_env
-    env = dict(os.environ, **thread_env(threads))
+    env = dict(os.environ, **(extra or {}), **thread_env(threads))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), env.get("PYTHONPATH")]))
     return env
 
 
-def run_subprocess(task: Task, timeout: float) -> dict:
-    """Run one task in a fresh interpreter; a crash, hang or bad exit becomes {"error": reason}."""
-    cmd = [sys.executable, "-m", "nncompare.cli", "_cell", task.to_json()]
+def forwarded_env() -> dict[str, str]:
+    """The driver's NNCOMPARE_* settings (data folder, test hooks), which a Ray worker elsewhere lacks."""
+    return {k: v for k, v in os.environ.items() if k.startswith("NNCOMPARE_")}
+
+
+def node_info() -> dict:
+    from .backends.base import cpu_name
+    return {"host": socket.gethostname(), "cpu_name": cpu_name()}
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=cell_env(task.threads),
-                             stdin=subprocess.DEVNULL)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def run_subprocess(task: Task, timeout: float, verbose: bool = False, env: dict[str, str] | None = None) -> dict:
+    """Run one task in a fresh interpreter; a crash, hang or bad exit becomes {"error": reason}. The cell runs
+    in its own process group (a terminal's Ctrl-C reaches only us) and is killed, with anything it started,
+    whenever we leave early: timeout, Ctrl-C, SIGTERM."""
+    cmd = [sys.executable, "-m", "nncompare.cli", "_cell", task.to_json()]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None if verbose else subprocess.PIPE, text=True,
+                            env=cell_env(task.threads, env), stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:g} s"}
-    for line in reversed(out.stdout.splitlines()):
+        _kill_group(proc)
+        return {"error": f"timed out after {timeout:g} s", **node_info()}
+    except BaseException:
+        _kill_group(proc)
+        raise
+    for line in reversed(stdout.splitlines()):
         if line.startswith(RESULT_MARK):
-            return json.loads(line[len(RESULT_MARK):])
-    lines = [l for l in out.stderr.splitlines() if l.strip()]
-    if out.returncode < 0:
-        reason = f"killed by signal {-out.returncode}" + (" (out of memory?)" if out.returncode == -9 else "")
+            return {**node_info(), **json.loads(line[len(RESULT_MARK):])}
+    lines = [l for l in (stderr or "").splitlines() if l.strip()]
+    if proc.returncode < 0:
+        reason = f"killed by signal {-proc.returncode}" + (" (out of memory?)" if proc.returncode == -9 else "")
     else:
-        reason = f"exit code {out.returncode}"
-    return {"error": f"{reason}: {lines[-1].strip()}" if lines else reason}
+        reason = f"exit code {proc.returncode}"
+    return {"error": f"{reason}: {lines[-1].strip()}" if lines else reason, **node_info()}
 
 
 def _optimizer(task_opt: dict):
@@ -157,11 +264,39 @@ def _optimizer(task_opt: dict):
     return (SGD if task_opt["type"] == "sgd" else Adam)(**task_opt["args"])
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this cell when the process that started it dies, even by SIGKILL."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _check(task: Task) -> dict:
+    from .backends import get_adapter
+    from .backends.check import TOLERANCE, compare
+    if task.backend != "numpy" and importlib.util.find_spec("torch") is not None:
+        import torch  # noqa: F401  (Keras documents a segfault when TensorFlow loads before torch)
+    report = compare(get_adapter(task.backend), get_adapter("numpy"), ModelSpec.from_dict(task.spec),
+                     device=task.device, steps=task.steps, compile=task.compile)
+    return {"diffs": report.diffs, "where": report.where, "ok": report.ok(), "tolerance": TOLERANCE}
+
+
 def cell_main(task_json: str) -> int:
     """Entry point of a cell process: run the task, print one result line."""
+    _die_with_parent()
     task = Task.from_json(task_json)
+    log = os.environ.get("NNCOMPARE_CELL_LOG")  # test hook: one line per cell started
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{task.kind} {task.model_name} {task.backend} {task.batch_size} {task.threads}\n")
     fault = os.environ.get("NNCOMPARE_FAULT", "")  # test hook: "<backend>:<model>:crash|hang"
-    if task.kind == "measure" and fault.startswith(f"{task.backend}:{task.model_name}:"):
+    if task.kind in ("measure", "train", "check") and fault.startswith(f"{task.backend}:{task.model_name}:"):
         if fault.endswith(":hang"):
             time.sleep(3600)
         os.abort()
@@ -174,12 +309,169 @@ def cell_main(task_json: str) -> int:
             result = train_run(task.backend, ModelSpec.from_dict(task.spec), task.dataset, task.device,
                                task.epochs, task.batch_size, _optimizer(task.optimizer), task.threads,
                                task.target, task.data_dir)
+        elif task.kind == "check":
+            result = _check(task)
         else:
             from .backends.bench import measure
             result = measure(task.backend, ModelSpec.from_dict(task.spec), task.device, task.batch_size,
                              task.steps, task.repeats, task.warmup, _optimizer(task.optimizer), task.threads,
                              compile=task.compile)
-    except (BackendError, SpecError, DataError, MemoryError, RuntimeError, ValueError) as e:
-        result = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
+    except (BackendError, SpecError, DataError) as e:  # bad input found inside the cell: the CLI's exit 2
+        result = {"error": f"{type(e).__name__}: {_first_line(e)}", "bad_input": str(e)}
+    except (MemoryError, RuntimeError, ValueError, TypeError, OSError) as e:
+        result = {"error": f"{type(e).__name__}: {_first_line(e)}"}
     print(RESULT_MARK + json.dumps(result), flush=True)
     return 0
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+# --- journal ---------------------------------------------------------------------------------------
+class Journal:
+    """Finished cells, one JSON line each, flushed and fsynced as they finish: what a crash, a lost node or a
+    Ctrl-C leaves behind, and what --resume starts from."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fresh = True  # the first append truncates what an earlier run left (unless resuming)
+        self._f = None
+
+    def read(self) -> dict[str, dict]:
+        """{cell key: row} of every complete line (a line cut short by a crash is ignored)."""
+        rows = {}
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        entry = json.loads(line)
+                        rows[entry["cell"]] = entry["row"]
+                    except (ValueError, KeyError, TypeError):
+                        continue
+        except FileNotFoundError:
+            pass
+        return rows
+
+    def append(self, key: str, row: dict) -> None:
+        if self._f is None:
+            flags = (os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
+                     | (os.O_TRUNC if self.fresh else 0))
+            self._f = os.fdopen(os.open(self.path, flags, 0o666), "a", encoding="utf-8")
+        self._f.write(strict_json({"cell": key, "row": row}, indent=None) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        if self._f:
+            self._f.close()
+            self._f = None
+
+    def remove(self) -> None:
+        self.close()
+        Path(self.path).unlink(missing_ok=True)
+
+
+# --- executors -------------------------------------------------------------------------------------
+class Interrupted(Exception):
+    """SIGTERM (or SIGINT) reached the driver: stop, keep every finished cell, exit 128 + signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.code = 128 + signum
+
+
+@contextmanager
+def interruptible():
+    """SIGTERM raises Interrupted like Ctrl-C raises KeyboardInterrupt, so cleanup runs either way."""
+    def handler(signum, frame):
+        raise Interrupted(signum)
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@contextmanager
+def uninterruptible():
+    """Hold SIGINT/SIGTERM while the results are written: a second Ctrl-C must not cut the write short."""
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+class LocalExecutor:
+    """Today's behaviour: one fresh subprocess per cell on this machine, one cell at a time."""
+
+    name = "local"
+
+    def __init__(self, timeout: float, verbose: bool = False):
+        self.timeout, self.verbose = timeout, verbose
+
+    def devices(self) -> list[str]:
+        return available_devices()
+
+    def peaks(self, devices: list[str], threads: int) -> dict[tuple[str, str], float | None]:
+        """{(host, device): GEMM GFLOP/s} of every device a timing cell will use."""
+        out = {}
+        for d in devices:
+            r = run_subprocess(Task("peak", device=d, threads=threads), self.timeout, self.verbose)
+            out[(r["host"], d)] = r.get("gemm_gflops")
+        return out
+
+    def run(self, tasks: list[Task], done: Callable[[int, dict], None]) -> None:
+        for i, task in enumerate(tasks):
+            done(i, run_subprocess(task, self.timeout, self.verbose))
+
+    def close(self) -> None:
+        pass
+
+
+def make_executor(name: str, timeout: float, verbose: bool = False, address: str | None = None,
+                  concurrency: int = 1):
+    if name == "local":
+        if address:
+            raise UsageError("--address needs --executor ray")
+        return LocalExecutor(timeout, verbose)
+    from .ray_executor import RayExecutor
+    return RayExecutor(timeout, verbose, address, concurrency)
+
+
+def sweep(tasks: list[Task], make_row: Callable[[Task, dict], dict], executor, journal: Journal | None = None,
+          finished: dict[str, dict] | None = None, label: Callable[[Task], str] = str,
+          quiet: bool = False) -> tuple[list[dict], int | None]:
+    """Run every task whose configuration has no finished row yet; each row is journaled as it finishes.
+    Returns the rows in task order and, when a signal stopped the sweep, its exit code (130 Ctrl-C, 143 SIGTERM)."""
+    from tqdm import tqdm
+    rows: dict[int, dict] = {}
+    for i, t in enumerate(tasks):
+        old = (finished or {}).get(t.key)
+        if old is not None and "error" not in old:  # error rows (a crash, a lost node) run again
+            rows[i] = old
+    todo = [i for i in range(len(tasks)) if i not in rows]
+    code = None
+    with tqdm(total=len(todo), disable=quiet, unit="cell", file=sys.stderr) as bar:
+        def done(j: int, result: dict) -> None:
+            i = todo[j]
+            row = {**make_row(tasks[i], result), "cell": tasks[i].key}
+            if journal:
+                journal.append(tasks[i].key, row)
+            rows[i] = row
+            bar.set_description(label(tasks[i]))
+            bar.update()
+        try:
+            with interruptible():
+                executor.run([tasks[i] for i in todo], done)
+        except KeyboardInterrupt:
+            code = 130
+        except Interrupted as e:
+            code = e.code
+        finally:
+            with uninterruptible():
+                executor.close()
+    return [rows[i] for i in sorted(rows)], code

@@ -29,7 +29,7 @@ def test_parser_defaults_are_the_documented_comparison():
         ["run", "--models", "lenet5", "x.json", "--batch-sizes", "32", "128", "--optimizer", "adam",
          "--threads", "1", "--json", "r.json", "--csv", "r.csv", "--quiet"])
     assert args.models == ["lenet5", "x.json"] and args.batch_sizes == [32, 128]
-    assert args.optimizer == "adam" and args.threads == 1 and args.json == "r.json" and args.quiet
+    assert args.optimizer == "adam" and args.threads == [1] and args.json == "r.json" and args.quiet
 
 
 @pytest.mark.parametrize("args,message", [
