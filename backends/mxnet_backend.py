@@ -1,7 +1,10 @@
-"""MXNet adapter: a hybridized Gluon HybridSequential in NCHW, canonical weights, gluon.Trainer SGD/Adam."""
+"""MXNet adapter: one hybridized Gluon HybridBlock walking the spec's graph in NCHW, canonical weights,
+gluon.Trainer SGD/Adam. Layer kinds map to Gluon blocks through CONVERTERS."""
 from __future__ import annotations
 
 import math
+import os
+import platform
 
 import numpy as np
 
@@ -9,18 +12,17 @@ import numpy as np
 if "bool" not in vars(np):
     np.bool = bool
 
-import warnings  # noqa: E402
-
 import mxnet as mx  # noqa: E402
 from mxnet import autograd, gluon, nd  # noqa: E402
 from mxnet.gluon import nn  # noqa: E402
+from mxnet.ndarray.ndarray import array as _nd_array  # noqa: E402
 
-from ..models import Activation, AvgPool2D, BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D  # noqa: E402
+from ..models.spec import (INPUT, Activation, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense,  # noqa: E402
+                           Dropout, Flatten, GlobalAveragePooling2D, MaxPool2D, parse_activation)
 
 from .base import Adam, Adapter, BackendError, SGD, as_inputs, gpu_index  # noqa: E402
 
-# nd.array() probes scipy.sparse.csr, deprecated in SciPy: one warning per array made, every step.
-warnings.filterwarnings("ignore", message="Please import `csr_matrix`", category=DeprecationWarning)
+HYBRIDIZE = {"static_alloc": True, "static_shape": True}  # static_shape still re-plans for other batch sizes
 
 
 class _Softmax(nn.HybridBlock):
@@ -30,17 +32,80 @@ class _Softmax(nn.HybridBlock):
         return F.softmax(x, axis=1)
 
 
-class _Pad(nn.HybridBlock):
-    """Zero padding ((top, bottom), (left, right)) of an NCHW tensor: TF "same" may pad one more pixel
-    at the bottom/right, which the convolution's own symmetric padding cannot express."""
-
-    def __init__(self, pads, **kwargs):
-        super().__init__(**kwargs)
-        (pt, pb), (pl, pr) = pads
-        self._width = (0, 0, 0, 0, pt, pb, pl, pr)
+class _GeluTanh(nn.HybridBlock):
+    """GELU's tanh approximation, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), written out: MXNet's
+    LeakyReLU(act_type='gelu') is the exact (erf) form."""
 
     def hybrid_forward(self, F, x):
-        return F.pad(x, mode="constant", constant_value=0, pad_width=self._width)
+        return 0.5 * x * (1 + F.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+class _Pad(nn.HybridBlock):
+    """Constant padding ((top, bottom), (left, right)) of an NCHW tensor: TF "same" may pad one more pixel
+    at the bottom/right, which the symmetric padding of MXNet's convolution and pooling cannot express."""
+
+    def __init__(self, pads, value: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        (pt, pb), (pl, pr) = pads
+        self._width, self._value = (0, 0, 0, 0, pt, pb, pl, pr), value
+
+    def hybrid_forward(self, F, x):
+        return F.pad(x, mode="constant", constant_value=self._value, pad_width=self._width)
+
+
+class _SamePadAvgPool(nn.HybridBlock):
+    """Average pooling with TF "same" asymmetric pads, padded cells excluded: a window sum over the
+    zero-padded input divided by the number of real cells under each window (a constant map)."""
+
+    def __init__(self, pads, kernel, strides, in_hw, **kwargs):
+        super().__init__(**kwargs)
+        (pt, pb), (pl, pr) = pads
+        self._pad, self._kernel, self._strides = _Pad(pads), kernel, strides
+        ones = np.pad(np.ones(in_hw), ((pt, pb), (pl, pr)))
+        (kh, kw), (sh, sw) = kernel, strides
+        count = np.lib.stride_tricks.sliding_window_view(ones, (kh, kw))[::sh, ::sw].sum(axis=(2, 3))
+        self.count = self.params.get_constant("count", count[None, None].astype(np.float32))
+
+    def hybrid_forward(self, F, x, count):
+        s = F.Pooling(self._pad(x), kernel=self._kernel, stride=self._strides, pool_type="sum",
+                      pooling_convention="valid")
+        return F.broadcast_div(s, count)
+
+
+class _Merge(nn.HybridBlock):
+    """Add (elementwise sum) or Concatenate (along canonical axis 1) of several inputs."""
+
+    def __init__(self, concat: bool, **kwargs):
+        super().__init__(**kwargs)
+        self._concat = concat
+
+    def hybrid_forward(self, F, x, *rest):
+        return F.concat(x, *rest, dim=1) if self._concat else F.add_n(x, *rest)
+
+
+class _Graph(nn.HybridBlock):
+    """The spec's graph: one child block per node, registered as node0, node1, ... (by position, never by
+    MXNet's counter-carrying names); hybrid_forward runs them in topological order."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.nodes: list[tuple[str, str, tuple[str, ...]]] = []  # (layer name, child attribute, inputs)
+
+    def add_node(self, name: str, block: nn.HybridBlock, inputs: tuple[str, ...]) -> None:
+        attr = f"node{len(self.nodes)}"
+        setattr(self, attr, block)  # registers the child
+        self.nodes.append((name, attr, inputs))
+
+    def walk(self, x):
+        """Every node's output by layer name (the last one is the graph's output)."""
+        values = {INPUT: x}
+        for name, attr, inputs in self.nodes:
+            values[name] = getattr(self, attr)(*(values[i] for i in inputs))
+        del values[INPUT]
+        return values
+
+    def hybrid_forward(self, F, x):
+        return self.walk(x)[self.nodes[-1][0]]
 
 
 class _MeanLoss(nn.HybridBlock):
@@ -95,12 +160,99 @@ class _Loss:
         return float(self.value.asscalar())
 
 
-_ACTS = ("relu", "sigmoid", "tanh")  # what gluon's Activation (and the fused activation of Dense/Conv2D) has
+# --- converters: spec layer -> (Gluon block, {param: (gluon Parameter, transposed Dense kernel?)}) ---------
+def _activation(spec: str) -> nn.HybridBlock | None:
+    """The Gluon block computing one spec activation (None for linear)."""
+    kind, alpha = parse_activation(spec)
+    if kind == "linear":
+        return None
+    if kind in ("relu", "sigmoid", "tanh"):
+        return nn.Activation(kind)
+    return {"softplus": lambda: nn.Activation("softrelu"), "softmax": _Softmax,
+            "leaky_relu": lambda: nn.LeakyReLU(alpha), "elu": lambda: nn.ELU(alpha),
+            "silu": nn.Swish, "gelu": nn.GELU,  # GELU: LeakyReLU(act_type='gelu'), the exact erf form
+            "gelu_tanh": _GeluTanh}[kind]()
+
+
+def _sequence(*parts: nn.HybridBlock | None) -> nn.HybridBlock:
+    parts = [p for p in parts if p is not None]
+    if len(parts) == 1:
+        return parts[0]
+    seq = nn.HybridSequential()
+    seq.add(*parts)
+    return seq
+
+
+def _dense(layer: Dense, info):
+    # flatten=False: the spec flattens explicitly; Gluon's weight is (out, in), the canonical kernel (in, out)
+    core = nn.Dense(layer.units, flatten=False, in_units=info.in_shape[0])
+    return _sequence(core, _activation(layer.activation)), {"kernel": (core.weight, True), "bias": (core.bias, False)}
+
+
+def _conv2d(layer: Conv2D, info):
+    (pt, pb), (pl, pr) = layer.pads(info.in_shape)
+    symmetric = pt == pb and pl == pr
+    core = nn.Conv2D(layer.filters, layer.param_shapes(info.in_shape)["kernel"][2:], strides=layer.strides,
+                     padding=(pt, pl) if symmetric else (0, 0), in_channels=info.in_shape[0],
+                     use_bias=layer.use_bias)  # kernel OIHW: the canonical layout
+    params = {"kernel": (core.weight, False)} | ({"bias": (core.bias, False)} if layer.use_bias else {})
+    pad = None if symmetric else _Pad(((pt, pb), (pl, pr)))
+    return _sequence(pad, core, _activation(layer.activation)), params
+
+
+def _pool(layer, info):
+    (k, s), pads = layer.window(), layer.pads(info.in_shape)
+    (pt, pb), (pl, pr) = pads
+    is_max = isinstance(layer, MaxPool2D)
+    if pt == pb and pl == pr:  # MXNet's max ignores padded cells; count_include_pad=False: TF's average
+        kw = {} if is_max else {"count_include_pad": False}
+        pool = (nn.MaxPool2D if is_max else nn.AvgPool2D)(pool_size=k, strides=s, padding=(pt, pl),
+                                                          ceil_mode=False, **kw)  # floor: 'valid' convention
+        return pool, {}
+    if is_max:  # the lowest float32 never wins a max, and every window holds a real cell
+        return _sequence(_Pad(pads, float(np.finfo(np.float32).min)),
+                         nn.MaxPool2D(pool_size=k, strides=s, padding=0)), {}
+    return _SamePadAvgPool(pads, k, s, info.in_shape[1:]), {}
+
+
+def _batchnorm(layer: BatchNorm, info):
+    # MXNet's momentum weighs the old value and its moving variance is biased: the canonical meaning.
+    bn = nn.BatchNorm(axis=1, momentum=layer.momentum, epsilon=layer.epsilon, in_channels=info.in_shape[0])
+    return bn, {"gamma": (bn.gamma, False), "beta": (bn.beta, False), "moving_mean": (bn.running_mean, False),
+                "moving_var": (bn.running_var, False)}
+
+
+CONVERTERS = {
+    Dense: _dense,
+    Conv2D: _conv2d,
+    MaxPool2D: _pool,
+    AvgPool2D: _pool,
+    GlobalAveragePooling2D: lambda layer, info: (nn.HybridLambda(lambda F, x: F.mean(x, axis=(2, 3))), {}),
+    Flatten: lambda layer, info: (nn.Flatten(), {}),  # row-major over (C, H, W): the canonical order
+    Activation: lambda layer, info: (_activation(layer.activation) or nn.HybridLambda("identity"), {}),
+    Dropout: lambda layer, info: (nn.Dropout(layer.rate), {}),
+    BatchNorm: _batchnorm,
+    Add: lambda layer, info: (_Merge(concat=False), {}),
+    Concatenate: lambda layer, info: (_Merge(concat=True), {}),
+}
+
+
+def _omp_threads() -> int:
+    """The OpenMP threads each MXNet operator uses, by MXNet's rule (src/engine/openmp.cc): with no thread
+    variables, half the cores on x86 (it assumes hyperthreads: 1 on a 2-core machine), else OMP_NUM_THREADS,
+    with MXNET_OMP_MAX_THREADS as a cap (omp_get_max_threads() in Python's thread does not show this)."""
+    procs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    omp, cap = (os.environ.get(v, "").strip() for v in ("OMP_NUM_THREADS", "MXNET_OMP_MAX_THREADS"))
+    if omp.isdigit():
+        return int(cap) if cap.isdigit() else int(omp)
+    if cap.isdigit():
+        return min(procs, int(cap))
+    return max(procs >> 1, 1) if platform.machine() in ("x86_64", "AMD64", "i386", "i686") else procs
 
 
 class MXNetAdapter(Adapter):
-    """gluon.nn.HybridSequential, hybridized; each spec layer is one child block (a HybridSequential when it
-    has parts). Weights are mapped by layer position: MXNet's parameter names carry global counters."""
+    """A _Graph HybridBlock, hybridized with static memory; weights are mapped by canonical key through the
+    converters' bindings: MXNet's parameter names carry global counters."""
 
     name = "mxnet"
 
@@ -113,77 +265,35 @@ class MXNetAdapter(Adapter):
         return "hybridized, static alloc"
 
     @property
+    def settings(self) -> dict:
+        """The performance settings in effect, recorded with each timing."""
+        return {"hybridize": dict(HYBRIDIZE), "engine": os.environ.get("MXNET_ENGINE_TYPE", "ThreadedEnginePerDevice"),
+                "cpu_worker_threads": int(os.environ.get("MXNET_CPU_WORKER_NTHREADS", "1")),
+                "omp_threads": _omp_threads(), "kvstore": None}
+
+    @property
     def device_name(self) -> str:
         return str(self.ctx) if self.ctx.device_type == "gpu" else super().device_name
 
     def _build(self) -> None:
         index = gpu_index(self.device, "mxnet", mx.context.num_gpus())
         self.ctx = mx.cpu() if index is None else mx.gpu(index)
-        self.layers = self.spec.logits_layers()
-        self.infos = self.spec.infos[:len(self.layers)]
+        self.infos = self.spec.logits_infos()
         self._params = {}  # canonical key -> (gluon Parameter, whether it is a transposed Dense kernel)
-        self.native = nn.HybridSequential()
+        self.native = _Graph()
         with self.native.name_scope():
-            for layer, info in zip(self.layers, self.infos):
-                self.native.add(self._block(layer, info.name, info.in_shape))
+            for info in self.infos:
+                convert = CONVERTERS.get(type(info.layer))
+                if convert is None:
+                    raise BackendError(f"mxnet backend: no converter for layer {info.index} ({info.name}) "
+                                       f"of kind {type(info.layer).__name__}")
+                block, params = convert(info.layer, info)
+                self.native.add_node(info.name, block, info.inputs)
+                self._params.update({f"{info.name}/{k}": p for k, p in params.items()})
         self.native.initialize(ctx=self.ctx)  # gluon's default init; canonical weights are set after
-        # static_shape still accepts other batch sizes (it re-plans memory when the shape changes)
-        self.native.hybridize(static_alloc=True, static_shape=True)
+        self.native.hybridize(**HYBRIDIZE)
         self._loss = _MeanLoss(binary=self.spec.num_classes == 1)
-        self._loss.hybridize(static_alloc=True, static_shape=True)
-
-    def _block(self, layer, name: str, in_shape: tuple) -> nn.HybridBlock:
-        """The Gluon block for one spec layer; records its parameters under their canonical keys."""
-        if isinstance(layer, (Dense, Conv2D)):
-            act = layer.activation if layer.activation in _ACTS else None
-            parts = []
-            if isinstance(layer, Dense):  # flatten=False: the spec flattens explicitly; weight is (out, in)
-                core = nn.Dense(layer.units, activation=act, flatten=False, in_units=in_shape[0])
-            else:  # kernel OIHW, the canonical layout
-                (pt, pb), (pl, pr) = layer.pads(in_shape)
-                padding = (pt, pl)
-                if pt != pb or pl != pr:
-                    parts.append(_Pad(((pt, pb), (pl, pr))))
-                    padding = (0, 0)
-                kernel = layer.param_shapes(in_shape)["kernel"][2:]
-                core = nn.Conv2D(layer.filters, kernel, strides=layer.strides, padding=padding,
-                                 in_channels=in_shape[0], activation=act)
-            self._params[f"{name}/kernel"] = (core.weight, isinstance(layer, Dense))
-            self._params[f"{name}/bias"] = (core.bias, False)
-            parts.append(core)
-            if layer.activation == "softmax":
-                parts.append(_Softmax())
-            return self._sequence(parts)
-        if isinstance(layer, (MaxPool2D, AvgPool2D)):
-            k, s = layer.window()
-            pool = nn.MaxPool2D if isinstance(layer, MaxPool2D) else nn.AvgPool2D
-            return pool(pool_size=k, strides=s, padding=0, ceil_mode=False)  # floor: pooling_convention 'valid'
-        if isinstance(layer, Flatten):
-            return nn.Flatten()  # row-major over (C, H, W): the canonical order
-        if isinstance(layer, Activation):
-            if layer.activation == "softmax":
-                return _Softmax()
-            if layer.activation == "linear":
-                return nn.HybridLambda("identity")
-            return nn.Activation(layer.activation)
-        if isinstance(layer, Dropout):
-            return nn.Dropout(layer.rate)
-        if isinstance(layer, BatchNorm):
-            # MXNet's momentum weighs the old value and its moving variance is biased: the canonical meaning.
-            bn = nn.BatchNorm(axis=1, momentum=layer.momentum, epsilon=layer.epsilon, in_channels=in_shape[0])
-            for key, p in (("gamma", bn.gamma), ("beta", bn.beta),
-                           ("moving_mean", bn.running_mean), ("moving_var", bn.running_var)):
-                self._params[f"{name}/{key}"] = (p, False)
-            return bn
-        raise BackendError(f"mxnet backend: unsupported layer {type(layer).__name__}")
-
-    @staticmethod
-    def _sequence(parts: list[nn.HybridBlock]) -> nn.HybridBlock:
-        if len(parts) == 1:
-            return parts[0]
-        seq = nn.HybridSequential()
-        seq.add(*parts)
-        return seq
+        self._loss.hybridize(**HYBRIDIZE)
 
     # --- weights ---------------------------------------------------------------------------------
     def get_weights(self):
@@ -197,26 +307,30 @@ class MXNetAdapter(Adapter):
         self._check_weights(weights)
         for k, (p, tr) in self._params.items():
             w = np.asarray(weights[k], np.float32)
-            p.set_data(nd.array(w.T if tr else w, ctx=self.ctx, dtype="float32"))  # in place: keeps static_alloc
+            p.set_data(_nd_array(w.T if tr else w, ctx=self.ctx))  # in place: keeps static_alloc
+
+    # --- data ------------------------------------------------------------------------------------
+    def _array(self, x) -> nd.NDArray:
+        # ndarray.array, not nd.array: that one probes scipy.sparse on every call (a deprecation warning each)
+        return _nd_array(as_inputs(self.spec, x), ctx=self.ctx)
+
+    def _labels(self, y) -> nd.NDArray:
+        return _nd_array(np.asarray(y, np.float32), ctx=self.ctx)  # pick() and the BCE take float labels
+
+    def to_device(self, x, y) -> tuple[nd.NDArray, nd.NDArray]:
+        """One batch as NDArrays on this network's context, for _train_batch. Make one pair per batch:
+        slicing one big NDArray inside autograd.record halves training speed (DESIGN.md trap 14)."""
+        return self._array(x), self._labels(y)
 
     # --- inference -------------------------------------------------------------------------------
-    def _array(self, x):
-        return nd.array(as_inputs(self.spec, x), ctx=self.ctx, dtype="float32")
-
     def logits(self, x):
         return self.native(self._array(x)).asnumpy()
 
     def layer_outputs(self, x):
-        h, out = self._array(x), {}
-        for info, block in zip(self.infos, self.native):
-            h = block(h)
-            out[info.name] = h.asnumpy()
-        return out
+        # each child block runs on its own (hybridized) graph: the outputs of every node, not just the last
+        return {name: v.asnumpy() for name, v in self.native.walk(self._array(x)).items()}
 
     # --- training --------------------------------------------------------------------------------
-    def _labels(self, y):
-        return nd.array(np.asarray(y), ctx=self.ctx, dtype="float32")  # pick() and the BCE take float labels
-
     def _forward_backward(self, x, y) -> nd.NDArray:
         """Training-mode mean loss, with its gradients written (not accumulated) into the parameters."""
         with autograd.record(train_mode=True):
@@ -228,7 +342,7 @@ class MXNetAdapter(Adapter):
         # MXNet's BatchNorm moves its running statistics during backward: save them and put them back.
         stats = [p for k, (p, _) in self._params.items() if k.endswith(("/moving_mean", "/moving_var"))]
         saved = [p.data().copy() for p in stats]
-        loss = self._forward_backward(self._array(x), self._labels(y))
+        loss = self._forward_backward(*self.to_device(x, y))
         for p, v in zip(stats, saved):
             p.set_data(v)
         grads = {}
@@ -242,18 +356,20 @@ class MXNetAdapter(Adapter):
         self.optimizer = optimizer
         params = self.native.collect_params()
         if isinstance(optimizer, SGD):  # MXNet's momentum form equals the canonical one at constant lr
-            self.trainer = gluon.Trainer(params, "sgd", {"learning_rate": optimizer.lr,
-                                                         "momentum": optimizer.momentum, "wd": 0.0},
-                                         kvstore=None, update_on_kvstore=False)
+            opt = mx.optimizer.SGD(learning_rate=optimizer.lr, momentum=optimizer.momentum, wd=0.0)
         elif isinstance(optimizer, Adam):
             opt = _CanonicalAdam(learning_rate=optimizer.lr, beta1=optimizer.beta1, beta2=optimizer.beta2,
                                  epsilon=optimizer.epsilon, wd=0.0)
-            self.trainer = gluon.Trainer(params, opt, kvstore=None, update_on_kvstore=False)
         else:
             raise BackendError(f"mxnet backend: unsupported optimizer {optimizer!r}")
+        # one device: no kvstore, the Trainer updates the weights itself
+        self.trainer = gluon.Trainer(params, opt, kvstore=None, update_on_kvstore=False)
 
     def _train_batch(self, x, y):
-        loss = self._forward_backward(nd.array(x, ctx=self.ctx, dtype="float32"), self._labels(y))
+        """One step on numpy arrays, or on NDArrays already placed by to_device."""
+        x = x if isinstance(x, nd.NDArray) else _nd_array(x, ctx=self.ctx)
+        y = y if isinstance(y, nd.NDArray) else self._labels(y)
+        loss = self._forward_backward(x, y)
         self.trainer.step(1)  # the loss is already a batch mean: step(batch_size) would rescale again
         return _Loss(loss)
 
