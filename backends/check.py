@@ -34,11 +34,12 @@ def dict_diff(got: dict, ref: dict) -> tuple[float, str | None]:
 
 
 def first_divergence(net: Adapter, oracle: Adapter, x: np.ndarray, tol: float = TOLERANCE) -> str | None:
-    """Name of the first layer whose inference output differs from the oracle's by more than tol."""
+    """Name of the first node, in the spec's topological order, whose inference output differs from the
+    oracle's by more than tol."""
     got, ref = net.layer_outputs(x), oracle.layer_outputs(x)
-    for name, r in ref.items():
-        if name in got and scaled_diff(got[name], r) > tol:
-            return name
+    for info in oracle.spec.logits_infos():
+        if info.name in got and info.name in ref and scaled_diff(got[info.name], ref[info.name]) > tol:
+            return info.name
     return None
 
 

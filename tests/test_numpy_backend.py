@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 
 from nncompare.backends import Adam, SGD, get_adapter
-from nncompare.models import zoo
+from nncompare.models import INPUT, Add, AvgPool2D, Conv2D, Dense, GlobalAveragePooling2D, MaxPool2D, ModelSpec, zoo
 
 from .gradcheck import max_relative_fd_error
-from .specs import EVERY_LAYER
+from .specs import ACTIVATION_SPECS, EVERY_LAYER, GRAPHS
 
 NumpyAdapter = get_adapter("numpy")
 
@@ -110,3 +110,90 @@ def test_numpy_backend_refuses_gpu():
     from nncompare.backends import BackendError
     with pytest.raises(BackendError, match="cpu only"):
         NumpyAdapter.build(zoo.get("perceptron"), device="gpu")
+
+
+# --- graphs and the new layer kinds (issue 9) ------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(ACTIVATION_SPECS))
+def test_gradients_match_finite_differences_for_every_activation(name):
+    spec = ACTIVATION_SPECS[name]
+    assert max_relative_fd_error(perturbed(spec), *batch(spec)) < 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(GRAPHS))
+def test_gradients_match_finite_differences_for_graphs(name):
+    spec = GRAPHS[name]
+    assert max_relative_fd_error(perturbed(spec), *batch(spec), per_param=20) < 1e-6
+
+
+def test_fan_out_gradients_are_summed():
+    """s = a + a: d loss / d a doubles, so a's kernel gradient is twice that of a spec with 2 * a's output."""
+    twice = ModelSpec("t", (3,), (Dense(2, name="a"), Add(name="s", inputs=("a", "a")), Dense(2, name="o")))
+    net = NumpyAdapter.build(twice, seed=1)
+    x, y = batch(twice)
+    _, g = net.loss_and_grads(x, y)
+    h = x @ net.w["a/kernel"] + net.w["a/bias"]
+    z = 2 * h @ net.w["o/kernel"] + net.w["o/bias"]
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    p[np.arange(len(y)), y] -= 1
+    dz = p / len(y)
+    np.testing.assert_allclose(g["o/kernel"], (2 * h).T @ dz, atol=1e-6)
+    np.testing.assert_allclose(g["a/kernel"], x.T.astype(np.float64) @ (2 * dz @ net.w["o/kernel"].T), atol=1e-6)
+
+
+def _pool_outputs(layer, x):
+    spec = ModelSpec("p", x.shape[1:], (layer, GlobalAveragePooling2D(), Dense(2)))
+    return NumpyAdapter.build(spec).layer_outputs(x)[spec.infos[0].name]
+
+
+def test_same_average_pooling_excludes_padded_cells():
+    """TensorFlow's "same" average: a corner window of a ones image averages to 1, not 4/9 (count_include_pad)."""
+    x = np.ones((1, 1, 4, 4), np.float32)
+    np.testing.assert_allclose(_pool_outputs(AvgPool2D(3, strides=1, padding="same"), x), 1.0)
+    x = np.arange(25, dtype=np.float32).reshape(1, 1, 5, 5)
+    out = _pool_outputs(AvgPool2D(2, strides=2, padding="same"), x)  # pads (0, 1): bottom/right
+    assert out.shape == (1, 1, 3, 3)
+    assert out[0, 0, 0, 0] == pytest.approx((0 + 1 + 5 + 6) / 4)
+    assert out[0, 0, 2, 2] == pytest.approx(24.0)  # a window with one real cell
+    assert out[0, 0, 0, 2] == pytest.approx((4 + 9) / 2)
+
+
+def test_same_max_pooling_ignores_padded_cells():
+    x = -1 - np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)  # all negative: a zero pad would win
+    out = _pool_outputs(MaxPool2D(3, strides=2, padding="same"), x)  # pads (0, 1)
+    np.testing.assert_array_equal(out[0, 0], [[-1, -3], [-9, -11]])
+
+
+def test_conv_without_bias_has_no_bias_weight():
+    spec = ModelSpec("c", (1, 4, 4), (Conv2D(2, 3, use_bias=False), GlobalAveragePooling2D(), Dense(2)))
+    net = NumpyAdapter.build(spec)
+    assert "conv2d_0/bias" not in net.get_weights()
+    assert set(net.loss_and_grads(*batch(spec))[1]) == set(spec.trainable_keys())
+
+
+def test_global_average_pooling_is_the_spatial_mean():
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 5)).astype(np.float32)
+    spec = ModelSpec("g", (3, 4, 5), (GlobalAveragePooling2D(name="g"), Dense(2)))
+    np.testing.assert_allclose(NumpyAdapter.build(spec).layer_outputs(x)["g"], x.mean(axis=(2, 3)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(GRAPHS))
+def test_layer_outputs_are_in_topological_order_with_inferred_shapes(name):
+    spec = GRAPHS[name]
+    outs = NumpyAdapter.build(spec).layer_outputs(np.zeros((2,) + spec.input_shape, np.float32))
+    assert list(outs) == [i.name for i in spec.logits_infos()]
+    assert INPUT not in outs
+    for info in spec.logits_infos():
+        assert outs[info.name].shape == (2,) + info.out_shape
+
+
+def test_activation_values_at_known_points():
+    from nncompare.backends.numpy_backend import act_forward
+    x = np.array([-2.0, 0.0, 1.0])
+    np.testing.assert_allclose(act_forward("leaky_relu", x), [-0.4, 0, 1])  # Keras' 0.2, not torch's 0.01
+    np.testing.assert_allclose(act_forward("leaky_relu(0.01)", x), [-0.02, 0, 1])
+    np.testing.assert_allclose(act_forward("elu", x), [np.exp(-2) - 1, 0, 1])
+    np.testing.assert_allclose(act_forward("softplus", x), np.log1p(np.exp(x)))
+    np.testing.assert_allclose(act_forward("silu", x), x / (1 + np.exp(-x)))
+    np.testing.assert_allclose(act_forward("gelu", np.array([1.0])), [0.8413447460685429])   # x * Phi(x)
+    np.testing.assert_allclose(act_forward("gelu_tanh", np.array([1.0])), [0.8411919906082768])  # differs: a trap
