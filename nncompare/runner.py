@@ -238,25 +238,27 @@ def run_subprocess(task: Task, timeout: float, verbose: bool = False, env: dict[
     in its own process group (a terminal's Ctrl-C reaches only us) and is killed, with anything it started,
     whenever we leave early: timeout, Ctrl-C, SIGTERM."""
     cmd = [sys.executable, "-m", "nncompare.cli", "_cell", task.to_json()]
+    started = time.time()
+    info = lambda: {**node_info(), "cell_start": started, "cell_end": time.time()}  # noqa: E731
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None if verbose else subprocess.PIPE, text=True,
                             env=cell_env(task.threads, env), stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         _kill_group(proc)
-        return {"error": f"timed out after {timeout:g} s", **node_info()}
+        return {"error": f"timed out after {timeout:g} s", **info()}
     except BaseException:
         _kill_group(proc)
         raise
     for line in reversed(stdout.splitlines()):
         if line.startswith(RESULT_MARK):
-            return {**node_info(), **json.loads(line[len(RESULT_MARK):])}
+            return {**info(), **json.loads(line[len(RESULT_MARK):])}
     lines = [l for l in (stderr or "").splitlines() if l.strip()]
     if proc.returncode < 0:
         reason = f"killed by signal {-proc.returncode}" + (" (out of memory?)" if proc.returncode == -9 else "")
     else:
         reason = f"exit code {proc.returncode}"
-    return {"error": f"{reason}: {lines[-1].strip()}" if lines else reason, **node_info()}
+    return {"error": f"{reason}: {lines[-1].strip()}" if lines else reason, **info()}
 
 
 def _optimizer(task_opt: dict):

@@ -1,0 +1,174 @@
+"""Results files and numbers (issue 10): outputs refused before any work, never a link or special file replaced,
+the umask kept, strict JSON, table still printed when writing fails; bad numbers; same-named models; train."""
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from nncompare import cli, runner
+
+from .conftest import ROOT, require
+
+FAST = ["--steps", "1", "--repeats", "1", "--warmup", "0", "--quiet", "--backends", "numpy", "--threads", "1"]
+
+
+def run(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "compare.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, **(env or {})))
+
+
+def one_line_exit_2(out, message):
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def bad_outputs(tmp):
+    spec = tmp / "m.json"
+    from nncompare.models import zoo
+    zoo.get("perceptron").save(spec)
+    (tmp / "old.json").write_text("precious")
+    os.symlink(tmp / "old.json", tmp / "link.json")
+    os.mkfifo(tmp / "fifo.json")
+    (tmp / "dir.json").mkdir()
+    (tmp / "r.json.journal").write_text('{"cell": "k", "row": {"model": "m"}}\n')
+    return [
+        (["--json", f"{tmp}/a.json", "--csv", f"{tmp}/a.json"], "it is also the --json output"),
+        (["--json", f"{tmp}/a.json", "--plot", f"{tmp}/./a.json"], "it is also the --json output"),
+        (["--models", str(spec), "--json", str(spec)], "it is also the input"),
+        (["--json", f"{tmp}/link.json"], "it is a symbolic link"),
+        (["--csv", "/dev/null"], "will not write over '/dev/null': it is not a regular file"),
+        (["--json", f"{tmp}/fifo.json"], "it is not a regular file"),
+        (["--json", f"{tmp}/dir.json"], "is a directory"),
+        (["--plot", f"{tmp}/chart.txt"], "unsupported file type .txt"),
+        (["--plot", f"{tmp}/chart"], "unsupported file type (no extension)"),
+        (["--json", f"{tmp}/r.json"], "holds the finished cells of an interrupted run: continue it with --resume"),
+        (["--json", f"{tmp}/c.json", "--csv", f"{tmp}/c.json.journal"], "(journal): it is also the --csv output"),
+    ]
+
+
+def test_bad_outputs_are_refused_before_any_cell_runs(tmp_path):
+    log = tmp_path / "cells.log"
+    for args, message in bad_outputs(tmp_path):
+        out = run("run", "--models", "perceptron", *FAST, *args, env={"NNCOMPARE_CELL_LOG": str(log)}, timeout=60)
+        one_line_exit_2(out, message)
+    assert not log.exists()  # not one cell ran
+    assert (tmp_path / "old.json").read_text() == "precious" and os.path.islink(tmp_path / "link.json")
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "fifo.json").st_mode)
+
+
+def test_plot_without_matplotlib_is_refused_up_front(tmp_path):
+    (tmp_path / "matplotlib").mkdir()
+    (tmp_path / "matplotlib" / "__init__.py").write_text("raise ImportError('no matplotlib here')")
+    out = run("run", "--models", "perceptron", *FAST, "--plot", str(tmp_path / "p.png"),
+              env={"PYTHONPATH": str(tmp_path)}, timeout=60)
+    one_line_exit_2(out, "needs matplotlib: pip install 'nncompare[plot]'")
+
+
+def test_new_files_get_the_umask_and_replaced_files_keep_their_mode(tmp_path):
+    old = os.umask(0o027)
+    try:
+        runner.write_atomic(str(tmp_path / "new.json"), "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "new.json").st_mode) == 0o640
+    kept = tmp_path / "kept.json"
+    kept.write_text("old")
+    os.chmod(kept, 0o604)
+    runner.write_atomic(str(kept), b"new")
+    assert kept.read_text() == "new" and stat.S_IMODE(os.stat(kept).st_mode) == 0o604
+
+
+def test_the_final_write_never_replaces_a_special_file_or_link(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    os.symlink(tmp_path / "target", tmp_path / "link")
+    for name in ("fifo", "link"):
+        with pytest.raises(OSError, match="will not write over"):
+            runner.write_atomic(str(tmp_path / name), "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "link"]  # no temporary left, no target made
+
+
+def test_a_failed_write_at_the_end_still_prints_the_table_and_says_where(tmp_path, monkeypatch, capsys):
+    real = cli.write_atomic
+
+    def failing(path, data):
+        if path.endswith(".json"):
+            raise OSError(28, "No space left on device")
+        real(path, data)
+    monkeypatch.setattr(cli, "write_atomic", failing)
+    code = cli.main(["run", "--models", "perceptron", *FAST, "--json", str(tmp_path / "r.json"),
+                     "--csv", str(tmp_path / "r.csv")])
+    out = capsys.readouterr()
+    assert code == 1
+    assert "perceptron" in out.out and "Train samples/s" in out.out  # the table
+    assert f"could not write '{tmp_path / 'r.json'}'" in out.err and "No space left" in out.err
+    assert "r.json.journal" in out.err  # where the finished cells still are
+    assert len(json.loads((tmp_path / "r.json.journal").read_text().splitlines()[0])["row"]) > 5
+    assert (tmp_path / "r.csv").read_text().count("\n") == 2
+
+
+@pytest.mark.parametrize("option", ["--timeout", "--lr"])
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "-inf", "x"])
+def test_timeout_and_lr_must_be_finite_and_positive(option, value):
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args(["run", f"{option}={value}"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["train", f"{option}={value}"])
+
+
+def test_json_is_strict_even_when_the_loss_diverges(tmp_path):
+    path = tmp_path / "r.json"
+    out = run("run", "--models", "digits_mlp", *FAST, "--lr", "1e30", "--json", str(path))
+    assert out.returncode == 0, out.stderr
+
+    def reject(name):
+        raise ValueError(f"bare {name} in JSON")
+    row = json.loads(path.read_text(), parse_constant=reject)["rows"][0]
+    assert row["loss"] is None  # NaN or inf written as null
+    assert runner.strict_json({"a": [float("nan"), float("inf"), 1.5]}, indent=None) == '{"a": [null, null, 1.5]}'
+
+
+def test_two_specs_with_one_name_stay_two_models(tmp_path):
+    from nncompare.models import Dense, ModelSpec
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    ModelSpec("twin", (4,), (Dense(3),)).save(a)
+    ModelSpec("twin", (4,), (Dense(8, activation="relu"), Dense(3))).save(b)
+    out = run("run", "--models", str(a), str(b), *FAST, "--json", str(tmp_path / "r.json"))
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == [f"twin ({a})", f"twin ({b})"]
+    assert [r["model_params"] for r in rows] == [15, 67] and [r["spec_file"] for r in rows] == [str(a), str(b)]
+
+
+def test_a_closed_pipe_ends_quietly():
+    proc = subprocess.Popen([sys.executable, "compare.py", "list"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # like `| head` leaving before the output comes
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 141 and err == b"", err
+
+
+def test_train_without_arguments_trains_a_small_model_on_digits(tmp_path):
+    args = cli.build_parser().parse_args(["train"])
+    assert (args.model, args.dataset, args.optimizer) == ("digits_mlp", "digits", "adam")
+    out = subprocess.run([sys.executable, "compare.py", "train", "--backends", "numpy", "--epochs", "2"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "digits_mlp on digits" in out.stdout and "Final accuracy" in out.stdout
+
+
+def test_train_fails_when_every_framework_failed_and_with_strict_when_one_did(tmp_path):
+    require("torch")
+    crash = {"NNCOMPARE_FAULT": "numpy:digits_mlp:crash"}
+    out = run("train", "--backends", "numpy", "--epochs", "1", "--quiet", env=crash)
+    assert out.returncode == 1 and "ERROR" in out.stdout
+    two = ["--backends", "numpy", "torch", "--epochs", "1", "--quiet"]
+    assert run("train", *two, env=crash).returncode == 0
+    out = run("train", *two, "--strict", "--json", str(tmp_path / "t.json"), env=crash)
+    assert out.returncode == 1
+    results = json.loads((tmp_path / "t.json").read_text())["results"]
+    assert "error" in results[0] and results[1]["final_accuracy"] > 0.5
