@@ -1,8 +1,8 @@
 """Named reference architectures: `get(name)` and `names()`."""
 from __future__ import annotations
 
-from .spec import (Activation, AvgPool2D, BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ModelSpec,
-                   SpecError)
+from .spec import (INPUT, Activation, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense, Dropout, Flatten,
+                   GlobalAveragePooling2D, Layer, MaxPool2D, ModelSpec, SpecError)
 
 
 def perceptron() -> ModelSpec:
@@ -46,7 +46,75 @@ def digits_cnn() -> ModelSpec:
         Flatten(), Dense(64, activation="relu"), Dense(10)))
 
 
-_ZOO = {f.__name__: f for f in (perceptron, mlp, lenet5, cifar_cnn, digits_mlp, digits_cnn)}
+def resnet20() -> ModelSpec:
+    """CIFAR-10 ResNet-20 (He et al. 2016, section 4.2): a 3x3 conv, 3 stages of 3 basic blocks with 16/32/64
+    filters (the first block of stages 2 and 3 halves the size with stride 2), global average pooling, Dense(10).
+
+    Every conv is conv-BN(-ReLU) without a bias (BatchNorm's beta is the bias). Shortcuts: identity where the
+    shape is kept; where it changes, option B of the paper (a 1x1 stride-2 conv projection + BatchNorm), since
+    option A (identity with zero-padded channels and stride-2 subsampling) needs pad/slice layers the spec does
+    not have. Option A's published figure is 0.27M (269,722 trainable); the two projections add 2,560 kernel
+    and 192 BatchNorm weights: 272,474 trainable, 274,042 with the BatchNorm moving statistics.
+    """
+    layers: list[Layer] = [Conv2D(16, 3, padding="same", use_bias=False, name="conv1"), BatchNorm(name="bn1"),
+                           Activation("relu", name="relu1")]
+    previous = "relu1"
+    for stage, filters in enumerate((16, 32, 64), start=1):
+        for block in range(1, 4):
+            p, stride = f"s{stage}b{block}_", (2 if stage > 1 and block == 1 else 1)
+            layers += [Conv2D(filters, 3, strides=stride, padding="same", use_bias=False, name=p + "conv1",
+                              inputs=(previous,)),
+                       BatchNorm(name=p + "bn1"), Activation("relu", name=p + "relu1"),
+                       Conv2D(filters, 3, padding="same", use_bias=False, name=p + "conv2"), BatchNorm(name=p + "bn2")]
+            shortcut = previous
+            if stride != 1:
+                layers += [Conv2D(filters, 1, strides=stride, use_bias=False, name=p + "proj", inputs=(previous,)),
+                           BatchNorm(name=p + "proj_bn")]
+                shortcut = p + "proj_bn"
+            layers += [Add(name=p + "add", inputs=(p + "bn2", shortcut)), Activation("relu", name=p + "relu2")]
+            previous = p + "relu2"
+    return ModelSpec("resnet20", (3, 32, 32), tuple(layers) + (GlobalAveragePooling2D(name="pool"),
+                                                               Dense(10, name="fc")))
+
+
+def _inception(name: str, source: str, c1: int, r3: int, c3: int, r5: int, c5: int, cp: int) -> tuple[Layer, ...]:
+    """An Inception-v1 module reading `source`: 1x1, 1x1->3x3, 1x1->5x5 and 3x3-max-pool->1x1 branches,
+    concatenated over channels (ReLU after every conv, as in GoogLeNet)."""
+    def conv(filters, k, suffix, inputs=None):
+        return Conv2D(filters, k, padding="same", activation="relu", name=f"{name}_{suffix}", inputs=inputs)
+    return (conv(c1, 1, "1x1", (source,)),
+            conv(r3, 1, "3x3_reduce", (source,)), conv(c3, 3, "3x3"),
+            conv(r5, 1, "5x5_reduce", (source,)), conv(c5, 5, "5x5"),
+            MaxPool2D(3, strides=1, padding="same", name=f"{name}_pool", inputs=(source,)), conv(cp, 1, "pool_proj"),
+            Concatenate(name=name, inputs=(f"{name}_1x1", f"{name}_3x3", f"{name}_5x5", f"{name}_pool_proj")))
+
+
+def inception_mini() -> ModelSpec:
+    """A small CIFAR-10 net of Inception-v1 modules (Szegedy et al. 2014): a conv stem, two modules at 16x16,
+    a stride-2 "same" max pool, a third module at 8x8, global average pooling and Dense(10)."""
+    return ModelSpec("inception_mini", (3, 32, 32), (
+        Conv2D(16, 3, padding="same", activation="relu", name="stem"), MaxPool2D(2, name="stem_pool"))
+        + _inception("inc1", "stem_pool", 8, 8, 12, 4, 4, 4)            # -> 28 channels
+        + _inception("inc2", "inc1", 12, 12, 16, 4, 8, 8)               # -> 44 channels
+        + (MaxPool2D(3, strides=2, padding="same", name="pool2"),)
+        + _inception("inc3", "pool2", 16, 16, 24, 4, 8, 8)              # -> 56 channels
+        + (GlobalAveragePooling2D(name="gap"), Dense(10, name="fc")))
+
+
+def residual_mlp() -> ModelSpec:
+    """A residual MLP for the 8x8 digits (64 features): Dense(64) then two blocks x + Dense(Dense(x)), ReLU after
+    each sum, Dense(10)."""
+    layers: list[Layer] = [Dense(64, activation="relu", name="fc_in")]
+    previous = "fc_in"
+    for b in (1, 2):
+        layers += [Dense(64, activation="relu", name=f"b{b}_fc1", inputs=(previous,)), Dense(64, name=f"b{b}_fc2"),
+                   Add(name=f"b{b}_add", inputs=(f"b{b}_fc2", previous)), Activation("relu", name=f"b{b}_relu")]
+        previous = f"b{b}_relu"
+    return ModelSpec("residual_mlp", (64,), tuple(layers) + (Dense(10, name="fc_out"),))
+
+
+_ZOO = {f.__name__: f for f in (perceptron, mlp, lenet5, cifar_cnn, digits_mlp, digits_cnn, resnet20, inception_mini,
+                                residual_mlp)}
 
 
 def names() -> list[str]:

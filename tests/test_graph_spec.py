@@ -1,5 +1,6 @@
 """The graph spec (issue 9) and hostile spec input (issue 10): inputs, merges, heads, names, sizes, spec files."""
 import json
+import math
 
 import pytest
 
@@ -237,3 +238,38 @@ def test_hostile_spec_files_give_one_spec_error(tmp_path, content, message):
 def test_a_directory_is_not_a_spec_file(tmp_path):
     with pytest.raises(SpecError, match="cannot read spec file"):
         ModelSpec.load(tmp_path)
+
+
+# --- the zoo's graphs ---------------------------------------------------------------------------
+def test_resnet20_parameter_count_is_exact_and_explained():
+    """Option A (published 0.27M) has 269,722 trainable weights: 267,696 conv kernels, 650 in the Dense, 1,376
+    BatchNorm gamma/beta. Option B's two 1x1 projections add 16*32 + 32*64 = 2,560 kernel weights and
+    2 * (32 + 64) = 192 BatchNorm weights; the moving statistics add 2 * (688 + 96) = 1,568 non-trainable."""
+    spec = zoo.get("resnet20")
+    kernels = sum(math.prod(s) for k, s in spec.param_shapes().items() if k.endswith("/kernel"))
+    assert kernels == 267_696 + 2_560 + 64 * 10
+    assert spec.trainable_params == 269_722 + 2_560 + 192 == 272_474
+    assert spec.params == 272_474 + 1_568 == 274_042
+    assert not any(k.startswith(("s", "conv")) and k.endswith("/bias") for k in spec.param_shapes())
+    convs = [i for i in spec.infos if isinstance(i.layer, Conv2D) and i.layer.kernel_size == 3]
+    assert len(convs) == 19 and {i.layer.filters for i in convs} == {16, 32, 64}
+    assert [i.out_shape for i in spec.infos if isinstance(i.layer, Add)][::3] == [(16, 32, 32), (32, 16, 16),
+                                                                                  (64, 8, 8)]
+    assert sum(isinstance(i.layer, Add) for i in spec.infos) == 9 and spec.output_shape == (10,)
+
+
+def test_inception_mini_concatenates_four_branches():
+    spec = zoo.get("inception_mini")
+    cats = {i.name: i for i in spec.infos if isinstance(i.layer, Concatenate)}
+    assert {n: i.out_shape for n, i in cats.items()} == {"inc1": (28, 16, 16), "inc2": (44, 16, 16),
+                                                        "inc3": (56, 8, 8)}
+    assert all(len(i.inputs) == 4 for i in cats.values())
+    pools = [i.layer for i in spec.infos if i.name.startswith("inc") and i.name.endswith("_pool")]
+    assert len(pools) == 3 and all(p.padding == "same" and p.window()[1] == (1, 1) for p in pools)
+
+
+def test_zoo_keeps_old_models_first_and_graphs_round_trip():
+    assert zoo.names()[:6] == ["perceptron", "mlp", "lenet5", "cifar_cnn", "digits_mlp", "digits_cnn"]
+    for name in ("resnet20", "inception_mini", "residual_mlp"):
+        spec = zoo.get(name)
+        assert spec.is_graph and ModelSpec.from_dict(json.loads(spec.to_json())) == spec

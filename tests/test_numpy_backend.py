@@ -1,4 +1,6 @@
 """The NumPy oracle: gradients against finite differences, optimizers against their formulas."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -37,8 +39,10 @@ def test_gradients_match_finite_differences_for_every_layer_kind(name):
 @pytest.mark.parametrize("name", [n for n in zoo.names()])
 def test_gradients_match_finite_differences_for_zoo_models(name):
     spec = zoo.get(name).without_dropout()
+    if spec.flops > 5e7:  # resnet20: the same layers on an 8x8 input keep the check to seconds
+        spec = dataclasses.replace(spec, input_shape=(3, 8, 8))
     net = perturbed(spec)
-    small = name == "cifar_cnn"  # 1.1M params at float64: sample a few weights per tensor
+    small = name in ("cifar_cnn", "resnet20")  # many weights at float64: sample a few per tensor
     x, y = batch(spec, n=2 if small else 4)
     assert max_relative_fd_error(net, x, y, per_param=2 if small else 12) < 1e-6
 
