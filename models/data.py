@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import os
 import pickle
 import tarfile
+import zlib
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -68,7 +70,37 @@ NAMES = ("synthetic", "digits", "mnist", "fashion_mnist", "cifar10")
 
 
 def data_dir(path: str | Path | None = None) -> Path:
-    return Path(path or os.environ.get("NNCOMPARE_DATA") or Path.home() / ".cache" / "nncompare")
+    """The data folder: `path`, else $NNCOMPARE_DATA, else ~/.cache/nncompare; a DataError if it is a file."""
+    folder = Path(path or os.environ.get("NNCOMPARE_DATA") or Path.home() / ".cache" / "nncompare")
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"data folder {folder} is not a folder (pass --data-dir a directory)")
+    return folder
+
+
+def _make_folder(folder: Path) -> Path | None:
+    """Create `folder` (and missing parents); returns the topmost folder created, None if it existed."""
+    top = None
+    for p in reversed([folder, *folder.parents]):
+        if not p.exists():
+            top = top or p
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the data folder {folder}: {e.strerror or e}") from None
+    return top
+
+
+def _remove_if_empty(top: Path | None, folder: Path) -> None:
+    """Undo _make_folder after a failed download: remove the folders it created, if they hold nothing."""
+    if top is None:
+        return
+    for p in [folder, *folder.parents]:
+        try:
+            p.rmdir()  # only ever removes an empty folder
+        except OSError:
+            return
+        if p == top:
+            return
 
 
 def md5(path: Path) -> str:
@@ -83,24 +115,37 @@ def fetch(name: str, filename: str, checksum: str, folder: Path, mirror: str | N
           timeout: float = 30) -> Path:
     """The verified file folder/filename, downloaded from the mirror if missing."""
     target = folder / filename
-    if target.exists():
-        if md5(target) != checksum:
-            raise DataError(f"{target}: MD5 {md5(target)} does not match the published {checksum}; "
+    if target.exists() or target.is_symlink():
+        try:
+            digest = md5(target)
+        except OSError as e:
+            raise DataError(f"{target}: cannot read it ({e.strerror or e})") from None
+        if digest != checksum:
+            raise DataError(f"{target}: MD5 {digest} does not match the published {checksum}; "
                             f"delete it to download again")
         return target
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{folder} is not a folder: cannot keep dataset {name!r} there")
     url = (mirror or MIRRORS[name]) + filename
-    folder.mkdir(parents=True, exist_ok=True)
+    created = _make_folder(folder)
     partial = target.with_name(target.name + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as out:
+        out = open(partial, "wb")
+    except OSError as e:
+        _remove_if_empty(created, folder)
+        raise DataError(f"dataset {name!r}: cannot write {partial} ({e.strerror or e})") from None
+    try:
+        with out, urllib.request.urlopen(url, timeout=timeout) as response:
             while chunk := response.read(1 << 20):
                 out.write(chunk)
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
+    except (urllib.error.URLError, OSError, TimeoutError, ValueError) as e:  # ValueError: a malformed URL
         partial.unlink(missing_ok=True)
+        _remove_if_empty(created, folder)
         raise DataError(f"dataset {name!r}: {filename} is not in {folder} and cannot be downloaded from {url} "
                         f"({getattr(e, 'reason', e)}); put the file there (or pass --data-dir)") from None
     if md5(partial) != checksum:
         partial.unlink()
+        _remove_if_empty(created, folder)
         raise DataError(f"dataset {name!r}: {url} gave a file whose MD5 is not the published {checksum}")
     partial.replace(target)
     return target
@@ -109,11 +154,17 @@ def fetch(name: str, filename: str, checksum: str, folder: Path, mirror: str | N
 def read_idx(path: Path) -> np.ndarray:
     """An IDX array (gzip-compressed or not): magic 0x0000 <type 0x08 = uint8> <ndim>, big-endian dims."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; a truncated gzip an EOFError
+        raise DataError(f"{path}: cannot read it as {'gzip' if opener is gzip.open else 'a file'} "
+                        f"({e.strerror if isinstance(e, OSError) and e.strerror else e})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path}: not an unsigned-byte IDX file")
     ndim = raw[3]
+    if ndim == 0 or len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path}: IDX header for {ndim} dimensions is truncated or empty")
     dims = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
     data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
@@ -126,13 +177,77 @@ def _idx_dataset(name: str, folder: Path, mirror: str | None) -> Dataset:
     files = {f: fetch(name, f, c, sub, mirror) for f, c in IDX_FILES[name].items()}
 
     def images(f):
-        return (read_idx(files[f]).astype(np.float32) / 255.0)[:, None]
+        a = read_idx(files[f])
+        if a.ndim != 3:
+            raise DataError(f"{files[f]}: images must be (N, H, W), the file holds shape {a.shape}")
+        return (a.astype(np.float32) / 255.0)[:, None]
 
     def labels(f):
-        return read_idx(files[f]).astype(np.int64)
+        a = read_idx(files[f])
+        if a.ndim != 1:
+            raise DataError(f"{files[f]}: labels must be (N,), the file holds shape {a.shape}")
+        return a.astype(np.int64)
 
-    return Dataset(name, images("train-images-idx3-ubyte.gz"), labels("train-labels-idx1-ubyte.gz"),
-                   images("t10k-images-idx3-ubyte.gz"), labels("t10k-labels-idx1-ubyte.gz"), 10)
+    parts = []
+    for split in ("train", "t10k"):
+        x, y = images(f"{split}-images-idx3-ubyte.gz"), labels(f"{split}-labels-idx1-ubyte.gz")
+        _check_pair(files[f"{split}-labels-idx1-ubyte.gz"], x, y, 10)
+        parts += [x, y]
+    return Dataset(name, *parts, 10)
+
+
+def _check_pair(where: Path, x: np.ndarray, y: np.ndarray, classes: int) -> None:
+    """One label per image, each a class 0..classes-1."""
+    if len(x) != len(y):
+        raise DataError(f"{where}: {len(y)} labels for {len(x)} images")
+    bad = (y < 0) | (y >= classes)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DataError(f"{where}: label {int(y[i])} at index {i} is not a class 0..{classes - 1}")
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR-10 batch holds (a dict of bytes, lists and uint8 arrays): any other class
+    or function named in the file is refused, so a crafted file cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR-10 batch holds only "
+                                     f"bytes, lists and uint8 arrays")
+
+
+def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 python batch as (uint8 (N, 3, 32, 32), int64 (N,)), read without executing anything."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
+    try:
+        d = _CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except Exception as e:  # any malformed stream: UnpicklingError, EOFError, ValueError, TypeError, ...
+        raise DataError(f"{path}: not a CIFAR-10 batch ({type(e).__name__}: {e})"[:300]) from None
+    if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
+        keys = sorted(map(repr, d))[:4] if isinstance(d, dict) else type(d).__name__
+        raise DataError(f"{path}: not a CIFAR-10 batch (expected a dict with b'data' and b'labels', got {keys})")
+    data, labels = d[b"data"], d[b"labels"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        desc = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataError(f"{path}: b'data' must be a uint8 array of shape (N, 3072), got {desc}")
+    try:
+        y = np.asarray(labels)
+        if y.ndim != 1 or y.dtype.kind not in "iu":
+            raise ValueError
+    except (ValueError, TypeError):
+        raise DataError(f"{path}: b'labels' must be a list of integers") from None
+    x = data.reshape(-1, 3, 32, 32)
+    y = y.astype(np.int64)
+    _check_pair(path, x, y, 10)
+    return x, y
 
 
 def _cifar10(folder: Path, mirror: str | None) -> Dataset:
@@ -140,19 +255,21 @@ def _cifar10(folder: Path, mirror: str | None) -> Dataset:
     batches = sub / CIFAR_FOLDER
     if not (batches / "test_batch").exists():
         archive = fetch("cifar10", *CIFAR_ARCHIVE, sub, mirror)
-        with tarfile.open(archive) as tar:
-            tar.extractall(sub, filter="data")
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(sub, filter="data")
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{archive}: cannot extract it ({e}); delete it to download again") from None
 
     def load(names):
         xs, ys = [], []
         for n in names:
             path = batches / n
-            if not path.exists():
+            if not path.is_file():
                 raise DataError(f"dataset 'cifar10': {path} is missing")
-            with open(path, "rb") as f:
-                d = pickle.load(f, encoding="bytes")
-            xs.append(np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(d[b"labels"], np.int64))
+            x, y = read_cifar_batch(path)
+            xs.append(x)
+            ys.append(y)
         return np.concatenate(xs).astype(np.float32) / 255.0, np.concatenate(ys)
 
     x_train, y_train = load([f"data_batch_{i}" for i in range(1, 6)])
@@ -188,6 +305,8 @@ def synthetic(spec: ModelSpec, n_train: int = 1024, n_test: int = 256, seed: int
 def load(name: str, spec: ModelSpec | None = None, folder: str | Path | None = None,
          mirror: str | None = None) -> Dataset:
     """A dataset by name, shaped for `spec` when given."""
+    if not isinstance(name, str):
+        raise DataError(f"dataset name must be a string ({', '.join(NAMES)}), got {type(name).__name__}")
     if name == "synthetic":
         if spec is None:
             raise DataError("dataset 'synthetic' needs a model to take its shape from")

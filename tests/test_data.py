@@ -131,3 +131,149 @@ def test_a_dataset_that_does_not_fit_the_model_is_a_clear_error():
 def test_synthetic_data_takes_the_spec_shape():
     ds = load("synthetic", zoo.get("cifar_cnn"))
     assert ds.x_train.shape[1:] == (3, 32, 32) and ds.x_train.dtype == np.float32
+
+
+# --- corrupt, truncated and hostile files (issue 10) --------------------------------------------------
+def test_garbage_and_truncated_idx_files_name_the_file(tmp_path):
+    garbage = tmp_path / "garbage.gz"
+    garbage.write_bytes(b"this is not gzip at all")
+    with pytest.raises(DataError, match=f"{garbage}: cannot read it as gzip"):
+        data.read_idx(garbage)
+    whole = tmp_path / "whole.gz"
+    write_idx(whole, np.arange(600).reshape(6, 10, 10) % 256)
+    truncated = tmp_path / "truncated.gz"
+    truncated.write_bytes(whole.read_bytes()[:40])
+    with pytest.raises(DataError, match=f"{truncated}: cannot read it as gzip"):
+        data.read_idx(truncated)
+    for name, payload, message in (("magic.gz", b"\x1f\x8b" + bytes(10), "cannot read it as gzip"),
+                                   ("float.idx", bytes([0, 0, 0x0D, 1, 0, 0, 0, 1, 0, 0, 0, 0]),
+                                    "not an unsigned-byte IDX file"),
+                                   ("header.idx", bytes([0, 0, 0x08, 3, 0, 0, 0, 5]),
+                                    "IDX header for 3 dimensions is truncated"),
+                                   ("scalar.idx", bytes([0, 0, 0x08, 0, 7]), "IDX header for 0 dimensions")):
+        (tmp_path / name).write_bytes(payload)
+        with pytest.raises(DataError, match=f"{tmp_path / name}: {message}"):
+            data.read_idx(tmp_path / name)
+    with pytest.raises(DataError, match=f"{tmp_path}: cannot read it"):
+        data.read_idx(tmp_path)  # a folder where a file belongs
+
+
+def _mnist_folder(tmp_path, monkeypatch, arrays):
+    """An mnist folder holding `arrays` (file name -> array) with the checksum table pointing at them."""
+    folder = tmp_path / "d" / "mnist"
+    folder.mkdir(parents=True)
+    for name, a in arrays.items():
+        write_idx(folder / name, a)
+    monkeypatch.setitem(data.IDX_FILES, "mnist", {n: md5(folder / n) for n in arrays})
+    return folder
+
+
+def test_idx_images_and_labels_must_agree(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    arrays = {"train-images-idx3-ubyte.gz": rng.integers(0, 256, (4, 28, 28)),
+              "train-labels-idx1-ubyte.gz": np.array([1, 2, 3]),
+              "t10k-images-idx3-ubyte.gz": rng.integers(0, 256, (2, 28, 28)),
+              "t10k-labels-idx1-ubyte.gz": np.array([0, 1])}
+    folder = _mnist_folder(tmp_path, monkeypatch, arrays)
+    with pytest.raises(DataError, match=f"{folder / 'train-labels-idx1-ubyte.gz'}: 3 labels for 4 images"):
+        load("mnist", folder=tmp_path / "d")
+
+
+def test_idx_labels_out_of_range_or_misshaped(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    arrays = {"train-images-idx3-ubyte.gz": rng.integers(0, 256, (3, 28, 28)),
+              "train-labels-idx1-ubyte.gz": np.array([1, 12, 3]),
+              "t10k-images-idx3-ubyte.gz": rng.integers(0, 256, (2, 28 * 28)),
+              "t10k-labels-idx1-ubyte.gz": np.array([0, 1])}
+    folder = _mnist_folder(tmp_path, monkeypatch, arrays)
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz: label 12 at index 1 is not a class 0..9"):
+        load("mnist", folder=tmp_path / "d")
+    write_idx(folder / "train-labels-idx1-ubyte.gz", np.array([1, 2, 3]))
+    monkeypatch.setitem(data.IDX_FILES["mnist"], "train-labels-idx1-ubyte.gz",
+                        md5(folder / "train-labels-idx1-ubyte.gz"))
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte.gz: images must be \(N, H, W\), the file holds "
+                                        r"shape \(2, 784\)"):
+        load("mnist", folder=tmp_path / "d")
+
+
+def _cifar(tmp_path, test_batch):
+    """A cifar10 folder with five good training batches and `test_batch` (bytes) as the test batch."""
+    folder = tmp_path / "cifar10" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    for i in range(1, 6):
+        batch = {b"data": rng.integers(0, 256, (2, 3072)).astype(np.uint8), b"labels": [1, 2]}
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
+    (folder / "test_batch").write_bytes(test_batch)
+    return folder / "test_batch"
+
+
+class _Payload:
+    """Unpickling this calls open(marker, 'w'): it creates a file if the loader executes it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_malicious_cifar_pickle_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = pickle.dumps({b"data": _Payload(marker), b"labels": [0]})
+    pickle.loads(evil)[b"data"].close()  # the payload is live: plain pickle creates the file
+    assert marker.exists()
+    marker.unlink()
+    path = _cifar(tmp_path, evil)
+    with pytest.raises(DataError, match=f"{path}: not a CIFAR-10 batch .*refusing to load io.open"):
+        load("cifar10", folder=tmp_path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("payload, message", [
+    (b"\x80\x04garbage", "not a CIFAR-10 batch (UnpicklingError"),
+    (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 2]})[:-30], "not a CIFAR-10 batch"),
+    (pickle.dumps([1, 2, 3]), "not a CIFAR-10 batch (expected a dict with b'data' and b'labels', got list)"),
+    (pickle.dumps({"data": 1, "labels": 2}), "expected a dict with b'data' and b'labels', got ["),
+    (pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [1, 2]}),
+     "b'data' must be a uint8 array of shape (N, 3072), got uint8 array of shape (2, 100)"),
+    (pickle.dumps({b"data": np.zeros((2, 3072)), b"labels": [1, 2]}), "b'data' must be a uint8 array"),
+    (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [b"a", b"b"]}),
+     "b'labels' must be a list of integers"),
+    (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1]}), "1 labels for 2 images"),
+    (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 10]}),
+     "label 10 at index 1 is not a class 0..9"),
+], ids=["garbage", "truncated", "a-list", "str-keys", "short-rows", "float-data", "bytes-labels", "too-few-labels",
+        "label-10"])
+def test_a_cifar_batch_that_is_not_one_is_a_clear_error(tmp_path, payload, message):
+    path = _cifar(tmp_path, payload)
+    with pytest.raises(DataError) as e:
+        load("cifar10", folder=tmp_path)
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
+
+
+def test_a_data_dir_that_is_a_file_or_cannot_be_made(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(DataError, match=f"data folder {afile} is not a folder"):
+        load("mnist", folder=afile)
+    with pytest.raises(DataError, match=f"cannot create the data folder {afile / 'sub' / 'mnist'}"):
+        load("mnist", folder=afile / "sub", mirror="http://127.0.0.1:9/")
+    with pytest.raises(DataError, match="dataset name must be a string"):
+        load(["mnist"])
+
+
+def test_a_failed_download_leaves_no_empty_folders(tmp_path):
+    with pytest.raises(DataError, match="cannot be downloaded"):
+        load("mnist", folder=tmp_path / "new" / "cache", mirror="http://127.0.0.1:9/")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(DataError, match="cannot be downloaded"):
+        load("mnist", folder=tmp_path / "kept", mirror="http://127.0.0.1:9/")
+    assert (tmp_path / "kept").is_dir() and list((tmp_path / "kept").iterdir()) == []
+
+
+def test_a_folder_in_place_of_a_data_file(tmp_path):
+    (tmp_path / "mnist" / "train-images-idx3-ubyte.gz").mkdir(parents=True)
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz: cannot read it"):
+        load("mnist", folder=tmp_path)
