@@ -59,3 +59,19 @@ def test_inferred_shapes_and_counts_match_the_oracle(d):
         assert outputs[info.name].shape == (2,) + info.out_shape, info.name
     assert spec.params == sum(math.prod(w.shape) for w in net.get_weights().values())
     assert spec.flops == sum(i.flops for i in spec.infos) and spec.flops >= 0
+
+
+def test_random_graphs_are_valid_graphs_covering_every_layer_kind():
+    from .randspec import random_graph_spec
+    kinds, graphs = set(), 0
+    for seed in range(200):
+        spec = random_graph_spec(seed)
+        assert ModelSpec.from_dict(json.loads(spec.to_json())) == spec
+        graphs += spec.is_graph
+        kinds |= {type(l) for l in spec.layers}
+        net = get_adapter("numpy").build(spec)
+        outputs = net.layer_outputs(np.zeros((2,) + spec.input_shape, np.float32))
+        assert [i.name for i in spec.logits_infos()] == list(outputs)
+        for info in spec.logits_infos():
+            assert outputs[info.name].shape == (2,) + info.out_shape, (spec.name, info.name)
+    assert kinds == set(LAYER_KINDS.values()) and graphs > 100
