@@ -1,28 +1,49 @@
-"""Keras 3 adapter on TensorFlow: a channels-last functional model, canonical weights, tf.function steps."""
+"""Keras 3 adapters: one functional model built from the spec's graph, run on TensorFlow, JAX or PyTorch.
+
+Keras picks its engine once per process from KERAS_BACKEND (the registry sets it before Keras loads), so a
+process hosts one of KerasAdapter (TensorFlow), KerasJaxAdapter or KerasTorchAdapter. Model building and
+weight mapping are shared; each engine class holds only its steps, device handling and settings.
+"""
 from __future__ import annotations
 
+import functools
 import os
+import re
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # imported directly, not through the registry
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from keras import ops  # noqa: E402
 
-from ..models import Activation, AvgPool2D, BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D  # noqa: E402
+from ..models import (INPUT, Activation, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense, Dropout,  # noqa: E402
+                      Flatten, GlobalAveragePooling2D, MaxPool2D)
+from ..models.spec import parse_activation  # noqa: E402
 
-from .base import Adam, Adapter, BackendError, SGD, as_inputs, gpu_index  # noqa: E402
+from .base import Adam, Adapter, BackendError, SGD, as_inputs, cpu_name, gpu_index  # noqa: E402
 
-tf.get_logger().setLevel("ERROR")
+ENGINE = keras.backend.backend()
+if ENGINE == "tensorflow":
+    import tensorflow as tf
+    tf.get_logger().setLevel("ERROR")
+elif ENGINE == "jax":
+    import jax
+elif ENGINE == "torch":
+    import torch
+
+# TensorFlow's CPU Conv2D runs channels-last only (DESIGN trap 2), and XLA (JAX) lays out convolutions itself.
+# Keras on torch transposes channels-last tensors to torch's NCHW around every conv and pool: keep NCHW there.
+DATA_FORMAT = "channels_first" if ENGINE == "torch" else "channels_last"
+CHANNELS = 1 if DATA_FORMAT == "channels_first" else -1  # the canonical axis 1, in Keras' layout (flat: 1 == -1)
 
 
 class KingmaBaAdam(keras.optimizers.Adam):
     """Adam with the canonical epsilon: w -= lr * m_hat / (sqrt(v_hat) + epsilon).
 
     keras.optimizers.Adam folds the bias corrections into the step size and adds epsilon to sqrt(v)
-    before correcting, i.e. it uses epsilon * sqrt(1 - beta2^t) in place of epsilon.
+    before correcting, i.e. it uses epsilon * sqrt(1 - beta2^t) in place of epsilon. Written in keras.ops,
+    so it runs on every engine (inside JAX's stateless_apply too).
     """
 
     def update_step(self, gradient, variable, learning_rate):
@@ -39,156 +60,246 @@ class KingmaBaAdam(keras.optimizers.Adam):
         self.assign_sub(variable, ops.divide(ops.multiply(lr, m_hat), ops.add(ops.sqrt(v_hat), self.epsilon)))
 
 
-def _hwc_order(shape: tuple) -> np.ndarray | None:
-    """For a (C, H, W) image: canonical flat index of each position of Keras' channels-last flat vector.
+def _keras_optimizer(optimizer):
+    if isinstance(optimizer, SGD):  # Keras: m = mu*m - lr*g; w += m. The canonical form at constant lr
+        return keras.optimizers.SGD(learning_rate=optimizer.lr, momentum=optimizer.momentum)
+    if isinstance(optimizer, Adam):
+        return KingmaBaAdam(learning_rate=optimizer.lr, beta_1=optimizer.beta1, beta_2=optimizer.beta2,
+                            epsilon=optimizer.epsilon)
+    raise BackendError(f"keras backend: unsupported optimizer {optimizer!r}")
 
-    Keras flattens NHWC in (H, W, C) order, the canonical order is (C, H, W): keras_flat = canonical_flat[perm].
-    None when both orders agree (C == 1 or H * W == 1).
-    """
+
+# --- layers Keras lacks ---------------------------------------------------------------------------
+class _Gather(keras.layers.Layer):
+    """Reorders the features of a flat tensor: out[:, i] = x[:, index[i]] (layout bookkeeping, no weights)."""
+
+    def __init__(self, index: np.ndarray, **kwargs):
+        super().__init__(**kwargs)
+        self.index = np.asarray(index, np.int32)
+
+    def call(self, x):
+        return ops.take(x, self.index, axis=1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], len(self.index))
+
+
+class _SameAvgPool(keras.layers.Layer):
+    """TensorFlow's "same" average pooling (padded cells excluded from the mean) from zero padding, a valid
+    average pool and a per-position count. Keras on torch pads odd "same" pools by replicating edge cells,
+    which the mean then counts (DESIGN trap 17)."""
+
+    def __init__(self, window, strides, pads, in_hw, **kwargs):
+        super().__init__(**kwargs)
+        self.window, self.strides, self.pads = window, strides, pads
+        (pt, pb), (pl, pr) = pads
+        ones = np.pad(np.ones(in_hw), pads)
+        (kh, kw), (sh, sw) = window, strides
+        oh, ow = (ones.shape[0] - kh) // sh + 1, (ones.shape[1] - kw) // sw + 1
+        count = np.array([[ones[i * sh:i * sh + kh, j * sw:j * sw + kw].sum() for j in range(ow)]
+                          for i in range(oh)])
+        scale = (kh * kw / count).astype(np.float32)
+        self.scale = scale[None, None] if DATA_FORMAT == "channels_first" else scale[None, :, :, None]
+
+    def call(self, x):
+        pads = [(0, 0), (0, 0), *self.pads] if DATA_FORMAT == "channels_first" else [(0, 0), *self.pads, (0, 0)]
+        mean = ops.average_pool(ops.pad(x, pads), self.window, self.strides, "valid", DATA_FORMAT)
+        return ops.multiply(mean, self.scale)
+
+
+def _activation(kind: str):
+    """A Keras activation callable for a spec activation string (None for linear)."""
+    kind, alpha = parse_activation(kind)
+    if kind == "linear":
+        return None
+    if kind == "leaky_relu":  # keras.layers.LeakyReLU defaults to 0.3, the spec to 0.2: always explicit
+        return functools.partial(keras.activations.leaky_relu, negative_slope=alpha)
+    if kind == "elu":
+        return functools.partial(keras.activations.elu, alpha=alpha)
+    if kind in ("gelu", "gelu_tanh"):  # keras.ops.gelu defaults to the tanh form (DESIGN trap 18): explicit
+        return functools.partial(keras.activations.gelu, approximate=kind == "gelu_tanh")
+    if kind == "softmax":
+        return functools.partial(keras.activations.softmax, axis=CHANNELS)
+    return keras.activations.get(kind)  # relu, sigmoid, tanh, softplus, silu
+
+
+# --- converters: (layer, info) -> (call on the input tensors, {canonical param: (layer, attribute, kind)}) ---
+# kind: "conv" (HWIO <-> OIHW), "rows" (axis 0 follows the input's flat permutation), None (as is).
+def _single(block):
+    return lambda xs: block(xs[0])
+
+
+def _dense(layer, info):
+    core = keras.layers.Dense(layer.units, activation=_activation(layer.activation), name=info.name)
+    return _single(core), {"kernel": (core, "kernel", "rows"), "bias": (core, "bias", None)}
+
+
+def _conv(layer, info):
+    kernel = layer.param_shapes(info.in_shape)["kernel"][2:]
+    (pt, pb), (pl, pr) = pads = layer.pads(info.in_shape)
+    explicit = layer.padding != "same" and any((pt, pb, pl, pr))
+    core = keras.layers.Conv2D(layer.filters, kernel, layer.strides, "same" if layer.padding == "same" else "valid",
+                               data_format=DATA_FORMAT, activation=_activation(layer.activation),
+                               use_bias=layer.use_bias, name=info.name)
+    bindings = {"kernel": (core, "kernel", "conv")}
+    if layer.use_bias:
+        bindings["bias"] = (core, "bias", None)
+    if not explicit:  # Keras "same" is TensorFlow's: the spec's meaning
+        return _single(core), bindings
+    pad = keras.layers.ZeroPadding2D(pads, data_format=DATA_FORMAT, name=f"{info.name}.pad")
+    return _single(lambda x: core(pad(x))), bindings
+
+
+def _pool(layer, info):
+    window, strides = layer.window()
+    (pt, pb), (pl, pr) = pads = layer.pads(info.in_shape)
+    if isinstance(layer, AvgPool2D) and ENGINE == "torch" and layer.padding == "same" and (pt != pb or pl != pr):
+        return _single(_SameAvgPool(window, strides, pads, info.in_shape[1:], name=info.name)), {}
+    cls = keras.layers.MaxPooling2D if isinstance(layer, MaxPool2D) else keras.layers.AveragePooling2D
+    return _single(cls(window, strides, layer.padding, data_format=DATA_FORMAT, name=info.name)), {}
+
+
+def _batchnorm(layer, info):
+    # Same moving-average meaning and biased variance as the spec. Numerically TF normalises as
+    # x * inv + (beta - mean * inv), which loses float32 digits where |mean| >> std (vs (x - mean) * inv).
+    core = keras.layers.BatchNormalization(axis=CHANNELS, momentum=layer.momentum, epsilon=layer.epsilon,
+                                           name=info.name)
+    return _single(core), {key: (core, attr, "rows") for key, attr in (
+        ("gamma", "gamma"), ("beta", "beta"), ("moving_mean", "moving_mean"), ("moving_var", "moving_variance"))}
+
+
+CONVERTERS = {
+    Dense: _dense,
+    Conv2D: _conv,
+    MaxPool2D: _pool,
+    AvgPool2D: _pool,
+    BatchNorm: _batchnorm,
+    # Flatten in the tensor's own order: (H, W, C) for channels-last, tracked as a permutation below.
+    Flatten: lambda l, i: (_single(keras.layers.Flatten(data_format="channels_last", name=i.name)), {}),
+    Activation: lambda l, i: (_single(keras.layers.Activation(_activation(l.activation) or "linear",
+                                                              name=i.name)), {}),
+    Dropout: lambda l, i: (_single(keras.layers.Dropout(l.rate, name=i.name)), {}),
+    GlobalAveragePooling2D: lambda l, i: (_single(keras.layers.GlobalAveragePooling2D(DATA_FORMAT,
+                                                                                      name=i.name)), {}),
+    Add: lambda l, i: (keras.layers.Add(name=i.name), {}),
+    Concatenate: lambda l, i: (keras.layers.Concatenate(axis=CHANNELS, name=i.name), {}),
+}
+
+
+# --- flat permutations: keras_flat = canonical_flat[perm]; None when the orders agree ---------------
+def _hwc_order(shape: tuple) -> np.ndarray | None:
+    """For a (C, H, W) image flattened channels-last: the canonical (C, H, W) flat index of each position."""
+    if DATA_FORMAT == "channels_first":
+        return None
     perm = np.arange(np.prod(shape)).reshape(shape).transpose(1, 2, 0).ravel()
     return None if np.array_equal(perm, np.arange(perm.size)) else perm
 
 
-class KerasAdapter(Adapter):
-    """A keras.Model in NHWC (TensorFlow's CPU Conv2D runs channels-last only); inputs are transposed in the graph.
+def _perm_or_identity(perm, size: int) -> np.ndarray:
+    return np.arange(size) if perm is None else perm
 
-    One Keras layer per spec layer, named after it (a nested Sequential where a spec layer needs two, e.g.
-    explicit zero padding before a valid convolution). Weights are mapped through kept layer references.
+
+def _same_perm(a, b) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+
+
+def _canonical_output(h, perm, name: str):
+    """A Keras tensor in the canonical layout: NCHW for images, (C, H, W) order for a flattened image."""
+    if len(h.shape) == 4 and DATA_FORMAT == "channels_last":
+        return keras.layers.Permute((3, 1, 2), name=f"{name}.nchw")(h)
+    return h if perm is None else _Gather(np.argsort(perm), name=f"{name}.chw")(h)
+
+
+class _KerasAdapter(Adapter):
+    """The Keras model shared by the three engines: canonical NCHW inputs and outputs, Keras layout inside.
+
+    One Keras layer per spec node, named after it (plus a ZeroPadding2D for explicit conv padding). A flattened
+    channels-last image is in (H, W, C) order: each flat node carries that permutation, absorbed into the next
+    Dense kernel's rows (and a flat BatchNorm's parameters), so the network itself never reorders features.
     """
 
     name = "keras"
+    engine = "tensorflow"
+
+    # --- engine hooks --------------------------------------------------------------------------------
+    def _gpu_count(self) -> int:
+        raise NotImplementedError
+
+    def _use_device(self, index: int | None) -> None:
+        """Remember the device (GPU index or None) and set what float32 equivalence needs there (TF32 off)."""
+
+    def _after_build(self) -> None:
+        """Compile the engine's functions for the built model."""
 
     @classmethod
     def version(cls) -> str:
-        return f"keras {keras.__version__} / tensorflow {tf.__version__}"
+        return f"keras {keras.__version__} / {cls.engine} {cls._engine_version()}"
 
     @property
-    def execution_path(self) -> str:
-        return "tf.function + XLA" if self.compile else "tf.function graph"
+    def settings(self) -> dict:
+        """How this row runs, recorded beside its timings."""
+        return {"engine": self.engine, "data_format": DATA_FORMAT}
 
-    @classmethod
-    def set_threads(cls, n: int) -> None:
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(n)
-            tf.config.threading.set_inter_op_parallelism_threads(n)
-        except RuntimeError:  # the runtime already started: the TF_NUM_*_THREADS variables have applied
-            pass
-
-    @property
-    def device_name(self) -> str:
-        if self._dev.startswith("/GPU"):
-            gpu = tf.config.list_physical_devices("GPU")[int(self._dev.rsplit(":", 1)[1])]
-            return tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
-        return super().device_name
-
-    def peak_device_memory(self):
-        return tf.config.experimental.get_memory_info(self._dev[1:])["peak"] if self._dev.startswith("/GPU") else None
-
-    # --- build ------------------------------------------------------------------------------------
+    # --- build -----------------------------------------------------------------------------------------
     def _build(self) -> None:
-        if keras.backend.backend() != "tensorflow":
-            raise BackendError(f"keras backend needs KERAS_BACKEND=tensorflow, this process runs "
-                               f"Keras on {keras.backend.backend()!r}")
-        index = gpu_index(self.device, "tensorflow", len(tf.config.list_physical_devices("GPU")))
-        if index is not None:
-            tf.config.experimental.enable_tensor_float32_execution(False)  # TF32 would break float32 equivalence
-            self._dev = f"/GPU:{index}"
-        else:
-            self._dev = "/CPU:0"
+        if ENGINE != self.engine:
+            raise BackendError(f"{self.name} needs its own process: this one already runs Keras on {ENGINE}")
+        index = gpu_index(self.device, f"{self.name} ({self.engine})", self._gpu_count())
+        self._gpu = index is not None
+        # "cpu", not "cpu:0": Keras on torch would copy each new parameter to "cpu:0", leaving a non-leaf tensor
+        self._kdev = f"gpu:{index}" if self._gpu else "cpu"
+        self._use_device(index)
         spec = self.spec
-        self.layers = spec.logits_layers()
-        self.infos = spec.infos[:len(self.layers)]
-        self._image_input = len(spec.input_shape) == 3
+        self.infos = spec.logits_infos()
         self._binary = spec.num_classes == 1
+        with self._on_device():
+            self._build_model()
+        self._after_build()
 
-        with tf.device(self._dev):
-            in_shape = spec.input_shape
-            input_name = "input"  # Keras wants unique names across the model's layers
-            while input_name in {i.name for i in self.infos}:
-                input_name += "_"
-            inputs = keras.Input((*in_shape[1:], in_shape[0]) if self._image_input else in_shape, name=input_name)
-            h, outputs = inputs, []
-            self._core: dict[str, keras.layers.Layer] = {}       # spec layer name -> Keras layer holding its weights
-            self._perm_in: dict[str, np.ndarray | None] = {}     # flat input in Keras (H, W, C) order, else None
-            self._perm_out: list[np.ndarray | None] = []
-            perm = None
-            for layer, info in zip(self.layers, self.infos):
-                self._perm_in[info.name] = perm
-                block, core = self._keras_layer(layer, info.name, info.in_shape)
-                if core is not None:
-                    self._core[info.name] = core
-                h = block(h)
-                outputs.append(h)
-                if isinstance(layer, Flatten) and len(info.in_shape) == 3:
-                    perm = _hwc_order(info.in_shape)
-                elif isinstance(layer, Dense):  # its kernel rows absorb the permutation
-                    perm = None
-                self._perm_out.append(perm)
-            self.native = keras.Model(inputs, h, name=spec.name.replace("/", "_"))
-            self._probe = keras.Model(inputs, outputs)
-        self._params = self._param_map()
+    def _on_device(self):
+        return keras.device(self._kdev)
+
+    def _build_model(self) -> None:
+        spec = self.spec
+        inputs = keras.Input(spec.input_shape, name=INPUT)
+        image = len(spec.input_shape) == 3 and DATA_FORMAT == "channels_last"
+        tensors = {INPUT: keras.layers.Permute((2, 3, 1), name="input.nhwc")(inputs) if image else inputs}
+        perms, params = {INPUT: None}, {}
+        for info in self.infos:
+            layer = info.layer
+            call, bindings = CONVERTERS[type(layer)](layer, info)
+            xs, in_perms = [tensors[n] for n in info.inputs], [perms[n] for n in info.inputs]
+            if isinstance(layer, Add) and any(not _same_perm(p, in_perms[0]) for p in in_perms):
+                # Inputs flattened in different orders: reorder each into the first input's order.
+                size = info.in_shapes[0][0]
+                target = _perm_or_identity(in_perms[0], size)
+                xs = [x if _same_perm(p, in_perms[0]) else
+                      _Gather(np.argsort(_perm_or_identity(p, size))[target], name=f"{info.name}.in{k}")(x)
+                      for k, (x, p) in enumerate(zip(xs, in_perms))]
+            tensors[info.name] = call(xs)
+            if isinstance(layer, (Dense, GlobalAveragePooling2D)) or len(info.out_shape) == 3:
+                perms[info.name] = None
+            elif isinstance(layer, Flatten) and len(info.in_shape) == 3:
+                perms[info.name] = _hwc_order(info.in_shape)
+            elif isinstance(layer, Concatenate) and any(p is not None for p in in_perms):
+                offsets = np.cumsum([0] + [s[0] for s in info.in_shapes])
+                perms[info.name] = np.concatenate([_perm_or_identity(p, s[0]) + o
+                                                   for p, s, o in zip(in_perms, info.in_shapes, offsets)])
+            else:  # elementwise (activation, dropout, BatchNorm, Add): the order of its first input
+                perms[info.name] = in_perms[0]
+            for key, (core, attr, kind) in bindings.items():
+                params[f"{info.name}/{key}"] = (getattr(core, attr), kind == "conv",
+                                                in_perms[0] if kind == "rows" else None)
+        outputs = [_canonical_output(tensors[i.name], perms[i.name], i.name) for i in self.infos]
+        self.native = keras.Model(inputs, outputs[-1], name=re.sub(r"[^A-Za-z0-9_.-]", "_", spec.name) or "model")
+        self._probe = keras.Model(inputs, outputs)
+        # canonical key -> (Keras variable, conv kernel?, flat permutation of axis 0 or None), spec order
+        self._params = {k: params[k] for k in spec.param_shapes()}
         trainable = spec.trainable_keys()
         self._trainable = [self._params[k][0] for k in trainable]
         self._stats = [v for k, (v, _, _) in self._params.items() if k not in trainable]  # BatchNorm statistics
 
-        # Stable signatures: one trace each, whatever the batch size (the last partial batch included).
-        x_sig = tf.TensorSpec((None, *in_shape), tf.float32)
-        y_sig = tf.TensorSpec((None,), tf.float32 if self._binary else tf.int64)
-        self._sigs = [x_sig, y_sig]
-        self._logits_fn = tf.function(self._logits_graph, input_signature=[x_sig], jit_compile=self.compile)
-        self._layers_fn = tf.function(self._layers_graph, input_signature=[x_sig])
-        self._grads_fn = tf.function(self._grads_graph, input_signature=self._sigs)
-        self._step_fn = None
-
-    @staticmethod
-    def _keras_layer(layer, name: str, in_shape: tuple):
-        """(Keras layer or block to call, the Keras layer holding the weights or None)."""
-        if isinstance(layer, Dense):
-            core = keras.layers.Dense(layer.units, activation=layer.activation, name=name)
-            return core, core
-        if isinstance(layer, Conv2D):
-            kernel = layer.param_shapes(in_shape)["kernel"][2:]
-            pad = 0 if layer.padding == "valid" else layer.padding
-            if pad in (0, "same"):  # Keras "same" is TensorFlow's: the spec's meaning
-                core = keras.layers.Conv2D(layer.filters, kernel, layer.strides, "valid" if pad == 0 else "same",
-                                           activation=layer.activation, name=name)
-                return core, core
-            core = keras.layers.Conv2D(layer.filters, kernel, layer.strides, "valid", activation=layer.activation,
-                                       name="conv")
-            return keras.Sequential([keras.layers.ZeroPadding2D(pad, name="pad"), core], name=name), core
-        if isinstance(layer, (MaxPool2D, AvgPool2D)):
-            k, s = layer.window()
-            cls = keras.layers.MaxPooling2D if isinstance(layer, MaxPool2D) else keras.layers.AveragePooling2D
-            return cls(k, s, "valid", name=name), None
-        if isinstance(layer, Flatten):
-            return keras.layers.Flatten(name=name), None
-        if isinstance(layer, Activation):  # softmax acts on the last axis: channels in NHWC, as canonical axis 1
-            return keras.layers.Activation(layer.activation, name=name), None
-        if isinstance(layer, Dropout):
-            return keras.layers.Dropout(layer.rate, name=name), None
-        if isinstance(layer, BatchNorm):
-            # Same moving-average meaning and biased variance as the spec. Numerically TF normalises as
-            # x * inv + (beta - mean * inv), which loses float32 digits where |mean| >> std (vs (x - mean) * inv).
-            core = keras.layers.BatchNormalization(axis=-1, momentum=layer.momentum, epsilon=layer.epsilon,
-                                                   name=name)
-            return core, core
-        raise BackendError(f"keras backend: unsupported layer {type(layer).__name__}")
-
-    # --- weights ----------------------------------------------------------------------------------
-    def _param_map(self) -> dict[str, tuple]:
-        """Canonical key -> (Keras variable, conv kernel?, flat permutation of axis 0 or None), spec order."""
-        out = {}
-        for layer, info in zip(self.layers, self.infos):
-            name, core, perm = info.name, self._core.get(info.name), self._perm_in[info.name]
-            if isinstance(layer, (Dense, Conv2D)):
-                out[f"{name}/kernel"] = (core.kernel, isinstance(layer, Conv2D), perm)
-                out[f"{name}/bias"] = (core.bias, False, None)
-            elif isinstance(layer, BatchNorm):  # flat BatchNorm after a Flatten has per-feature params in HWC order
-                for key, var in (("gamma", core.gamma), ("beta", core.beta), ("moving_mean", core.moving_mean),
-                                 ("moving_var", core.moving_variance)):
-                    out[f"{name}/{key}"] = (var, False, perm)
-        return out
-
+    # --- weights -----------------------------------------------------------------------------------------
     @staticmethod
     def _to_canonical(a: np.ndarray, conv: bool, perm: np.ndarray | None) -> np.ndarray:
         if conv:
@@ -200,49 +311,97 @@ class KerasAdapter(Adapter):
     @staticmethod
     def _to_native(a: np.ndarray, conv: bool, perm: np.ndarray | None) -> np.ndarray:
         if conv:
-            return a.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+            return np.ascontiguousarray(a.transpose(2, 3, 1, 0))  # OIHW -> HWIO
         return a if perm is None else a[perm]
 
     def get_weights(self):
-        return {k: self._to_canonical(v.numpy(), conv, perm) for k, (v, conv, perm) in self._params.items()}
+        return {k: self._to_canonical(ops.convert_to_numpy(v.value), conv, perm)
+                for k, (v, conv, perm) in self._params.items()}
 
     def set_weights(self, weights):
-        self._check_weights(weights)
-        with tf.device(self._dev):
+        with self._on_device():
             for k, (v, conv, perm) in self._params.items():
                 v.assign(self._to_native(np.asarray(weights[k], np.float32), conv, perm))
 
-    # --- graph pieces -----------------------------------------------------------------------------
-    def _nhwc(self, x):
-        return tf.transpose(x, (0, 2, 3, 1)) if self._image_input else x
+    # --- shared pieces -----------------------------------------------------------------------------------
+    def _loss(self, z, y):
+        """Mean loss from canonical logits, as backends.base.loss_and_dlogits: Keras' own ops on every engine."""
+        if self._binary:
+            y = ops.reshape(ops.cast(y, z.dtype), (-1, 1))
+            return ops.mean(ops.binary_crossentropy(y, z, from_logits=True))
+        return ops.mean(ops.sparse_categorical_crossentropy(y, z, from_logits=True))
+
+    def layer_outputs(self, x):
+        x = as_inputs(self.spec, x)
+        with self._on_device():
+            outs = self._probe(self._input(x), training=False)
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]  # a one-layer model returns a bare tensor
+        return {i.name: ops.convert_to_numpy(o) for i, o in zip(self.infos, outs)}
+
+    def _input(self, x):
+        return x
+
+    def _grads_to_canonical(self, grads) -> dict[str, np.ndarray]:
+        return {k: self._to_canonical(ops.convert_to_numpy(g), *self._params[k][1:])
+                for k, g in zip(self.spec.trainable_keys(), grads)}
+
+
+class KerasAdapter(_KerasAdapter):
+    """Keras on TensorFlow: tf.function steps (a GradientTape), XLA with compile=True; NHWC (DESIGN trap 2)."""
+
+    name = "keras"
+    engine = "tensorflow"
 
     @staticmethod
-    def _canonical_output(h, perm):
-        """A Keras output in the canonical layout: NCHW for images, CHW order for a flattened image."""
-        if h.shape.rank == 4:
-            return tf.transpose(h, (0, 3, 1, 2))
-        return h if perm is None else tf.gather(h, np.argsort(perm), axis=1)
+    def _engine_version():
+        return tf.__version__
 
-    def _logits_graph(self, x, training=False):
-        return self._canonical_output(self.native(self._nhwc(x), training=training), self._perm_out[-1])
+    @property
+    def execution_path(self) -> str:
+        return "tf.function + XLA" if self.compile else "tf.function graph"
 
-    def _layers_graph(self, x):
-        outs = self._probe(self._nhwc(x), training=False)
-        outs = outs if isinstance(outs, (list, tuple)) else [outs]  # a one-layer model returns a bare tensor
-        return [self._canonical_output(h, p) for h, p in zip(outs, self._perm_out)]
+    @property
+    def settings(self):
+        return {**super().settings, "jit": "tf.function", "xla": self.compile, "tf32": False if self._gpu else None}
 
-    def _loss_graph(self, x, y):
-        """Training-mode mean loss, as backends.base.loss_and_dlogits (labels index the canonical flat logits)."""
-        z = self._logits_graph(x, training=True)
-        z = tf.reshape(z, (tf.shape(z)[0], -1))
-        if self._binary:
-            return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=z[:, 0]))
-        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=z))
+    @classmethod
+    def set_threads(cls, n: int) -> None:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(n)
+            tf.config.threading.set_inter_op_parallelism_threads(n)
+        except RuntimeError:  # the runtime already started: the TF_NUM_*_THREADS variables have applied
+            pass
+
+    def _gpu_count(self):
+        return len(tf.config.list_physical_devices("GPU"))
+
+    def _use_device(self, index):
+        if index is not None:
+            tf.config.experimental.enable_tensor_float32_execution(False)  # TF32 would break float32 equivalence
+
+    @property
+    def device_name(self) -> str:
+        if self._gpu:
+            gpu = tf.config.list_physical_devices("GPU")[int(self._kdev.rsplit(":", 1)[1])]
+            return tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
+        return cpu_name()
+
+    def peak_device_memory(self):
+        return tf.config.experimental.get_memory_info(self._kdev.upper())["peak"] if self._gpu else None
+
+    def _after_build(self):
+        # Stable signatures: one trace each, whatever the batch size (the last partial batch included).
+        x_sig = tf.TensorSpec((None, *self.spec.input_shape), tf.float32)
+        self._sigs = [x_sig, tf.TensorSpec((None,), tf.int64)]
+        self._logits_fn = tf.function(lambda x: self.native(x, training=False), input_signature=[x_sig],
+                                      jit_compile=self.compile)
+        self._grads_fn = tf.function(self._grads_graph, input_signature=self._sigs)
+        self._step_fn = None
 
     def _grads_graph(self, x, y):
         saved = [tf.identity(v.value) for v in self._stats]  # the training call moves the BatchNorm statistics
         with tf.GradientTape() as tape:
-            loss = self._loss_graph(x, y)
+            loss = self._loss(self.native(x, training=True), y)
         grads = tape.gradient(loss, self._trainable, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         for v, s in zip(self._stats, saved):
             v.assign(s)
@@ -250,50 +409,280 @@ class KerasAdapter(Adapter):
 
     def _step_graph(self, x, y):
         with tf.GradientTape() as tape:
-            loss = self._loss_graph(x, y)
+            loss = self._loss(self.native(x, training=True), y)
         grads = tape.gradient(loss, self._trainable, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         self._opt.apply_gradients(zip(grads, self._trainable))
         return loss
 
-    def _labels(self, y) -> np.ndarray:
-        return np.asarray(y).reshape(-1).astype(np.float32 if self._binary else np.int64, copy=False)
-
-    # --- inference --------------------------------------------------------------------------------
     def logits(self, x):
-        with tf.device(self._dev):
+        with self._on_device():
             return self._logits_fn(as_inputs(self.spec, x)).numpy()
 
-    def layer_outputs(self, x):
-        with tf.device(self._dev):
-            outs = self._layers_fn(as_inputs(self.spec, x))
-        return {i.name: o.numpy() for i, o in zip(self.infos, outs)}
-
-    # --- training ---------------------------------------------------------------------------------
     def loss_and_grads(self, x, y):
-        with tf.device(self._dev):
-            loss, grads = self._grads_fn(as_inputs(self.spec, x), self._labels(y))
-        keys = self.spec.trainable_keys()
-        return float(loss), {k: self._to_canonical(g.numpy(), *self._params[k][1:]) for k, g in zip(keys, grads)}
+        with self._on_device():
+            loss, grads = self._grads_fn(x, np.asarray(y, np.int64))
+        return float(loss), self._grads_to_canonical(grads)
 
     def set_optimizer(self, optimizer):
-        if isinstance(optimizer, SGD):  # Keras: m = mu*m - lr*g; w += m. The canonical form at constant lr
-            opt = keras.optimizers.SGD(learning_rate=optimizer.lr, momentum=optimizer.momentum)
-        elif isinstance(optimizer, Adam):
-            opt = KingmaBaAdam(learning_rate=optimizer.lr, beta_1=optimizer.beta1, beta_2=optimizer.beta2,
-                               epsilon=optimizer.epsilon)
-        else:
-            raise BackendError(f"keras backend: unsupported optimizer {optimizer!r}")
-        with tf.device(self._dev):
+        opt = _keras_optimizer(optimizer)
+        with self._on_device():
             opt.build(self._trainable)  # slots created eagerly, outside the traced step
         self.optimizer, self._opt = optimizer, opt
         self._step_fn = tf.function(self._step_graph, input_signature=self._sigs,  # traces against the new slots
                                     jit_compile=self.compile)
 
+    def to_device(self, x, y):
+        """Inputs and labels resident on the device, for timing without host copies."""
+        with self._on_device():
+            return tf.constant(as_inputs(self.spec, x)), tf.constant(np.asarray(y, np.int64))
+
     def _train_batch(self, x, y):
-        with tf.device(self._dev):
-            return self._step_fn(x, self._labels(y))
+        with self._on_device():
+            return self._step_fn(x, y)
 
     def sync(self):
         # CPU kernels of a tf.function call have run when it returns; GPU kernels may still be queued.
-        if self._dev.startswith("/GPU"):
+        if self._gpu:
             tf.test.experimental.sync_devices()
+
+
+class KerasJaxAdapter(_KerasAdapter):
+    """Keras on JAX: `model.stateless_call` and `optimizer.stateless_apply` under one `jax.jit` (Keras' guide).
+
+    Between steps the state (trainable, non-trainable and optimizer values) lives in arrays the step returns;
+    it is written back to the Keras variables only when weights are read, set or the optimizer changes.
+    """
+
+    name = "keras-jax"
+    engine = "jax"
+
+    @staticmethod
+    def _engine_version():
+        return jax.__version__
+
+    @property
+    def execution_path(self) -> str:
+        return "jax.jit stateless_call (XLA)"
+
+    @property
+    def settings(self):
+        return {**super().settings, "jit": "jax.jit", "xla": True,
+                "matmul_precision": jax.config.jax_default_matmul_precision}
+
+    def _gpu_count(self):
+        try:
+            return len(jax.devices("gpu"))
+        except RuntimeError:  # no GPU platform in this jaxlib
+            return 0
+
+    def _use_device(self, index):
+        if index is not None:  # float32 matmuls and convolutions, not TF32 (what "highest" means on GPU)
+            jax.config.update("jax_default_matmul_precision", "highest")
+        self._jdev = jax.devices("gpu")[index] if index is not None else jax.devices("cpu")[0]
+
+    @property
+    def device_name(self) -> str:
+        return self._jdev.device_kind if self._gpu else cpu_name()
+
+    def peak_device_memory(self):
+        stats = self._jdev.memory_stats() if self._gpu else None
+        return stats.get("peak_bytes_in_use") if stats else None
+
+    def _after_build(self):
+        model = self.native
+        self._state = None  # (trainable, non-trainable, optimizer) values ahead of the Keras variables
+        index = {id(v): i for i, v in enumerate(model.trainable_variables)}
+        self._grad_index = [index[id(v)] for v in self._trainable]  # spec's trainable order -> Keras order
+
+        def logits(tv, ntv, x):
+            return model.stateless_call(tv, ntv, x, training=False)[0]
+
+        def loss_fn(tv, ntv, x, y):
+            z, ntv = model.stateless_call(tv, ntv, x, training=True)
+            return self._loss(z, y), ntv
+
+        def grads(tv, ntv, x, y):  # the updated BatchNorm statistics are dropped: no state changes
+            (loss, _), g = jax.value_and_grad(loss_fn, has_aux=True)(tv, ntv, x, y)
+            return loss, g
+
+        def step(state, x, y):
+            tv, ntv, ov = state
+            (loss, ntv), g = jax.value_and_grad(loss_fn, has_aux=True)(tv, ntv, x, y)
+            tv, ov = self._opt.stateless_apply(ov, g, tv)
+            return loss, (tv, ntv, ov)
+
+        self._logits_fn, self._grads_fn = jax.jit(logits), jax.jit(grads)
+        self._step = step
+        self._opt = None
+
+    def _variables(self):
+        return (self.native.trainable_variables, self.native.non_trainable_variables,
+                self._opt.variables if self._opt is not None else [])
+
+    def _pull(self):
+        """The current state as arrays (from the variables when they are current)."""
+        if self._state is None:
+            self._state = tuple([v.value for v in vs] for vs in self._variables())
+        return self._state
+
+    def _push(self):
+        """Write the state arrays back into the Keras variables."""
+        if self._state is not None:
+            with self._on_device():
+                for vs, values in zip(self._variables(), self._state):
+                    for v, a in zip(vs, values):
+                        v.assign(a)
+            self._state = None
+
+    def get_weights(self):
+        self._push()
+        return super().get_weights()
+
+    def set_weights(self, weights):
+        self._push()  # keeps the optimizer state
+        super().set_weights(weights)
+
+    def layer_outputs(self, x):
+        self._push()
+        return super().layer_outputs(x)
+
+    def _labels(self, y):
+        return np.asarray(y, np.int32)  # JAX without x64 holds int32
+
+    def logits(self, x):
+        tv, ntv, _ = self._pull()
+        with self._on_device():
+            return np.asarray(self._logits_fn(tv, ntv, as_inputs(self.spec, x)))
+
+    def loss_and_grads(self, x, y):
+        tv, ntv, _ = self._pull()
+        with self._on_device():
+            loss, grads = self._grads_fn(tv, ntv, x, self._labels(y))
+        return float(loss), self._grads_to_canonical([grads[i] for i in self._grad_index])
+
+    def set_optimizer(self, optimizer):
+        opt = _keras_optimizer(optimizer)
+        self._push()
+        with self._on_device():
+            opt.build(self.native.trainable_variables)
+        self.optimizer, self._opt = optimizer, opt
+        # traced anew: the step reads the optimizer's Python-level settings (momentum, betas) at trace time
+        self._step_fn = jax.jit(self._step, donate_argnums=0 if self._gpu else ())  # the old state dies
+
+    def to_device(self, x, y):
+        """Inputs and labels resident on the device, for timing without host copies."""
+        return jax.device_put((as_inputs(self.spec, x), self._labels(y)), self._jdev)
+
+    def _train_batch(self, x, y):
+        if isinstance(y, np.ndarray):
+            y = self._labels(y)
+        with self._on_device():
+            loss, self._state = self._step_fn(self._pull(), x, y)
+        return loss
+
+    def sync(self):
+        if self._state is not None:
+            jax.block_until_ready(self._state)
+
+
+class KerasTorchAdapter(_KerasAdapter):
+    """Keras on PyTorch, Keras' guide loop: forward, `loss.backward()`, `optimizer.apply` under no_grad; NCHW."""
+
+    name = "keras-torch"
+    engine = "torch"
+
+    def __init__(self, spec, device="cpu", compile=False):
+        if compile:
+            raise BackendError("keras-torch: compile is not supported (Keras on torch runs eagerly; "
+                               "use the torch backend for torch.compile)")
+        super().__init__(spec, device, compile)
+
+    @staticmethod
+    def _engine_version():
+        return torch.__version__
+
+    @property
+    def execution_path(self) -> str:
+        return "eager (Keras layers on torch)"
+
+    @property
+    def settings(self):
+        return {**super().settings, "jit": None, "xla": False, "tf32": False if self._gpu else None,
+                "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if self._gpu else None}
+
+    @classmethod
+    def set_threads(cls, n: int) -> None:
+        torch.set_num_threads(n)
+
+    def _gpu_count(self):
+        return torch.cuda.device_count()
+
+    def _use_device(self, index):
+        if index is not None:
+            torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would break float32 equivalence
+            torch.backends.cudnn.allow_tf32 = False
+        self._tdev = torch.device("cuda", index) if index is not None else torch.device("cpu")
+
+    @property
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name(self._tdev) if self._gpu else cpu_name()
+
+    def peak_device_memory(self):
+        return torch.cuda.max_memory_allocated(self._tdev) if self._gpu else None
+
+    def _after_build(self):
+        self._opt = None
+
+    def _input(self, x):
+        return torch.from_numpy(x).to(self._tdev)
+
+    def _labels(self, y):
+        return torch.from_numpy(np.asarray(y, np.int64)).to(self._tdev)
+
+    def logits(self, x):
+        with torch.no_grad(), self._on_device():
+            return self.native(self._input(as_inputs(self.spec, x)), training=False).cpu().numpy()
+
+    def _backward(self, x, y):
+        for v in self._trainable:
+            v.value.grad = None
+        loss = self._loss(self.native(x, training=True), y)
+        loss.backward()
+        return loss.detach()
+
+    def loss_and_grads(self, x, y):
+        saved = [v.value.detach().clone() for v in self._stats]  # the training call moves BatchNorm statistics
+        with self._on_device():
+            loss = self._backward(self._input(x), self._labels(y))
+        with torch.no_grad():
+            for v, s in zip(self._stats, saved):
+                v.value.copy_(s)
+        grads = [v.value.grad if v.value.grad is not None else torch.zeros_like(v.value) for v in self._trainable]
+        for v in self._trainable:
+            v.value.grad = None
+        return float(loss), self._grads_to_canonical(grads)
+
+    def set_optimizer(self, optimizer):
+        opt = _keras_optimizer(optimizer)
+        with self._on_device():
+            opt.build(self._trainable)
+        self.optimizer, self._opt = optimizer, opt
+
+    def to_device(self, x, y):
+        """Inputs and labels resident on the device, for timing without host copies."""
+        return self._input(as_inputs(self.spec, x)), self._labels(y)
+
+    def _train_batch(self, x, y):
+        if isinstance(x, np.ndarray):
+            x, y = self._input(x), self._labels(y)
+        with self._on_device():
+            loss = self._backward(x, y)
+            grads = [v.value.grad if v.value.grad is not None else torch.zeros_like(v.value)
+                     for v in self._trainable]
+            with torch.no_grad():
+                self._opt.apply(grads, self._trainable)
+        return loss
+
+    def sync(self):
+        if self._gpu:
+            torch.cuda.synchronize(self._tdev)
