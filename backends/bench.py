@@ -1,9 +1,14 @@
-"""Timing one (model, backend, device, batch size) cell, inside a fresh process: see DESIGN.md "Timing"."""
+"""Timing one (model, backend, device, batch size) cell, inside a fresh process: see DESIGN.md "Timing"
+and docs/performance.md (what was measured to choose each setting)."""
 from __future__ import annotations
 
+import math
+import os
 import resource
 import statistics
+import sys
 import time
+from typing import Any, Callable
 
 import numpy as np
 
@@ -13,11 +18,41 @@ from .base import Optimizer, parse_device
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
                     "TF_NUM_INTEROP_THREADS", "MXNET_CPU_WORKER_NTHREADS", "MXNET_OMP_MAX_THREADS")
+# TensorFlow's inter-op pool: 1 and `threads` measured equal within noise on small models (docs/performance.md);
+# `threads` is what the Keras adapter's set_threads asks for anyway, so the variable agrees with it.
+TF_INTEROP = "threads"
+
+# Noise control: repeats continue until the last SETTLE_K agree within SPREAD_BOUND, or the budget runs out.
+SETTLE_K = 5
+SPREAD_BOUND = 0.03
+MIN_REPEAT_S = 0.05  # a repeat shorter than this is mostly timer and scheduler jitter: steps are raised to fit
 
 
-def thread_env(threads: int) -> dict[str, str]:
-    """Environment that gives every framework the same thread count; set before the framework loads."""
-    return {v: str(threads) for v in THREAD_VARIABLES}
+def _framework(backend: str | None) -> str | None:
+    """The framework whose thread pools a backend's cell sizes ("keras-torch" runs torch kernels)."""
+    if backend is None:
+        return None
+    if backend.startswith("keras-"):
+        return backend.split("-", 1)[1]  # keras-jax -> jax, keras-torch -> torch
+    return {"keras": "tensorflow"}.get(backend, backend)
+
+
+def thread_env(threads: int, backend: str | None = None) -> dict[str, str]:
+    """The thread variables of `backend`'s cell, chosen per framework by measurement; set before it loads.
+
+    MXnet keeps MXNET_CPU_WORKER_NTHREADS at its default (one engine worker) and gives that worker `threads`
+    OpenMP threads: one worker per core, each with a core-wide OpenMP pool, oversubscribes (trap 13).
+    backend=None gives the variables that are right for every framework at once.
+    """
+    n = str(threads)
+    env = {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n}
+    fw = _framework(backend)
+    if fw in (None, "tensorflow"):
+        env["TF_NUM_INTRAOP_THREADS"] = n
+        env["TF_NUM_INTEROP_THREADS"] = n if TF_INTEROP == "threads" else str(TF_INTEROP)
+    if fw in (None, "mxnet"):
+        env["MXNET_OMP_MAX_THREADS"] = n
+    return env
 
 
 def _spread(values: list[float]) -> float:
@@ -26,9 +61,96 @@ def _spread(values: list[float]) -> float:
     return (max(values) - min(values)) / 2 / med if med else 0.0
 
 
+def timed_repeats(run: Callable[[int], None], steps: int, batch_size: int, min_repeats: int, budget_s: float,
+                  k: int = SETTLE_K, bound: float = SPREAD_BOUND) -> dict:
+    """Samples/s of `run(steps)` repeated until the last k repeats agree within `bound` (half range / median)
+    or `budget_s` is spent, at least `min_repeats` either way. A repeat shorter than MIN_REPEAT_S is dropped
+    and the steps per repeat raised. The median and spread are over the last k repeats."""
+    values: list[float] = []
+    start = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        run(steps)
+        seconds = time.perf_counter() - t0
+        if seconds < MIN_REPEAT_S and time.perf_counter() - start < budget_s:
+            steps = math.ceil(steps * 1.2 * MIN_REPEAT_S / max(seconds, 1e-6))
+            continue
+        values.append(steps * batch_size / seconds)
+        window = values[-k:]
+        settled = len(window) == k and _spread(window) <= bound
+        if len(values) >= min_repeats and (settled or time.perf_counter() - start >= budget_s):
+            break
+    return {"samples_s": statistics.median(window), "spread": _spread(window), "repeats": len(values),
+            "steps": steps, "noisy": _spread(window) > bound, "runs": values}
+
+
+def _framework_settings(net: Any) -> dict:
+    """What the loaded frameworks report about their thread pools and numerics (read defensively: only
+    frameworks this process imported are asked)."""
+    s: dict[str, Any] = {}
+    gpu = getattr(net, "device", "cpu") != "cpu"
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        s["torch.get_num_threads"] = torch.get_num_threads()
+        s["torch.get_num_interop_threads"] = torch.get_num_interop_threads()
+        if gpu:
+            s["torch.cuda.matmul.allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+            s["torch.cudnn.allow_tf32"] = torch.backends.cudnn.allow_tf32
+            s["torch.cudnn.benchmark"] = torch.backends.cudnn.benchmark
+    if "tensorflow" in sys.modules:
+        tf = sys.modules["tensorflow"]
+        try:  # 0 means "TensorFlow's own choice" (the TF_NUM_*_THREADS variables, else the core count)
+            s["tf.intra_op_parallelism_threads"] = tf.config.threading.get_intra_op_parallelism_threads()
+            s["tf.inter_op_parallelism_threads"] = tf.config.threading.get_inter_op_parallelism_threads()
+            if gpu:
+                s["tf.tensor_float32_execution"] = tf.config.experimental.tensor_float32_execution_enabled()
+        except AttributeError:
+            pass
+    if "mxnet" in sys.modules:
+        mx = sys.modules["mxnet"]
+        s["mxnet.engine"] = os.environ.get("MXNET_ENGINE_TYPE", "ThreadedEnginePerDevice")
+        s["mxnet.cpu_workers"] = int(os.environ.get("MXNET_CPU_WORKER_NTHREADS") or 1)  # MXNet's default: 1
+        try:
+            features = mx.runtime.Features()
+            s["mxnet.openmp"] = features.is_enabled("OPENMP")
+            s["mxnet.mkldnn"] = features.is_enabled("MKLDNN")
+        except (AttributeError, RuntimeError):
+            pass
+    if "jax" in sys.modules:
+        jax = sys.modules["jax"]
+        s["jax.devices"] = [str(d) for d in jax.devices()]
+    for attr in ("channels_last", "memory_format", "cudnn_benchmark", "tf32", "static_alloc", "fused_batchnorm"):
+        value = getattr(net, attr, None)  # per-framework practices an adapter chooses to expose
+        if isinstance(value, (bool, int, float, str)):
+            s[f"adapter.{attr}"] = value
+    return s
+
+
+def _process_threads() -> int | None:
+    """OS threads of this process (Linux): engine workers and OpenMP/Eigen pools show up here."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return None
+
+
+def batch_pool(spec: ModelSpec, batch_size: int, n: int = 4, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`n` separate per-batch arrays (never views into one big array: slicing inside MXNet's autograd.record
+    halves its throughput, trap 14)."""
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal((batch_size,) + spec.input_shape).astype(np.float32),
+             rng.integers(0, max(spec.num_classes, 2), batch_size).astype(np.int64)) for _ in range(n)]
+
+
 def measure(backend: str, spec: ModelSpec, device: str, batch_size: int, steps: int, repeats: int,
-            warmup: int, optimizer: Optimizer, threads: int, seed: int = 0, compile: bool = False) -> dict:
-    """Build, time the first step apart, warm up, then time `repeats` x `steps` training and inference steps."""
+            warmup: int, optimizer: Optimizer, threads: int, seed: int = 0, compile: bool = False,
+            data: str = "resident", budget_s: float = 3.0) -> dict:
+    """Build, time the first step apart, warm up, then time training and inference samples/s: `steps` and
+    `repeats` are minimums, repeats go on until the spread settles or `budget_s` (split 2:1 between training
+    and inference) is spent. data="resident" feeds the adapter's own device tensors where it offers
+    `to_device`, else host NumPy arrays every step (data="host", what a data loader does); the row says which."""
+    if data not in ("host", "resident"):
+        raise ValueError(f"data must be 'host' or 'resident', got {data!r}")
     from . import get_adapter  # imports the framework: only ever called in a cell's own process
 
     t0 = time.perf_counter()
@@ -36,53 +158,59 @@ def measure(backend: str, spec: ModelSpec, device: str, batch_size: int, steps: 
     cls.set_threads(threads)
     import_s = time.perf_counter() - t0
 
-    rng = np.random.default_rng(seed)
-    pool = [(rng.standard_normal((batch_size,) + spec.input_shape).astype(np.float32),
-             rng.integers(0, max(spec.num_classes, 2), batch_size).astype(np.int64)) for _ in range(4)]
+    pool = batch_pool(spec, batch_size, seed=seed)
 
     t0 = time.perf_counter()
     net = cls.build(spec, device=device, seed=seed, optimizer=optimizer, compile=compile)
     net.sync()
     build_s = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    float(net._train_batch(*pool[0]))  # trace / compile / allocate: reported apart
-    net.sync()
-    first_step_s = time.perf_counter() - t0
-    for i in range(warmup):
-        handle = net._train_batch(*pool[i % len(pool)])
-    if warmup:
-        float(handle)
-        net.sync()
+    placed = "host"
+    if data == "resident" and callable(getattr(net, "to_device", None)):
+        pool = [tuple(net.to_device(x, y)) for x, y in pool]
+        placed = "resident"
 
-    train, loss = [], float("nan")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for i in range(steps):
+    last = {"loss": float("nan")}
+
+    def train(n: int) -> None:
+        for i in range(n):
             handle = net._train_batch(*pool[i % len(pool)])
-        loss = float(handle)  # fetching the last loss waits for the queued steps (MXNet engine, CUDA)
+        last["loss"] = float(handle)  # fetching the last loss waits for queued steps (MXNet engine, CUDA)
         net.sync()
-        train.append(steps * batch_size / (time.perf_counter() - t0))
 
-    net.predict(pool[0][0])  # the inference path may compile on first use
-    infer = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for i in range(steps):
-            net.predict(pool[i % len(pool)][0])  # returns host numpy: synchronised
-        infer.append(steps * batch_size / (time.perf_counter() - t0))
+    t0 = time.perf_counter()
+    train(1)  # trace / compile / allocate: reported apart
+    first_step_s = time.perf_counter() - t0
+    if warmup:
+        train(warmup)
+    tr = timed_repeats(train, steps, batch_size, repeats, budget_s * 2 / 3)
 
-    train_sps = statistics.median(train)
+    host_x = [x for x, _ in batch_pool(spec, batch_size, seed=seed)]
+
+    def infer(n: int) -> None:
+        for i in range(n):
+            net.predict(host_x[i % len(host_x)])  # returns host NumPy: synchronised
+
+    infer(1 + warmup)  # the inference path may compile on first use
+    inf = timed_repeats(infer, steps, batch_size, repeats, budget_s / 3)
+
+    settings = {"threads": threads, **{v: os.environ[v] for v in THREAD_VARIABLES if v in os.environ},
+                **_framework_settings(net), "data": placed, "infer_data": "host",
+                "process_threads": _process_threads()}
+    train_sps = tr["samples_s"]
     return {
         "version": cls.version(), "device_name": net.device_name, "path": net.execution_path,
         "import_s": import_s, "build_s": build_s, "first_step_s": first_step_s,
-        "train_samples_s": train_sps, "train_spread": _spread(train), "train_runs": train,
-        "infer_samples_s": statistics.median(infer), "infer_spread": _spread(infer),
+        "train_samples_s": train_sps, "train_spread": tr["spread"], "train_runs": tr["runs"],
+        "train_repeats": tr["repeats"], "train_steps": tr["steps"], "train_noisy": tr["noisy"],
+        "infer_samples_s": inf["samples_s"], "infer_spread": inf["spread"], "infer_repeats": inf["repeats"],
+        "infer_steps": inf["steps"], "infer_noisy": inf["noisy"],
+        "noisy": tr["noisy"] or inf["noisy"], "data": placed, "settings": settings,
         # training FLOPs ~ 3x forward (forward, backward to activations, backward to weights)
         "train_gflops": 3 * spec.flops * train_sps / 1e9,
         "host_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "device_mem_mb": (lambda b: None if b is None else b / 2**20)(net.peak_device_memory()),
-        "loss": loss,
+        "loss": last["loss"],
     }
 
 

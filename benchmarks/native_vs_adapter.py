@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
-"""Adapter overhead: each framework's adapter training loop against a minimal hand-written native loop of
-the same LeNet-5, in one fresh process per framework, repeats interleaved. Prints samples/s and ratios.
+"""Adapter against hand-written loops: `compare.py run`'s cell for each (framework, model, batch) against the
+framework's idiomatic training loop (benchmarks/native_loops.py, which never imports nncompare), each in its
+own fresh process. The native loop runs twice per round: under the framework's default environment (no thread
+variables) and under the tool's (thread_env); the adapter runs as compare.py's cell does. Rounds interleave
+native and adapter runs; the table shows medians and adapter / best native, the worst ratio last.
 
-    python benchmarks/native_vs_adapter.py [--batch-size 128] [--steps 20] [--repeats 7] [--threads N]
+    python benchmarks/native_vs_adapter.py [--backends torch mxnet] [--models lenet5] [--batch-sizes 128]
+                                           [--rounds 3] [--threads N] [--json out.json] [--quick]
 """
 from __future__ import annotations
 
@@ -12,143 +16,134 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+NATIVE = Path(__file__).resolve().parent / "native_loops.py"
+MODELS = ("mlp", "lenet5", "cifar_cnn")
+CANDIDATES = ("keras", "torch", "mxnet", "keras-jax", "keras-torch")
 
 
-def native_torch(batch_size):
-    import torch
-    from torch import nn
-    net = nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(),
-                        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
-                        nn.Linear(84, 10))
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    loss_fn = nn.CrossEntropyLoss()
-
-    def step(x, y):
-        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(net(xt), yt)
-        loss.backward()
-        opt.step()
-        return loss.detach()
-    return step, lambda x: x, float
+def default_env() -> dict[str, str]:
+    """The caller's environment without any thread variable: each framework sizes its own pools."""
+    from nncompare.backends.bench import THREAD_VARIABLES
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
 
 
-def native_keras(batch_size):
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    import keras
-    from keras import layers
-    net = keras.Sequential([keras.Input((28, 28, 1)), layers.Conv2D(6, 5, padding="same", activation="relu"),
-                            layers.MaxPooling2D(2), layers.Conv2D(16, 5, activation="relu"), layers.MaxPooling2D(2),
-                            layers.Flatten(), layers.Dense(120, activation="relu"), layers.Dense(84, activation="relu"),
-                            layers.Dense(10)])
-    net.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-
-    def step(x, y):  # the documented per-batch Keras API; returns a host float
-        return net.train_on_batch(x, y)
-    return step, lambda x: x.transpose(0, 2, 3, 1).copy(), float  # native Keras data is channels-last
+def run_native(backend: str, model: str, batch: int, args, env: dict[str, str]) -> dict:
+    cmd = [sys.executable, str(NATIVE), backend, model, str(batch), "--steps", str(args.steps),
+           "--repeats", str(args.repeats), "--budget", str(args.budget)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout,
+                             stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.timeout:g} s"}
+    if out.returncode != 0:
+        lines = [l for l in out.stderr.splitlines() if l.strip()]
+        return {"error": f"exit code {out.returncode}: {lines[-1][:100] if lines else ''}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def native_mxnet(batch_size):
-    import numpy
-    if not hasattr(numpy, "bool"):
-        numpy.bool = bool  # MXNet 1.9.1 still uses the alias that numpy 1.24 removed
-    import mxnet as mx
-    from mxnet import autograd, gluon
-    net = gluon.nn.HybridSequential()
-    net.add(gluon.nn.Conv2D(6, 5, padding=2, activation="relu"), gluon.nn.MaxPool2D(2),
-            gluon.nn.Conv2D(16, 5, activation="relu"), gluon.nn.MaxPool2D(2), gluon.nn.Flatten(),
-            gluon.nn.Dense(120, activation="relu"), gluon.nn.Dense(84, activation="relu"), gluon.nn.Dense(10))
-    net.initialize(mx.init.Xavier())
-    net.hybridize(static_alloc=True, static_shape=True)
-    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.01, "momentum": 0.9})
-    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
-
-    def step(x, y):
-        xn, yn = mx.nd.array(x), mx.nd.array(y)
-        with autograd.record():
-            loss = loss_fn(net(xn), yn)
-        loss.backward()
-        trainer.step(len(x))
-        return loss
-    return step, lambda x: x, lambda loss: float(loss.mean().asscalar())
-
-
-NATIVE = {"torch": native_torch, "keras": native_keras, "mxnet": native_mxnet}
-
-
-def worker(backend: str, batch_size: int, steps: int, repeats: int, threads: int) -> dict:
-    """Time the adapter and the native loop alternately in this process; samples/s per repeat."""
-    import numpy as np
-
-    from nncompare.backends import SGD, get_adapter
+def run_adapter(backend: str, model: str, batch: int, args) -> dict:
+    """The cell exactly as `compare.py run` starts it (fresh process, the runner's cell environment)."""
+    from nncompare.backends import SGD
     from nncompare.models import zoo
+    from nncompare.runner import Task, run_subprocess
+    opt = SGD(lr=0.01, momentum=0.9)
+    task = Task("measure", device="cpu", threads=args.threads, backend=backend, model_name=model,
+                spec=zoo.get(model).to_dict(), batch_size=batch, optimizer={"type": "sgd", "args": vars(opt)},
+                steps=args.steps, repeats=args.repeats, warmup=2)
+    return run_subprocess(task, args.timeout)
 
-    rng = np.random.default_rng(0)
-    data = [(rng.standard_normal((batch_size, 1, 28, 28)).astype(np.float32),
-             rng.integers(0, 10, batch_size).astype(np.int64)) for _ in range(4)]
-    cls = get_adapter(backend)
-    cls.set_threads(threads)
-    net = cls.build(zoo.get("lenet5"), optimizer=SGD(lr=0.01, momentum=0.9))
-    native_step, to_native, fetch = NATIVE[backend](batch_size)
-    native_data = [(to_native(x), y) for x, y in data]
 
-    def adapter_run():
-        for i in range(steps):
-            h = net._train_batch(*data[i % 4])
-        float(h)
-        net.sync()
+def backends_to_run(requested: list[str] | None) -> tuple[list[str], list[str]]:
+    """(backends to run, notes on those skipped)."""
+    from nncompare.backends import available_backends, names
+    info, registered = available_backends(), names()
+    run, notes = [], []
+    for b in requested or CANDIDATES:
+        if b not in registered:
+            notes.append(f"{b}: skipped, not a registered nncompare backend")
+        elif not info[b]["installed"]:
+            notes.append(f"{b}: skipped, not installed")
+        else:
+            run.append(b)
+    return run, notes
 
-    def native_run():
-        for i in range(steps):
-            h = native_step(*native_data[i % 4])
-        fetch(h)
 
-    for run in (adapter_run, native_run):  # warm-up: tracing, allocation
-        run()
-    times = {"adapter": [], "native": []}
-    for _ in range(repeats):
-        for name, run in (("adapter", adapter_run), ("native", native_run)):
-            t0 = time.perf_counter()
-            run()
-            times[name].append(steps * batch_size / (time.perf_counter() - t0))
-    return {"path": net.execution_path, **{k: statistics.median(v) for k, v in times.items()}}
+def median(results: list[dict], key: str = "train_samples_s") -> float | None:
+    values = [r[key] for r in results if key in r]
+    return statistics.median(values) if values else None
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backends", nargs="+", default=["keras", "torch", "mxnet"])
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=11)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--backends", nargs="+", help=f"default: the installed ones of {', '.join(CANDIDATES)}")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 128])
+    p.add_argument("--rounds", type=int, default=3, help="interleaved native/adapter rounds (medians over them)")
+    p.add_argument("--steps", type=int, default=10, help="minimum steps per timed repeat")
+    p.add_argument("--repeats", type=int, default=5, help="minimum timed repeats per process")
+    p.add_argument("--budget", type=float, default=3.0, help="native loop's seconds of timing after warm-up")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="the tool's thread count")
+    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--json", help="write every run's result here")
+    p.add_argument("--quick", action="store_true", help="functional smoke run: 1 round, tiny steps, no timing value")
     args = p.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args.worker, args.batch_size, args.steps, args.repeats, args.threads)))
-        return 0
+    if args.quick:
+        args.rounds, args.steps, args.repeats, args.budget = 1, 1, 1, 0.0
     from tabulate import tabulate
+
     from nncompare.backends.bench import thread_env
-    rows = []
-    for backend in args.backends:
-        cmd = [sys.executable, __file__, "--worker", backend, "--batch-size", str(args.batch_size),
-               "--steps", str(args.steps), "--repeats", str(args.repeats), "--threads", str(args.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True,
-                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **thread_env(args.threads)))
-        if out.returncode != 0:
-            rows.append((backend, "ERROR", (out.stderr.strip().splitlines() or ["?"])[-1][:80], "", ""))
-            continue
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append((backend, r["path"], f"{r['adapter']:,.0f}", f"{r['native']:,.0f}", f"{r['adapter'] / r['native']:.3f}"))
-    print(f"lenet5, batch {args.batch_size}, cpu, {args.threads} threads, median of {args.repeats} x {args.steps} steps")
-    print(tabulate(rows, headers=("Framework", "Adapter path", "Adapter samples/s", "Native samples/s",
-                                  "Adapter / native"), disable_numparse=True))
-    return 0
+
+    backends, notes = backends_to_run(args.backends)
+    runs: dict[tuple, dict[str, list[dict]]] = {}
+    for model in args.models:
+        for batch in args.batch_sizes:
+            for backend in backends:
+                key = (model, batch, backend)
+                runs[key] = {"native_default": [], "native_tool": [], "adapter": []}
+                tool_env = dict(default_env(), **thread_env(args.threads, backend))
+                for _ in range(args.rounds):  # interleaved: drift in machine load hits both sides alike
+                    runs[key]["native_default"].append(run_native(backend, model, batch, args, default_env()))
+                    runs[key]["adapter"].append(run_adapter(backend, model, batch, args))
+                    runs[key]["native_tool"].append(run_native(backend, model, batch, args, tool_env))
+                    print(".", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+
+    rows, ratios = [], []
+    for (model, batch, backend), r in runs.items():
+        nd, nt, ad = (median(r[k]) for k in ("native_default", "native_tool", "adapter"))
+        errors = [x["error"] for side in r.values() for x in side if "error" in x]
+        best = max((v for v in (nd, nt) if v), default=None)
+        ratio = ad / best if ad and best else None
+        if ratio is not None:
+            ratios.append((ratio, model, batch, backend))
+        noisy = sum(bool(x.get("noisy") or x.get("train_noisy")) for side in r.values() for x in side)
+        path = next((x.get("path") for x in r["adapter"] if "path" in x), "")
+        rows.append((model, batch, backend, path,
+                     *(f"{v:,.0f}" if v else "-" for v in (nd, nt, ad)),
+                     f"{ratio:.3f}" if ratio is not None else "ERROR: " + (errors[0][:60] if errors else "?"),
+                     noisy or ""))
+    print(f"cpu, tool threads {args.threads}; {args.rounds} interleaved rounds, medians; every run a fresh process"
+          + (" (--quick: a smoke run, the numbers mean nothing)" if args.quick else ""))
+    print(tabulate(rows, headers=("Model", "Batch", "Framework", "Adapter path", "Native, default env",
+                                  "Native, tool env", "Adapter", "Adapter / best native", "Noisy runs"),
+                   disable_numparse=True))
+    for note in notes:
+        print(f"note: {note}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            [{"model": m, "batch_size": b, "backend": k, **r} for (m, b, k), r in runs.items()], indent=1) + "\n")
+    if not ratios:
+        print("worst adapter / best native: none (every cell failed)")
+        return 1
+    worst = min(ratios)
+    print(f"worst adapter / best native: {worst[0]:.3f} ({worst[3]}, {worst[1]}, batch {worst[2]})")
+    return 1 if len(ratios) < len(runs) else 0
 
 
 if __name__ == "__main__":

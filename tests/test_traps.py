@@ -100,8 +100,9 @@ def test_trap8_adam_epsilon_is_added_after_bias_correction(backend):
 
 def test_trap10_every_framework_gets_the_same_thread_count():
     env = thread_env(3)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "MXNET_CPU_WORKER_NTHREADS"):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "MXNET_OMP_MAX_THREADS"):
         assert env[var] == "3"
+    assert "MXNET_CPU_WORKER_NTHREADS" not in env  # trap 13: one engine worker, N OpenMP threads
 
 
 def test_trap11_mxnet_weights_map_by_position_not_by_global_names():
