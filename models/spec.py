@@ -30,11 +30,24 @@ ELU_ALPHA = 1.0
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_PARAMS = 2_000_000_000        # ~8 GB of float32 weights
 MAX_ELEMENTS = 1_000_000_000      # per sample, per tensor: ~4 GB of float32 activations
+MAX_SPEC_BYTES = 16 * 2 ** 20     # a spec file larger than this is not a spec
+MAX_INT = 2 ** 31 - 1             # any size, kernel or stride
 _OMIT_DEFAULT = {"omit_default": True}  # fields added after v1: left out of JSON at their default
 
 
 class SpecError(ValueError):
     """An invalid spec; the message names the layer index, layer name and field."""
+
+
+class _DuplicateKey(Exception):
+    """A JSON object with the same key twice (json would silently keep the last)."""
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise _DuplicateKey(next(k for k in keys if keys.count(k) > 1))
+    return dict(pairs)
 
 
 class _FieldError(Exception):
@@ -66,6 +79,8 @@ def _pair(value: Any, field_name: str) -> tuple[int, int]:
         raise _FieldError(field_name, f"must be a positive int or a pair of them, got {_short(value)}")
     if min(value) <= 0:
         raise _FieldError(field_name, f"must be positive, got {_short(value)}")
+    if max(value) > MAX_INT:
+        raise _FieldError(field_name, f"must be at most {MAX_INT} (frameworks take 32-bit sizes), got {_short(value)}")
     return int(value[0]), int(value[1])
 
 
@@ -226,7 +241,7 @@ class Conv2D(Layer):
         c, h, w = _image(in_shape, "filters", "Conv2D")
         (pt, pb), (pl, pr) = self.pads(in_shape)
         if math.prod((c, h + pt + pb, w + pl + pr)) > MAX_ELEMENTS:
-            raise _FieldError("padding", f"padded input {c}x{h + pt + pb}x{w + pl + pr} is "
+            raise _FieldError("kernel_size" if self.padding == "same" else "padding", f"padded input {c}x{h + pt + pb}x{w + pl + pr} is "
                                          f"{_bytes(c * (h + pt + pb) * (w + pl + pr))} of float32 per sample")
         if kh > h + pt + pb or kw > w + pl + pr:
             raise _FieldError("kernel_size", f"kernel {kh}x{kw} is larger than the padded input {h + pt + pb}x{w + pl + pr}")
@@ -271,6 +286,10 @@ class _Pool(Layer):
             raise _FieldError("padding", f"must be 'valid' or 'same', got {_short(self.padding)}")
         c, h, w = _image(in_shape, "pool_size", type(self).__name__)
         if self.padding == "same":
+            (pt, pb), (pl, pr) = self.pads(in_shape)
+            if math.prod((c, h + pt + pb, w + pl + pr)) > MAX_ELEMENTS:
+                raise _FieldError("pool_size", f"padded input {c}x{h + pt + pb}x{w + pl + pr} is "
+                                               f"{_bytes(c * (h + pt + pb) * (w + pl + pr))} of float32 per sample")
             return (c, -(-h // sh), -(-w // sw))
         if kh > h or kw > w:
             raise _FieldError("pool_size", f"pool {kh}x{kw} is larger than the input {h}x{w}")
@@ -351,8 +370,8 @@ class BatchNorm(Layer):
     def check(self, in_shape):
         _unit_interval(self.momentum, "momentum")
         if (isinstance(self.epsilon, bool) or not isinstance(self.epsilon, (int, float))
-                or not (math.isfinite(self.epsilon) and self.epsilon > 0)):
-            raise _FieldError("epsilon", f"must be a finite positive number, got {_short(self.epsilon)}")
+                or not 0 < self.epsilon <= 1):  # NaN fails the comparison; an int of any size is compared exactly
+            raise _FieldError("epsilon", f"must be a finite positive number at most 1, got {_short(self.epsilon)}")
         if len(in_shape) not in (1, 3):
             raise _FieldError("momentum", f"BatchNorm needs a (C, H, W) or (features,) input, got {in_shape}")
         return in_shape
@@ -409,13 +428,14 @@ LAYER_KINDS: dict[str, type[Layer]] = {
 
 
 def _bytes(elements: int) -> str:
-    """A float32 tensor's size in words: "about 4.0 TB"."""
-    size = 4.0 * elements
+    """A float32 tensor's size in words: "about 4.0 TB" (any int, however large)."""
+    size = 4 * elements
+    if size >= 10 ** 21:
+        return f"about 10^{len(str(size)) - 1} bytes"
     for unit in ("B", "KB", "MB", "GB", "TB", "PB", "EB"):
         if size < 1000 or unit == "EB":
-            return f"about {size:.1f} {unit}" if size < 1e21 else f"about {size:.1e} B"
+            return f"about {size:.1f} {unit}"
         size /= 1000
-    return f"about {size:.1f} EB"  # pragma: no cover
 
 
 @dataclass(frozen=True)
@@ -460,7 +480,7 @@ class ModelSpec:
             raise SpecError(f"model {self.name!r}: field 'input_shape': {_short(tuple(shape))} is "
                             f"{_bytes(math.prod(shape))} of float32 per sample")
         object.__setattr__(self, "input_shape", tuple(shape))
-        if not isinstance(self.layers, (tuple, list)):
+        if isinstance(self.layers, (str, bytes, dict)) or not hasattr(self.layers, "__iter__"):
             raise SpecError(f"model {self.name!r}: field 'layers': must be a list of layers, got {_short(self.layers)}")
         layers = tuple(self.layers)
         object.__setattr__(self, "layers", layers)
@@ -492,7 +512,7 @@ class ModelSpec:
             try:
                 out = tuple(layer.check_inputs(in_shapes, inputs))
                 if math.prod(out) > MAX_ELEMENTS:
-                    raise _FieldError(layer.size_field, f"output {out} is {_bytes(math.prod(out))} of float32 "
+                    raise _FieldError(layer.size_field, f"output {_short(out)} is {_bytes(math.prod(out))} of float32 "
                                                         f"per sample")
                 pshapes = layer.param_shapes(in_shapes[0])
                 params = sum(math.prod(s) for s in pshapes.values())
@@ -689,19 +709,26 @@ class ModelSpec:
         """Read a JSON spec file (UTF-8, a BOM accepted); every problem is one SpecError naming the file."""
         path = Path(path)
         try:
-            raw = path.read_bytes()
+            with open(path, "rb") as f:  # bounded: /dev/zero or a huge file must not exhaust memory
+                raw = f.read(MAX_SPEC_BYTES + 1)
         except OSError as e:
             raise SpecError(f"{path}: cannot read spec file: {e.strerror}") from None
+        except ValueError as e:  # a path with a NUL byte
+            raise SpecError(f"{_short(str(path))}: cannot read spec file: {e}") from None
+        if len(raw) > MAX_SPEC_BYTES:
+            raise SpecError(f"{path}: spec file larger than {MAX_SPEC_BYTES // 2 ** 20} MiB: not a spec")
         try:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as e:
             raise SpecError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
         except json.JSONDecodeError as e:
             raise SpecError(f"{path}: not JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
         except RecursionError:
             raise SpecError(f"{path}: not a usable spec: JSON nested too deeply") from None
+        except _DuplicateKey as e:
+            raise SpecError(f"{path}: duplicate key {_short(e.args[0])} in one JSON object (which one counts?)") from None
         except ValueError as e:  # e.g. an integer literal past Python's digit limit
             raise SpecError(f"{path}: not a usable spec: {str(e).splitlines()[0]}") from None
         try:

@@ -273,3 +273,44 @@ def test_zoo_keeps_old_models_first_and_graphs_round_trip():
     for name in ("resnet20", "inception_mini", "residual_mlp"):
         spec = zoo.get(name)
         assert spec.is_graph and ModelSpec.from_dict(json.loads(spec.to_json())) == spec
+
+
+# --- further hostile inputs found while testing (issue 10) --------------------------------------
+BIG = int("1" + "0" * 4000)  # within json's 4300-digit limit, beyond float
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"input_shape": [4], "layers": [{"type": "dense", "units": BIG}]}, "field 'units': output (1000"),
+    ({"input_shape": [BIG], "layers": [{"type": "dense", "units": 2}]}, "about 10^4000 bytes"),
+    ({"input_shape": [4], "layers": [{"type": "batchnorm", "epsilon": BIG}, {"type": "dense", "units": 2}]},
+     "field 'epsilon': must be a finite positive number at most 1"),
+    ({"input_shape": [1, 4, 4], "layers": [{"type": "conv2d", "filters": 1, "kernel_size": 1, "strides": BIG},
+                                           {"type": "flatten"}, {"type": "dense", "units": 2}]},
+     "field 'strides': must be at most 2147483647"),
+    ({"input_shape": [1, 4, 4], "layers": [{"type": "maxpool2d", "pool_size": 10**9, "padding": "same"},
+                                           {"type": "flatten"}, {"type": "dense", "units": 2}]},
+     "field 'pool_size': padded input 1x1000000000x1000000000 is about 4.0 EB"),
+    ({"input_shape": [1, 4, 4], "layers": [{"type": "conv2d", "filters": 1, "kernel_size": 10**9, "padding": "same"},
+                                           {"type": "flatten"}, {"type": "dense", "units": 2}]},
+     "field 'kernel_size': padded input"),
+])
+def test_huge_integers_are_spec_errors_with_short_messages(spec, message):
+    with pytest.raises(SpecError) as e:
+        ModelSpec.from_dict({"name": "m", **spec})
+    assert message in str(e.value) and len(str(e.value)) < 300
+
+
+def test_duplicate_json_keys_are_refused(tmp_path):
+    path = tmp_path / "dup.json"
+    path.write_text(GOOD.replace('"units": 2', '"units": 2, "units": 3'))
+    with pytest.raises(SpecError, match="duplicate key 'units'"):
+        ModelSpec.load(path)
+
+
+def test_unreadable_paths_are_spec_errors(tmp_path):
+    with pytest.raises(SpecError, match="larger than 16 MiB"):
+        ModelSpec.load("/dev/zero")
+    with pytest.raises(SpecError, match="embedded null byte"):
+        ModelSpec.load("a\0b.json")
+    with pytest.raises(SpecError, match="not JSON"):
+        ModelSpec.load("/dev/null")
