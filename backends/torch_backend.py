@@ -28,14 +28,13 @@ class CanonicalBatchNorm(nn.Module):
     def forward(self, x):
         if not self.training:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        dims = [0] + list(range(2, x.dim()))
-        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        # The fused kernel without running stats: it returns the batch mean and 1/sqrt(biased var + eps),
+        # from which the canonical (biased, old-value-weighted) moving statistics follow.
+        out, mean, invstd = torch.native_batch_norm(x, self.weight, self.bias, None, None, True, 0.0, self.eps)
         with torch.no_grad():
             self.running_mean.lerp_(mean, 1 - self.momentum)
-            self.running_var.lerp_(var, 1 - self.momentum)
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps) * self.weight.view(shape) \
-            + self.bias.view(shape)
+            self.running_var.lerp_(invstd.pow(-2) - self.eps, 1 - self.momentum)
+        return out
 
 
 class Softmax1(nn.Module):
