@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import numbers
 import platform
@@ -90,8 +91,8 @@ def parse_device(device: str) -> tuple[str, int]:
         raise BackendError(f"device must be a string (cpu, gpu, gpu:N or cuda:N), "
                            f"got {type(device).__name__} {device!r}"[:200])
     m = re.fullmatch(r"(cpu|gpu|cuda)(?::(\d+))?", device.strip().lower())
-    if not m:
-        raise BackendError(f"unknown device {device!r} (use cpu, gpu, gpu:N or cuda:N)")
+    if not m or (m.group(1) == "cpu" and int(m.group(2) or 0) != 0):  # "cpu:5" would silently mean the CPU
+        raise BackendError(f"unknown device {device!r} (use cpu, gpu, gpu:N or cuda:N)"[:200])
     return ("cpu" if m.group(1) == "cpu" else "gpu"), int(m.group(2) or 0)
 
 
@@ -238,9 +239,18 @@ def _guard_loss_and_grads(impl):
     return loss_and_grads
 
 
+def _guard_set_threads(impl):
+    func = impl.__func__  # a classmethod
+
+    @functools.wraps(func)
+    def set_threads(cls, n):
+        return func(cls, _check_int("threads", n, 1))
+    return classmethod(set_threads)
+
+
 # Public methods each backend implements under its own name: __init_subclass__ wraps them with these checks.
 _GUARDS = {"set_weights": _guard_set_weights, "set_optimizer": _guard_set_optimizer,
-           "loss_and_grads": _guard_loss_and_grads}
+           "loss_and_grads": _guard_loss_and_grads, "set_threads": _guard_set_threads}
 
 
 class Adapter(ABC):
@@ -258,9 +268,9 @@ class Adapter(ABC):
         super().__init_subclass__(**kwargs)
         for method, guard in _GUARDS.items():
             impl = cls.__dict__.get(method)
-            if impl is not None and not getattr(impl, "_guarded", False):
+            if impl is not None and not getattr(getattr(impl, "__func__", impl), "_guarded", False):
                 wrapped = guard(impl)
-                wrapped._guarded = True
+                getattr(wrapped, "__func__", wrapped)._guarded = True
                 setattr(cls, method, wrapped)
 
     def __init__(self, spec: ModelSpec, device: str = "cpu", compile: bool = False):
@@ -281,6 +291,9 @@ class Adapter(ABC):
         """Build `spec` on `device`, load weights (given, else the canonical seeded init; init="native"
         keeps the framework's own initialisation), and set the optimizer. compile=True uses the
         framework's compiler for training and inference where it has one (XLA, torch.compile)."""
+        if inspect.isabstract(cls):
+            raise BackendError(f"{cls.__name__} is the abstract contract: build a backend's adapter, "
+                               f"get_adapter(name).build(spec)")
         if not isinstance(init, str) or init not in ("canonical", "native"):
             raise BackendError(f"unknown init {init!r} (known: canonical, native)"[:200])
         seed = _check_int("seed", seed, 0)
@@ -345,7 +358,8 @@ class Adapter(ABC):
 
     @classmethod
     def set_threads(cls, n: int) -> None:
-        """Size the framework's CPU thread pools (the environment variables are set before it loads)."""
+        """Size the framework's CPU thread pools, n >= 1 (the environment variables are set before it loads)."""
+        _check_int("threads", n, 1)
 
     @property
     def device_name(self) -> str:

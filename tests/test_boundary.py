@@ -298,3 +298,18 @@ def test_optimizer_configs_accept_what_the_suite_uses():
     assert SGD(lr=0.0).lr == 0.0  # a deliberate no-op step: BatchNorm statistics move, weights do not
     assert SGD(lr=np.float32(0.5), momentum=0).momentum == 0
     assert Adam(lr=1, beta1=0.0, epsilon=1e-3).beta1 == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_thread_counts_and_cpu_indices_are_checked(backend):
+    require(backend)
+    cls = get_adapter(backend)
+    for n in (0, -2, "4", 2.0):
+        raises(lambda: cls.set_threads(n), f"threads: must be an integer >= 1, got {n!r}")
+    raises(lambda: cls.build(MULTI, device="cpu:5"), "unknown device 'cpu:5'")  # silently the CPU before
+    assert cls.build(MULTI, device="CPU:0").device == "CPU:0"
+
+
+def test_the_abstract_contract_cannot_be_built():
+    from nncompare.backends import Adapter
+    raises(lambda: Adapter.build(MULTI), "Adapter is the abstract contract: build a backend's adapter")
