@@ -75,3 +75,38 @@ def test_random_graphs_are_valid_graphs_covering_every_layer_kind():
         for info in spec.logits_infos():
             assert outputs[info.name].shape == (2,) + info.out_shape, (spec.name, info.name)
     assert kinds == set(LAYER_KINDS.values()) and graphs > 100
+
+
+# --- hostile values in every field, and random graph wiring -------------------------------------
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10, 10) | st.integers() | st.floats(allow_nan=True)
+    | st.text(max_size=8) | st.sampled_from(["same", "valid", "relu", "leaky_relu(0.1)", "input", "a", "b"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=2),
+    max_leaves=6)
+node_names = st.sampled_from(["input", "a", "b", "c", "dense_0", "zz"])
+any_layer = st.builds(
+    lambda kind, fields, name, inputs: {"type": kind, **fields, **name, **inputs},
+    st.sampled_from(sorted(LAYER_KINDS)),
+    st.dictionaries(st.sampled_from(["units", "filters", "kernel_size", "strides", "padding", "activation",
+                                     "use_bias", "pool_size", "rate", "momentum", "epsilon"]), json_values, max_size=3),
+    st.one_of(st.just({}), st.fixed_dictionaries({"name": st.one_of(st.sampled_from(["a", "b", "c"]), json_values)})),
+    st.one_of(st.just({}), st.fixed_dictionaries({"inputs": st.one_of(st.lists(node_names, max_size=3),
+                                                                      json_values)})))
+hostile_specs = st.fixed_dictionaries({
+    "name": st.one_of(st.just("h"), json_values),
+    "input_shape": st.one_of(st.lists(st.integers(1, 6), min_size=1, max_size=3), json_values),
+    "layers": st.one_of(st.lists(any_layer, min_size=1, max_size=5), json_values),
+})
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hostile_specs)
+def test_hostile_values_in_any_field_give_one_spec_error(d):
+    try:
+        spec = ModelSpec.from_dict(d)
+    except SpecError as e:
+        message = str(e)
+        assert message.startswith(("layer ", "model")) and "field " in message and len(message) < 500
+        return
+    assert ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    spec.summary()
