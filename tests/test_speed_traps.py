@@ -1,0 +1,204 @@
+"""Speed traps and the timing rules (no timing assertions: what is checked is what the cells do).
+
+- thread_env per framework: MXNet keeps one engine worker (trap 13); each cell's thread configuration is
+  proven from inside the cell process and carried by its result row.
+- measure: repeats until the spread settles or the budget runs out; separate per-batch arrays, never
+  slices of one big array in the timed loop (trap 14); resident vs host data recorded.
+- benchmarks/native_vs_adapter.py runs end to end (--quick), and its native loops never import nncompare.
+"""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nncompare.backends import SGD, bench
+from nncompare.backends.bench import THREAD_VARIABLES, measure, thread_env, timed_repeats
+from nncompare.models import zoo
+from nncompare.runner import Task, run_subprocess
+
+from .conftest import FRAMEWORKS, ROOT, require
+
+
+# --- thread_env ----------------------------------------------------------------------------------------
+def test_trap13_mxnet_keeps_one_engine_worker_with_n_openmp_threads():
+    env = thread_env(4, "mxnet")
+    assert "MXNET_CPU_WORKER_NTHREADS" not in env  # MXNet's default: one worker
+    assert env["OMP_NUM_THREADS"] == env["MXNET_OMP_MAX_THREADS"] == "4"
+    assert not any(v.startswith("TF_") for v in env)
+
+
+@pytest.mark.parametrize("backend, present, absent", [
+    ("keras", ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS"), ("MXNET_OMP_MAX_THREADS",)),
+    ("torch", ("OMP_NUM_THREADS", "MKL_NUM_THREADS"), ("TF_NUM_INTRAOP_THREADS", "MXNET_OMP_MAX_THREADS")),
+    ("keras-torch", ("OMP_NUM_THREADS",), ("TF_NUM_INTRAOP_THREADS",)),
+    (None, ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "MXNET_OMP_MAX_THREADS"), ("MXNET_CPU_WORKER_NTHREADS",)),
+])
+def test_thread_env_is_chosen_per_framework(backend, present, absent):
+    env = thread_env(3, backend)
+    assert set(env) <= set(THREAD_VARIABLES)
+    assert all(env[v] == "3" for v in present)
+    assert not any(v in env for v in absent)
+
+
+@pytest.mark.parametrize("backend", FRAMEWORKS)
+def test_cell_reports_its_thread_configuration_from_inside(backend):
+    """The row of a real cell says what the framework itself uses: 1 thread where the machine default differs."""
+    require(backend)
+    task = Task("measure", threads=1, backend=backend, model_name="mlp", spec=zoo.get("mlp").to_dict(),
+                batch_size=8, optimizer={"type": "sgd", "args": {"lr": 0.01, "momentum": 0.9}},
+                steps=1, repeats=1, warmup=0)
+    row = run_subprocess(task, timeout=300)
+    assert "error" not in row, row
+    s = row["settings"]
+    assert s["threads"] == 1 and s["OMP_NUM_THREADS"] == "1" and s["data"] in ("host", "resident")
+    assert s["process_threads"] >= 1
+    if backend == "torch":
+        assert s["torch.get_num_threads"] == 1
+    elif backend == "keras":
+        assert s["tf.intra_op_parallelism_threads"] == 1
+    else:
+        assert s["mxnet.cpu_workers"] == 1 and s["MXNET_OMP_MAX_THREADS"] == "1"
+        assert "MXNET_CPU_WORKER_NTHREADS" not in s
+
+
+def test_mxnet_second_engine_worker_shows_as_threads_in_the_cell():
+    """Setting MXNET_CPU_WORKER_NTHREADS=2 (the old environment) starts more OS threads: the row sees it."""
+    require("mxnet")
+    task = Task("measure", threads=2, backend="mxnet", model_name="mlp", spec=zoo.get("mlp").to_dict(),
+                batch_size=8, optimizer={"type": "sgd", "args": {"lr": 0.01, "momentum": 0.9}},
+                steps=1, repeats=1, warmup=0)
+    one = run_subprocess(task, timeout=300)
+    two = run_subprocess(task, timeout=300, env={"MXNET_CPU_WORKER_NTHREADS": "2"})
+    assert one["settings"]["mxnet.cpu_workers"] == 1 and two["settings"]["mxnet.cpu_workers"] == 2
+    assert two["settings"]["process_threads"] > one["settings"]["process_threads"]
+
+
+# --- noise control -------------------------------------------------------------------------------------
+class FakeClock:
+    """perf_counter that only moves when a fake step runs: repeat durations are exactly what a test says."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def timed(monkeypatch, durations, **kw):
+    clock = FakeClock()
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    seconds = iter(durations)
+
+    def run(steps):
+        clock.now += next(seconds) * steps / 10
+
+    return timed_repeats(run, 10, 32, **kw)
+
+
+def test_repeats_stop_once_the_last_k_agree(monkeypatch):
+    r = timed(monkeypatch, [0.5, 0.3] + [0.1] * 100, min_repeats=3, budget_s=100)
+    assert r["repeats"] == 7 and not r["noisy"] and r["spread"] < 1e-9  # the two slow warm repeats are outside
+    assert r["samples_s"] == pytest.approx(3200)
+
+
+def test_noisy_repeats_run_until_the_budget_and_are_flagged(monkeypatch):
+    r = timed(monkeypatch, [0.1, 0.2] * 100, min_repeats=3, budget_s=2.0)
+    assert r["noisy"] and r["spread"] > 0.03
+    assert 12 <= r["repeats"] <= 15  # ~2 s of 0.15 s repeats
+
+
+def test_minimum_repeats_are_kept_even_past_the_budget(monkeypatch):
+    r = timed(monkeypatch, [1.0] * 10, min_repeats=3, budget_s=0.5)
+    assert r["repeats"] == 3
+
+
+def test_too_short_repeats_get_more_steps(monkeypatch):
+    r = timed(monkeypatch, [0.001] * 1000, min_repeats=1, budget_s=100)
+    assert r["steps"] * 0.0001 >= bench.MIN_REPEAT_S  # 0.1 ms per step: at least MIN_REPEAT_S per repeat
+    assert r["samples_s"] == pytest.approx(32 / 0.0001)
+
+
+# --- measure's data: separate per-batch arrays, resident or host ----------------------------------------
+class FakeLoss:
+    def __float__(self):
+        return 1.0
+
+
+def fake_adapter(resident: bool):
+    seen = []
+
+    class Fake:
+        device, device_name, execution_path = "cpu", "fake cpu", "fake"
+
+        @classmethod
+        def set_threads(cls, n): pass
+
+        @classmethod
+        def version(cls): return "fake 0"
+
+        @classmethod
+        def build(cls, spec, **kw): return cls()
+
+        def sync(self): pass
+
+        def peak_device_memory(self): return None
+
+        def _train_batch(self, x, y):
+            seen.append(x)
+            return FakeLoss()
+
+        def predict(self, x):
+            return np.zeros((len(x), 10), np.float32)
+
+    if resident:
+        Fake.to_device = lambda self, x, y: (("device", x), ("device", y))
+    return Fake, seen
+
+
+@pytest.mark.parametrize("resident", [False, True])
+def test_trap14_timed_loop_feeds_separate_per_batch_arrays(monkeypatch, resident):
+    """Slicing one big NDArray inside autograd.record halves MXNet's throughput (docs/performance.md): the
+    timed loop gets whole, separately allocated batches, never views into a larger array."""
+    cls, seen = fake_adapter(resident)
+    monkeypatch.setattr("nncompare.backends.get_adapter", lambda name: cls)
+    row = measure("fake", zoo.get("mlp"), "cpu", 16, steps=2, repeats=2, warmup=1,
+                  optimizer=SGD(0.01, 0.9), threads=1, budget_s=0.2)
+    assert row["data"] == row["settings"]["data"] == ("resident" if resident else "host")
+    arrays = [x[1] for x in seen] if resident else seen
+    if resident:
+        assert all(x[0] == "device" for x in seen)
+    assert all(isinstance(x, np.ndarray) and x.base is None and x.flags.c_contiguous for x in arrays)
+    distinct = list({id(x): x for x in arrays}.values())
+    assert 2 <= len(distinct) <= 4  # a small pool of batches, reused
+    assert not any(np.shares_memory(a, b) for i, a in enumerate(distinct) for b in distinct[i + 1:])
+    assert row["train_repeats"] >= 2 and row["infer_repeats"] >= 2 and "noisy" in row
+
+
+def test_measure_rejects_an_unknown_data_placement():
+    with pytest.raises(ValueError, match="data"):
+        measure("numpy", zoo.get("mlp"), "cpu", 4, 1, 1, 0, SGD(), 1, data="disk")
+
+
+# --- the independent benchmark ---------------------------------------------------------------------------
+def test_native_loops_never_import_nncompare():
+    tree = ast.parse((ROOT / "benchmarks" / "native_loops.py").read_text())
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)] + \
+               [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert imported and not any((m or "").split(".")[0] == "nncompare" for m in imported)
+
+
+def test_benchmark_quick_runs_end_to_end():
+    require("torch")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "native_vs_adapter.py"), "--quick",
+                          "--backends", "torch", "--models", "lenet5", "--batch-sizes", "8"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert any(l.split()[:3] == ["lenet5", "8", "torch"] for l in lines)
+    assert lines[-1].startswith("worst adapter / best native: ") and "(torch, lenet5, batch 8)" in lines[-1]
