@@ -314,3 +314,14 @@ def test_unreadable_paths_are_spec_errors(tmp_path):
         ModelSpec.load("a\0b.json")
     with pytest.raises(SpecError, match="not JSON"):
         ModelSpec.load("/dev/null")
+
+
+def test_sequential_json_is_byte_for_byte_what_it_was_before_graphs():
+    assert zoo.get("digits_cnn").to_json() == json.dumps({"name": "digits_cnn", "input_shape": [1, 8, 8], "layers": [
+        {"type": "conv2d", "filters": 16, "kernel_size": 3, "strides": 1, "padding": "same", "activation": "relu"},
+        {"type": "maxpool2d", "pool_size": 2, "strides": None},
+        {"type": "conv2d", "filters": 32, "kernel_size": 3, "strides": 1, "padding": "same", "activation": "relu"},
+        {"type": "avgpool2d", "pool_size": 2, "strides": None},
+        {"type": "flatten"},
+        {"type": "dense", "units": 64, "activation": "relu"},
+        {"type": "dense", "units": 10, "activation": "linear"}]}, indent=2)
