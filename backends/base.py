@@ -177,7 +177,11 @@ def as_inputs(spec: ModelSpec, x: Any) -> np.ndarray:
     a non-empty batch of finite numbers."""
     a = _numeric("inputs", x)
     if a.shape[1:] != spec.input_shape:
-        hint = " (one sample needs a batch axis: x[None])" if a.shape == spec.input_shape else ""
+        hint = ""
+        if a.shape == spec.input_shape:
+            hint = " (one sample needs a batch axis: x[None])"
+        elif len(spec.input_shape) == 3 and a.shape[1:] == spec.input_shape[1:] + spec.input_shape[:1]:
+            hint = " (channels-last? inputs are NCHW: x.transpose(0, 3, 1, 2))"
         raise BackendError(f"inputs: shape {a.shape} does not match the spec's input_shape: expected "
                            f"(N, {', '.join(map(str, spec.input_shape))}){hint}")
     if len(a) == 0:
@@ -227,13 +231,16 @@ def _guard_set_weights(impl):
 def _guard_set_optimizer(impl):
     @functools.wraps(impl)
     def set_optimizer(self, optimizer):
-        return impl(self, check_optimizer(optimizer))
+        optimizer = check_optimizer(optimizer)
+        self._check_trainable()  # frameworks refuse an optimizer over no parameters, each its own way
+        return impl(self, optimizer)
     return set_optimizer
 
 
 def _guard_loss_and_grads(impl):
     @functools.wraps(impl)
     def loss_and_grads(self, x, y):
+        self._check_trainable()
         x = as_inputs(self.spec, x)
         return impl(self, x, as_labels(self.spec, y, len(x)))
     return loss_and_grads
@@ -373,7 +380,8 @@ class Adapter(ABC):
     # --- shared behaviour --------------------------------------------------------------------------
     def _check_trainable(self) -> None:
         if not self.spec.trainable_keys():
-            raise BackendError(f"model {self.spec.name!r} has no trainable parameters: nothing to train")
+            raise BackendError(f"model {self.spec.name!r} has no trainable parameters: nothing to train "
+                               f"(no gradients, no optimizer)")
 
     def _check_optimizer_set(self) -> None:
         if not isinstance(self.optimizer, (SGD, Adam)):

@@ -313,3 +313,26 @@ def test_thread_counts_and_cpu_indices_are_checked(backend):
 def test_the_abstract_contract_cannot_be_built():
     from nncompare.backends import Adapter
     raises(lambda: Adapter.build(MULTI), "Adapter is the abstract contract: build a backend's adapter")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_model_without_parameters_refuses_gradients_and_optimizers_alike(backend):
+    """torch raised RuntimeError and MXNet MXNetError/TypeError where NumPy and Keras answered."""
+    require(backend)
+    from nncompare.models import Flatten, MaxPool2D
+    free = ModelSpec("free", (1, 4, 4), (MaxPool2D(2), Flatten()))
+    a = get_adapter(backend).build(free)
+    x = np.ones((2, 1, 4, 4), np.float32)
+    for call in (lambda: a.loss_and_grads(x, [0, 1]), lambda: a.set_optimizer(SGD()),
+                 lambda: a.train_step(x, [0, 1]), lambda: a.fit(x, [0, 1])):
+        raises(call, "model 'free' has no trainable parameters: nothing to train")
+    assert a.evaluate(x, [0, 1])[1] in (0.0, 0.5, 1.0) and a.predict(x).shape == (2, 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_images_get_a_hint(backend):
+    require(backend)
+    from nncompare.models import Flatten
+    a = get_adapter(backend).build(ModelSpec("img", (3, 4, 5), (Flatten(), Dense(2))))
+    raises(lambda: a.predict(np.zeros((2, 4, 5, 3))), "expected (N, 3, 4, 5) (channels-last? inputs are NCHW: "
+                                                      "x.transpose(0, 3, 1, 2))")
