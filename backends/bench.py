@@ -119,10 +119,12 @@ def _framework_settings(net: Any) -> dict:
     if "jax" in sys.modules:
         jax = sys.modules["jax"]
         s["jax.devices"] = [str(d) for d in jax.devices()]
-    for attr in ("channels_last", "memory_format", "cudnn_benchmark", "tf32", "static_alloc", "fused_batchnorm"):
-        value = getattr(net, attr, None)  # per-framework practices an adapter chooses to expose
-        if isinstance(value, (bool, int, float, str)):
-            s[f"adapter.{attr}"] = value
+    try:  # the per-framework practices the adapter chose (memory format, fused BatchNorm, static_alloc, ...)
+        chosen = getattr(net, "settings", None)
+    except (AttributeError, RuntimeError):  # a report must not fail the timing it describes
+        chosen = None
+    if isinstance(chosen, dict):
+        s.update({f"adapter.{k}": v for k, v in chosen.items() if isinstance(v, (bool, int, float, str, type(None)))})
     return s
 
 

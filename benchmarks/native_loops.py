@@ -171,7 +171,7 @@ def keras_torch_loop(model: str, batch: int):
 
 
 # --- MXNet Gluon: hybridized with static_alloc, gluon.Trainer, one NDArray per batch ------------------------
-def mxnet_loop(model: str, batch: int):
+def mxnet_loop(model: str, batch: int, sliced: bool = False):
     if "bool" not in vars(np):
         np.bool = bool  # MXNet 1.9 uses the alias NumPy 1.24 removed
     import warnings
@@ -203,10 +203,15 @@ def mxnet_loop(model: str, batch: int):
     loss_fn.hybridize(static_alloc=True, static_shape=True)
     # one NDArray per batch: slicing one big NDArray inside autograd.record halves the speed (trap 14)
     data = [(mx.nd.array(x), mx.nd.array(y)) for x, y in host_batches(model, batch)]
+    big_x = mx.nd.concat(*(x for x, _ in data), dim=0)  # only for --sliced, the trap's demonstration
+    big_y = mx.nd.concat(*(y for _, y in data), dim=0)
 
     def step(i):
         x, y = data[i % N_BATCHES]
         with autograd.record():
+            if sliced:
+                j = i % N_BATCHES
+                x, y = big_x[j * batch:(j + 1) * batch], big_y[j * batch:(j + 1) * batch]
             loss = loss_fn(net(x), y)
         loss.backward()
         trainer.step(batch)
@@ -263,11 +268,16 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--budget", type=float, default=3.0, help="seconds of timing after warm-up")
+    p.add_argument("--sliced", action="store_true",
+                   help="MXNet only: slice the batches out of one big NDArray inside autograd.record (trap 14)")
     args = p.parse_args()
     if args.framework in KERAS_BACKEND:
         os.environ["KERAS_BACKEND"] = KERAS_BACKEND[args.framework]
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    step, fetch, version, settings = LOOPS[args.framework](args.model, args.batch)
+    if args.sliced and args.framework != "mxnet":
+        p.error("--sliced is an MXNet experiment")
+    kw = {"sliced": True} if args.sliced else {}
+    step, fetch, version, settings = LOOPS[args.framework](args.model, args.batch, **kw)
     result = time_loop(step, fetch, args.batch, args.steps, args.repeats, args.budget)
     env = {v: os.environ[v] for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
                                       "TF_NUM_INTEROP_THREADS", "MXNET_CPU_WORKER_NTHREADS",
