@@ -2,6 +2,7 @@
 and docs/performance.md (what was measured to choose each setting)."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import resource
@@ -124,7 +125,12 @@ def _framework_settings(net: Any) -> dict:
     except (AttributeError, RuntimeError):  # a report must not fail the timing it describes
         chosen = None
     if isinstance(chosen, dict):
-        s.update({f"adapter.{k}": v for k, v in chosen.items() if isinstance(v, (bool, int, float, str, type(None)))})
+        for k, v in chosen.items():
+            try:
+                json.dumps(v)
+            except (TypeError, ValueError):
+                v = str(v)
+            s[f"adapter.{k}"] = v
     return s
 
 
