@@ -40,7 +40,7 @@ def test_gradients_match_finite_differences_for_every_layer_kind(name):
 @pytest.mark.parametrize("name", [n for n in zoo.names()])
 def test_gradients_match_finite_differences_for_zoo_models(name):
     spec = zoo.get(name).without_dropout()
-    if spec.flops > 5e7:  # resnet20: the same layers on an 8x8 input keep the check to seconds
+    if name in ("resnet20", "inception_mini"):  # the same layers on an 8x8 input keep the check to seconds
         spec = dataclasses.replace(spec, input_shape=(3, 8, 8))
     net = perturbed(spec)
     small = name in ("cifar_cnn", "resnet20")  # many weights at float64: sample a few per tensor
