@@ -20,7 +20,7 @@ def _settings_value(row: dict, key: str):
 def group_key(row: dict) -> tuple:
     """The rows one ratio compares: same machine, device, model, batch and settings."""
     return (row.get("host"), row["device"], row["model"], row["batch_size"],
-            *(_settings_value(row, k) for k in SETTINGS), _settings_value(row, "settings"))
+            *(_settings_value(row, k) for k in SETTINGS))
 
 
 def add_ratios(rows: list[dict], baseline: str) -> None:
@@ -59,7 +59,7 @@ def render_table(rows: list[dict], baseline: str, markdown: bool = False, show_m
     that differs between rows."""
     if show_machine is None:
         show_machine = len({machine(r) for r in rows}) > 1
-    extra = varying(rows, [*SETTINGS, "settings"])
+    extra = varying(rows, SETTINGS)
     lead = ("Machine",) if show_machine else ()
     table = []
     for r in rows:
