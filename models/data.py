@@ -71,6 +71,8 @@ NAMES = ("synthetic", "digits", "mnist", "fashion_mnist", "cifar10")
 
 def data_dir(path: str | Path | None = None) -> Path:
     """The data folder: `path`, else $NNCOMPARE_DATA, else ~/.cache/nncompare; a DataError if it is a file."""
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise DataError(f"data folder must be a path, got {type(path).__name__} {path!r}"[:200])
     folder = Path(path or os.environ.get("NNCOMPARE_DATA") or Path.home() / ".cache" / "nncompare")
     if folder.exists() and not folder.is_dir():
         raise DataError(f"data folder {folder} is not a folder (pass --data-dir a directory)")
@@ -307,6 +309,10 @@ def load(name: str, spec: ModelSpec | None = None, folder: str | Path | None = N
     """A dataset by name, shaped for `spec` when given."""
     if not isinstance(name, str):
         raise DataError(f"dataset name must be a string ({', '.join(NAMES)}), got {type(name).__name__}")
+    if spec is not None and not isinstance(spec, ModelSpec):
+        raise DataError(f"dataset {name!r}: spec must be a ModelSpec, got {type(spec).__name__}")
+    if mirror is not None and not isinstance(mirror, str):
+        raise DataError(f"dataset {name!r}: mirror must be a URL string, got {type(mirror).__name__}")
     if name == "synthetic":
         if spec is None:
             raise DataError("dataset 'synthetic' needs a model to take its shape from")

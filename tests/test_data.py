@@ -277,3 +277,11 @@ def test_a_folder_in_place_of_a_data_file(tmp_path):
     (tmp_path / "mnist" / "train-images-idx3-ubyte.gz").mkdir(parents=True)
     with pytest.raises(DataError, match="train-images-idx3-ubyte.gz: cannot read it"):
         load("mnist", folder=tmp_path)
+
+
+def test_load_checks_its_arguments():
+    for kw, message in (({"folder": 123}, "data folder must be a path, got int 123"),
+                        ({"spec": "lenet5"}, "spec must be a ModelSpec, got str"),
+                        ({"mirror": 5}, "mirror must be a URL string, got int")):
+        with pytest.raises(DataError, match=message):
+            load("mnist", **kw)
