@@ -213,3 +213,19 @@ def test_gradients_match_finite_differences_for_random_graphs(start):
         x = rng.standard_normal((4,) + spec.input_shape)
         y = rng.integers(0, max(spec.num_classes, 2), 4)
         assert max_relative_fd_error(perturbed(spec), x, y, per_param=4) < 1e-6, spec.name
+
+
+def test_first_divergence_names_the_first_node_in_topological_order():
+    from nncompare.backends.check import first_divergence
+    spec = GRAPHS["branches_same_pools"]
+    oracle, net = NumpyAdapter.build(spec), NumpyAdapter.build(spec)
+    net.w["b3/kernel"] = net.w["b3/kernel"] + 0.5  # b3 and everything downstream of it diverge
+
+    class Reversed:  # a backend whose layer_outputs come in another order
+        def layer_outputs(self, x):
+            return dict(reversed(list(net.layer_outputs(x).items())))
+
+    x, _ = batch(spec)
+    assert first_divergence(net, oracle, x) == "b3"
+    assert first_divergence(Reversed(), oracle, x) == "b3"
+    assert first_divergence(oracle, oracle, x) is None
