@@ -1,0 +1,89 @@
+"""compare.py report: results of several machines in one table, ratios only within a machine, device and settings,
+rows of different settings kept apart with the difference shown."""
+import json
+import subprocess
+import sys
+
+from nncompare import report
+
+from .conftest import ROOT
+
+
+def row(backend, sps, device="cpu", threads=4, **extra):
+    return {"model": "mlp", "backend": backend, "device": device, "batch_size": 64, "threads": threads,
+            "optimizer": "sgd", "lr": 0.01, "steps": 10, "repeats": 3, "warmup": 2, "compile": False,
+            "version": f"{backend} 1.0", "path": "eager", "train_samples_s": sps, "train_spread": 0.01,
+            "infer_samples_s": 2 * sps, "loss": 0.5, "cpu_name": "Some CPU",
+            "device_name": "Some GPU" if device != "cpu" else "Some CPU", **extra}
+
+
+def save(path, host, rows, **extra):
+    path.write_text(json.dumps({"host": host, "host_cpu": "Some CPU", "rows": rows, **extra}))
+    return str(path)
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "compare.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_report_merges_machines_and_never_mixes_settings(tmp_path):
+    a = save(tmp_path / "laptop.json", "laptop", [
+        row("torch", 1000.0), row("keras", 500.0), row("torch", 4000.0, threads=8), row("keras", 1000.0, threads=8),
+        {**row("mxnet", 0.0), "error": "timed out after 600 s"}])
+    b = save(tmp_path / "workstation.json", "workstation", [
+        row("torch", 50000.0, device="gpu:0"), row("keras", 25000.0, device="gpu:0"), row("keras", 9000.0)],
+        partial=True, cells=4)
+    out = cli("report", a, b, "--plot", str(tmp_path / "merged.png"))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split()[0] == "Machine" and "Threads" in lines[0]  # the differing setting is a column
+
+    def line(host, backend, device, threads):
+        (hit,) = [l for l in lines if l.startswith(host + " ") and f" {backend} 1.0 " in l and f" {device}" in l
+                  and l.rstrip().endswith(f" {threads}")]
+        return hit.split()
+    assert line("laptop", "keras", "cpu", 4)[-2] == "0.50"       # against torch with 4 threads, not 8
+    assert line("laptop", "keras", "cpu", 8)[-2] == "0.25"
+    assert line("workstation", "keras", "gpu:0", 4)[-2] == "0.50"  # within the GPU
+    assert line("workstation", "keras", "cpu", 4)[-2] == "-"       # no torch CPU row on that machine
+    assert "ERROR: timed out" in out.stdout
+    assert "workstation.json is partial: 3 of 4 cells" in out.stdout
+    assert (tmp_path / "merged.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = cli("report", a, b, "--markdown")
+    assert md.returncode == 0 and md.stdout.splitlines()[0].startswith("| Machine")
+
+
+def test_report_of_real_runs_from_two_machines(tmp_path):
+    path = tmp_path / "here.json"
+    out = cli("run", "--models", "perceptron", "--backends", "numpy", "--steps", "1", "--repeats", "1",
+              "--warmup", "0", "--threads", "1", "--quiet", "--json", str(path))
+    assert out.returncode == 0, out.stderr
+    payload = json.loads(path.read_text())
+    for r in payload["rows"]:
+        r["host"] = "elsewhere"
+    other = tmp_path / "there.json"
+    other.write_text(json.dumps({**payload, "host": "elsewhere"}))
+    out = cli("report", str(path), str(other), "--baseline", "numpy")
+    assert out.returncode == 0, out.stderr
+    rows = [l for l in out.stdout.splitlines() if "perceptron" in l]
+    assert len(rows) == 2 and rows[1].startswith("elsewhere") and not rows[0].startswith("elsewhere")
+    assert all(l.split()[-1] == "1.00" for l in rows)  # each machine's numpy row is its own baseline
+
+
+def test_report_refuses_what_is_not_a_results_file(tmp_path):
+    bad = tmp_path / "spec.json"
+    bad.write_text(json.dumps({"name": "m", "layers": []}))
+    out = cli("report", str(bad))
+    assert out.returncode == 2 and "is not a results file of `compare.py run --json`" in out.stderr
+    out = cli("report", str(tmp_path / "missing.json"))
+    assert out.returncode == 2 and "cannot read" in out.stderr and "Traceback" not in out.stderr
+    good = save(tmp_path / "r.json", "h", [row("torch", 1.0)])
+    out = cli("report", good, "--plot", good)
+    assert out.returncode == 2 and "it is also the input" in out.stderr
+
+
+def test_group_key_separates_settings_and_machines():
+    base = row("torch", 1.0, host="a")
+    assert report.group_key(base) == report.group_key(row("keras", 2.0, host="a"))
+    for change in ({"host": "b"}, {"threads": 8}, {"batch_size": 32}, {"compile": True}, {"steps": 20}):
+        assert report.group_key({**base, **change}) != report.group_key(base)
