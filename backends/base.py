@@ -246,6 +246,14 @@ def _guard_loss_and_grads(impl):
     return loss_and_grads
 
 
+def _guard_to_device(impl):
+    @functools.wraps(impl)
+    def to_device(self, x, y):
+        x = as_inputs(self.spec, x)
+        return impl(self, x, as_labels(self.spec, y, len(x)))
+    return to_device
+
+
 def _guard_set_threads(impl):
     func = impl.__func__  # a classmethod
 
@@ -257,7 +265,7 @@ def _guard_set_threads(impl):
 
 # Public methods each backend implements under its own name: __init_subclass__ wraps them with these checks.
 _GUARDS = {"set_weights": _guard_set_weights, "set_optimizer": _guard_set_optimizer,
-           "loss_and_grads": _guard_loss_and_grads, "set_threads": _guard_set_threads}
+           "loss_and_grads": _guard_loss_and_grads, "to_device": _guard_to_device, "set_threads": _guard_set_threads}
 
 
 class Adapter(ABC):
@@ -265,7 +273,8 @@ class Adapter(ABC):
 
     Subclasses build their native network in `_build` and keep it in `self.native`. Arguments are checked
     here, once for every framework: the shared methods check their own, and a subclass's set_weights,
-    set_optimizer and loss_and_grads are wrapped at class creation so the checks run before its code;
+    set_optimizer, loss_and_grads, to_device and set_threads are wrapped at class creation so the checks
+    run before its code;
     logits and layer_outputs are checked by `as_inputs`, which every backend calls.
     """
 

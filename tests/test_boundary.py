@@ -336,3 +336,15 @@ def test_channels_last_images_get_a_hint(backend):
     a = get_adapter(backend).build(ModelSpec("img", (3, 4, 5), (Flatten(), Dense(2))))
     raises(lambda: a.predict(np.zeros((2, 4, 5, 3))), "expected (N, 3, 4, 5) (channels-last? inputs are NCHW: "
                                                       "x.transpose(0, 3, 1, 2))")
+
+
+@pytest.mark.parametrize("backend", FRAMEWORKS)
+def test_batches_staged_on_the_device_are_checked_too(backend):
+    a = net(backend)
+    if not hasattr(a, "to_device"):
+        pytest.skip(f"{backend} stages no batches")
+    x, y = batch()
+    y[3] = 12
+    raises(lambda: a.to_device(x, y), "labels: class 12 at index 3 is out of range for 10 outputs")
+    raises(lambda: a.to_device(x[:0], y[:0]), "inputs: empty (0 samples)")
+    raises(lambda: a.to_device(x, y[:5]), "labels: 5 labels for 6 input samples")
