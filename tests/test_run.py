@@ -115,3 +115,20 @@ def test_check_of_the_compiled_paths_agrees_with_the_oracle():
     out = cli("check", "digits_mlp", "--backends", "torch", "keras", "--compile")
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count(" ok") == 2
+
+
+def test_check_runs_each_framework_in_its_own_quiet_cell(tmp_path):
+    for backend in ("torch", "keras"):
+        require(backend)
+    log = tmp_path / "cells.log"
+    out = cli("check", "digits_mlp", "--backends", "keras", "torch", env={"NNCOMPARE_CELL_LOG": str(log)})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert [l.split()[:3] for l in log.read_text().splitlines()] == [
+        ["check", "digits_mlp", "keras"], ["check", "digits_mlp", "torch"]]
+    assert out.stderr == ""  # TensorFlow's start-up lines stay in the cell (shown with --verbose)
+    assert out.stdout.count(" ok") == 2
+
+
+def test_a_crashing_check_cell_is_a_failed_row():
+    out = cli("check", "digits_mlp", "--backends", "numpy", env={"NNCOMPARE_FAULT": "numpy:digits_mlp:crash"})
+    assert out.returncode == 1 and "ERROR: killed by signal" in out.stdout and "Traceback" not in out.stderr
