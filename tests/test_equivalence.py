@@ -13,12 +13,13 @@ from nncompare.backends.check import TOLERANCE, compare, first_divergence, sampl
 from nncompare.models import BatchNorm, Dense, Dropout, ModelSpec, zoo
 
 from .conftest import FRAMEWORKS, require
-from .randspec import random_spec
+from .randspec import random_graph_spec, random_spec
 from .specs import EVERY_LAYER
 
 CHECKS = ("logits", "loss", "grads", "sgd", "adam")
 MODELS = {**{n: zoo.get(n).without_dropout() for n in zoo.names()}, **EVERY_LAYER}
 RANDOM_SPECS = 50
+RANDOM_GRAPHS = 20  # per framework: 60 random graphs (skip connections, branches) a run
 
 
 def adapter(backend):
@@ -43,7 +44,16 @@ def test_random_spec_matches_the_oracle(backend, seed):
     assert not bad, f"{spec.to_json()}\n" + "\n".join(bad)
 
 
-@pytest.mark.parametrize("model", ["lenet5", "cifar_cnn", "conv_same_stride2"])
+@pytest.mark.parametrize("seed", range(RANDOM_GRAPHS))
+@pytest.mark.parametrize("backend", FRAMEWORKS)
+def test_random_graph_matches_the_oracle(backend, seed):
+    spec = random_graph_spec(seed)
+    report = compare(adapter(backend), get_adapter("numpy"), spec, n=6, steps=3)
+    bad = [report.describe(c) for c in report.diffs if report.diffs[c] > TOLERANCE]
+    assert not bad, f"{spec.to_json()}\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("model", ["lenet5", "cifar_cnn", "conv_same_stride2", "inception_mini", "residual_mlp"])
 @pytest.mark.parametrize("backend", FRAMEWORKS)
 def test_weights_round_trip_exactly(backend, model):
     spec = MODELS[model]
@@ -55,9 +65,10 @@ def test_weights_round_trip_exactly(backend, model):
         assert got[k].dtype == np.float32 and np.array_equal(got[k], w[k]), k
 
 
+@pytest.mark.parametrize("model", ["conv_same_stride2", "inception_mini"])
 @pytest.mark.parametrize("src,dst", list(itertools.permutations(FRAMEWORKS, 2)))
-def test_weights_exported_from_one_framework_load_into_another(src, dst):
-    spec = EVERY_LAYER["conv_same_stride2"]
+def test_weights_exported_from_one_framework_load_into_another(src, dst, model):
+    spec = MODELS[model]
     a = adapter(src).build(spec, optimizer=SGD(lr=0.05, momentum=0.9))
     for i in range(3):  # move weights and BatchNorm statistics away from their initial values
         a.train_step(*sample_batch(spec, 8, seed=i))
