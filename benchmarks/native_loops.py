@@ -267,7 +267,8 @@ def main() -> int:
     p.add_argument("batch", type=int)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--budget", type=float, default=3.0, help="seconds of timing after warm-up")
+    p.add_argument("--budget", type=float, default=2.0,
+                   help="seconds of timing after warm-up (as a cell gives training)")
     p.add_argument("--sliced", action="store_true",
                    help="MXNet only: slice the batches out of one big NDArray inside autograd.record (trap 14)")
     args = p.parse_args()

@@ -87,7 +87,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved native/adapter rounds (medians over them)")
     p.add_argument("--steps", type=int, default=10, help="minimum steps per timed repeat")
     p.add_argument("--repeats", type=int, default=5, help="minimum timed repeats per process")
-    p.add_argument("--budget", type=float, default=3.0, help="native loop's seconds of timing after warm-up")
+    p.add_argument("--budget", type=float, default=2.0,
+                   help="native loop's seconds of timing after warm-up (as a cell gives training)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="the tool's thread count")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--json", help="write every run's result here")

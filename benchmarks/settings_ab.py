@@ -60,7 +60,7 @@ def main() -> int:
     p.add_argument("--model", default="lenet5", choices=("mlp", "lenet5", "cifar_cnn"))
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--budget", type=float, default=3.0)
+    p.add_argument("--budget", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = p.parse_args()
     table = experiments(args.threads)

@@ -12,7 +12,6 @@ import ast
 import subprocess
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
