@@ -207,9 +207,12 @@ class Task:
         return self.kind in ("measure", "peak")
 
 
-def cell_env(threads: int, extra: dict[str, str] | None = None) -> dict[str, str]:
-    from .backends.bench import thread_env
-    env = dict(os.environ, **(extra or {}), **thread_env(threads))
+def cell_env(threads: int, backend: str = "", extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The cell's environment: the thread variables chosen for its framework (inherited ones dropped), then
+    `extra` (forwarded settings, test hooks)."""
+    from .backends.bench import THREAD_VARIABLES, thread_env
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
+    env.update(thread_env(threads, backend or None), **(extra or {}))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), env.get("PYTHONPATH")]))
     return env
@@ -241,7 +244,7 @@ def run_subprocess(task: Task, timeout: float, verbose: bool = False, env: dict[
     started = time.time()
     info = lambda: {**node_info(), "cell_start": started, "cell_end": time.time()}  # noqa: E731
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None if verbose else subprocess.PIPE, text=True,
-                            env=cell_env(task.threads, env), stdin=subprocess.DEVNULL, start_new_session=True)
+                            env=cell_env(task.threads, task.backend, env), stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
