@@ -1,14 +1,22 @@
-"""PyTorch adapter: nn.Sequential in NCHW, canonical weights, torch.optim SGD/Adam."""
+"""PyTorch adapter: one nn.Module walking the spec's graph in NCHW, canonical weights, torch.optim SGD/Adam.
+Layer kinds map to torch modules through CONVERTERS."""
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import Activation, AvgPool2D, BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D
+from ..models.spec import (INPUT, Activation, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense, Dropout,
+                           Flatten, GlobalAveragePooling2D, MaxPool2D, parse_activation)
 
 from .base import Adam, Adapter, BackendError, SGD, as_inputs, gpu_index
+
+# channels_last memory format for convolutions, per device type: chosen by measurement (TODO: the A/B note).
+CHANNELS_LAST = {"cpu": False, "cuda": False}
+_MODULE_DICT_ATTRS = nn.ModuleDict()  # ModuleDict refuses keys that are its attribute names ("keys", "to", ...)
 
 
 class CanonicalBatchNorm(nn.Module):
@@ -44,15 +52,157 @@ class Softmax1(nn.Module):
         return torch.softmax(x, dim=1)
 
 
-_ACTS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "softmax": Softmax1}
+class _Add(nn.Module):
+    def forward(self, x, *rest):
+        for t in rest:
+            x = x + t
+        return x
 
 
-def _act(kind: str) -> list[nn.Module]:
-    return [] if kind == "linear" else [_ACTS[kind]()]
+class _Concat(nn.Module):
+    """Concatenation along canonical axis 1 (channels of NCHW, features of flat)."""
+
+    def forward(self, *xs):
+        return torch.cat(xs, dim=1)
+
+
+class _GlobalAvgPool(nn.Module):
+    def forward(self, x):
+        return x.mean(dim=(2, 3))
+
+
+class _SamePadMaxPool(nn.Module):
+    """Max pooling with TF "same" asymmetric pads: the padded cells hold -inf, so they never win."""
+
+    def __init__(self, pads, kernel, strides):
+        super().__init__()
+        (pt, pb), (pl, pr) = pads
+        self.pad, self.kernel, self.strides = (pl, pr, pt, pb), kernel, strides
+
+    def forward(self, x):
+        return F.max_pool2d(F.pad(x, self.pad, value=float("-inf")), self.kernel, self.strides)
+
+
+class _SamePadAvgPool(nn.Module):
+    """Average pooling with TF "same" asymmetric pads, padded cells excluded: a window sum over the
+    zero-padded input divided by the number of real cells under each window (computed once: the input
+    size is fixed by the spec)."""
+
+    def __init__(self, pads, kernel, strides, in_hw):
+        super().__init__()
+        (pt, pb), (pl, pr) = pads
+        self.pad, self.kernel, self.strides = (pl, pr, pt, pb), kernel, strides
+        ones = F.pad(torch.ones(1, 1, *in_hw), self.pad)
+        self.register_buffer("count", F.avg_pool2d(ones, kernel, strides, divisor_override=1), persistent=False)
+
+    def forward(self, x):
+        return F.avg_pool2d(F.pad(x, self.pad), self.kernel, self.strides, divisor_override=1) / self.count
+
+
+# --- converters: spec layer -> (module, {param: (getter of the native tensor, transposed Dense kernel?)}) -----
+# Getters, not tensors: Module.to() replaces buffers (BatchNorm statistics) with new tensors.
+def _binding(module: nn.Module, attr: str, transposed: bool = False):
+    return functools.partial(getattr, module, attr), transposed
+
+
+def _activation(spec: str) -> nn.Module | None:
+    """The module computing one spec activation (None for linear)."""
+    kind, alpha = parse_activation(spec)
+    if kind == "linear":
+        return None
+    return {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "softmax": Softmax1,
+            "leaky_relu": lambda: nn.LeakyReLU(alpha),  # torch's default slope is 0.01, the spec's 0.2
+            "elu": lambda: nn.ELU(alpha), "softplus": nn.Softplus, "silu": nn.SiLU,
+            "gelu": lambda: nn.GELU(approximate="none"), "gelu_tanh": lambda: nn.GELU(approximate="tanh")}[kind]()
+
+
+def _sequence(*parts: nn.Module | None) -> nn.Module:
+    parts = [p for p in parts if p is not None]
+    return nn.Identity() if not parts else parts[0] if len(parts) == 1 else nn.Sequential(*parts)
+
+
+def _dense(layer: Dense, info):
+    core = nn.Linear(info.in_shape[0], layer.units)  # weight (out, in): the canonical kernel is (in, out)
+    return _sequence(core, _activation(layer.activation)), {"kernel": _binding(core, "weight", True),
+                                                            "bias": _binding(core, "bias")}
+
+
+def _conv2d(layer: Conv2D, info):
+    (pt, pb), (pl, pr) = layer.pads(info.in_shape)
+    symmetric = pt == pb and pl == pr
+    kh, kw = layer.param_shapes(info.in_shape)["kernel"][2:]
+    # TF "same" puts the odd pixel bottom/right; torch's padding="same" refuses stride > 1
+    pad = None if symmetric else nn.ZeroPad2d((pl, pr, pt, pb))
+    core = nn.Conv2d(info.in_shape[0], layer.filters, (kh, kw), layer.strides, (pt, pl) if symmetric else 0,
+                     bias=layer.use_bias)  # weight OIHW: the canonical layout
+    params = {"kernel": _binding(core, "weight")} | ({"bias": _binding(core, "bias")} if layer.use_bias else {})
+    return _sequence(pad, core, _activation(layer.activation)), params
+
+
+def _pool(layer, info):
+    (k, s), pads = layer.window(), layer.pads(info.in_shape)
+    (pt, pb), (pl, pr) = pads
+    is_max = isinstance(layer, MaxPool2D)
+    if pt == pb and pl == pr:  # max pads with -inf; count_include_pad=False is TF's average
+        return (nn.MaxPool2d(k, s, (pt, pl)) if is_max else nn.AvgPool2d(k, s, (pt, pl), count_include_pad=False)), {}
+    return (_SamePadMaxPool(pads, k, s) if is_max else _SamePadAvgPool(pads, k, s, info.in_shape[1:])), {}
+
+
+def _batchnorm(layer: BatchNorm, info):
+    bn = CanonicalBatchNorm(info.in_shape[0], layer.momentum, layer.epsilon)
+    return bn, {"gamma": _binding(bn, "weight"), "beta": _binding(bn, "bias"),
+                "moving_mean": _binding(bn, "running_mean"), "moving_var": _binding(bn, "running_var")}
+
+
+CONVERTERS = {
+    Dense: _dense,
+    Conv2D: _conv2d,
+    MaxPool2D: _pool,
+    AvgPool2D: _pool,
+    GlobalAveragePooling2D: lambda layer, info: (_GlobalAvgPool(), {}),
+    Flatten: lambda layer, info: (nn.Flatten(), {}),  # logical (C, H, W) order, whatever the memory format
+    Activation: lambda layer, info: (_sequence(_activation(layer.activation)), {}),
+    Dropout: lambda layer, info: (nn.Dropout(layer.rate), {}),
+    BatchNorm: _batchnorm,
+    Add: lambda layer, info: (_Add(), {}),
+    Concatenate: lambda layer, info: (_Concat(), {}),
+}
+
+
+class Graph(nn.Module):
+    """The spec's graph: a ModuleDict of nodes run in topological order, each on the outputs of its inputs;
+    a value is dropped once no later node needs it."""
+
+    def __init__(self, nodes: list[tuple[str, nn.Module, tuple[str, ...]]]):
+        super().__init__()
+        # ":" never occurs in a spec name: the escaped key cannot collide with another node's
+        self.keys = [f":{name}" if hasattr(_MODULE_DICT_ATTRS, name) else name for name, _, _ in nodes]
+        self.nodes = nn.ModuleDict({key: module for key, (_, module, _) in zip(self.keys, nodes)})
+        self.names = [name for name, _, _ in nodes]
+        self.inputs = [inputs for _, _, inputs in nodes]
+        last_use = {}
+        for i, inputs in enumerate(self.inputs):
+            last_use.update({name: i for name in inputs})
+        self.free = [[n for n in dict.fromkeys(inputs) if last_use[n] == i] for i, inputs in enumerate(self.inputs)]
+
+    def walk(self, x, keep: bool = False) -> dict[str, torch.Tensor]:
+        """The last node's output by name; with keep=True every node's output."""
+        values = {INPUT: x}
+        for key, name, inputs, free in zip(self.keys, self.names, self.inputs, self.free):
+            values[name] = self.nodes[key](*(values[i] for i in inputs))
+            if not keep:
+                for n in free:
+                    del values[n]
+        values.pop(INPUT, None)
+        return values
+
+    def forward(self, x):
+        return self.walk(x)[self.names[-1]]
 
 
 class TorchAdapter(Adapter):
-    """nn.Sequential, eager mode; each spec layer is one child module (a Sequential when it has parts)."""
+    """A Graph module, eager (or torch.compile'd); weights are mapped by canonical key through the
+    converters' bindings."""
 
     name = "torch"
 
@@ -63,6 +213,15 @@ class TorchAdapter(Adapter):
     @property
     def execution_path(self) -> str:
         return "torch.compile" if self.compile else "eager"
+
+    @property
+    def settings(self) -> dict:
+        """The performance settings in effect, recorded with each timing."""
+        s = {"memory_format": self.memory_format, "bn": "native_batch_norm", "cudnn_benchmark": self.cudnn_benchmark,
+             "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()}
+        if self.dev.type == "cuda":
+            s |= {"matmul_tf32": torch.backends.cuda.matmul.allow_tf32, "cudnn_tf32": torch.backends.cudnn.allow_tf32}
+        return s
 
     @classmethod
     def set_threads(cls, n: int) -> None:
@@ -81,72 +240,57 @@ class TorchAdapter(Adapter):
             self.dev = torch.device("cuda", index)
             torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would break float32 equivalence
             torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cudnn.benchmark = True  # input shapes are fixed per cell: pick the fastest algorithms
         else:
             self.dev = torch.device("cpu")
-        self.layers = self.spec.logits_layers()
-        self.infos = self.spec.infos[:len(self.layers)]
-        self.native = nn.Sequential(*(self._module(l, i.in_shape) for l, i in zip(self.layers, self.infos))).to(self.dev)
+        self.cudnn_benchmark = self.dev.type == "cuda"
+        self.tf32 = False
+        channels_last = CHANNELS_LAST[self.dev.type]
+        self._format = torch.channels_last if channels_last else torch.contiguous_format
+        self.memory_format = "channels_last" if channels_last else "contiguous"
+        self.infos = self.spec.logits_infos()
+        self._params = {}  # canonical key -> (getter of the native tensor, whether it is a transposed Dense kernel)
+        nodes = []
+        for info in self.infos:
+            convert = CONVERTERS.get(type(info.layer))
+            if convert is None:
+                raise BackendError(f"torch backend: no converter for layer {info.index} ({info.name}) "
+                                   f"of kind {type(info.layer).__name__}")
+            module, params = convert(info.layer, info)
+            nodes.append((info.name, module, info.inputs))
+            self._params.update({f"{info.name}/{k}": b for k, b in params.items()})
+        self.native = Graph(nodes).to(self.dev, memory_format=self._format)
         self._run = torch.compile(self.native) if self.compile else self.native  # shares native's parameters
 
-    @staticmethod
-    def _module(layer, in_shape) -> nn.Module:
-        if isinstance(layer, Dense):
-            return nn.Sequential(nn.Linear(in_shape[0], layer.units), *_act(layer.activation))
-        if isinstance(layer, Conv2D):
-            (pt, pb), (pl, pr) = layer.pads(in_shape)
-            kh, kw = layer.param_shapes(in_shape)["kernel"][2:]
-            parts = []
-            if pt == pb and pl == pr:
-                padding = (pt, pl)
-            else:  # TF "same" puts the odd pixel bottom/right; torch's padding="same" refuses stride > 1
-                parts.append(nn.ZeroPad2d((pl, pr, pt, pb)))
-                padding = 0
-            parts.append(nn.Conv2d(in_shape[0], layer.filters, (kh, kw), layer.strides, padding))
-            return nn.Sequential(*parts, *_act(layer.activation))
-        if isinstance(layer, (MaxPool2D, AvgPool2D)):
-            k, s = layer.window()
-            return (nn.MaxPool2d if isinstance(layer, MaxPool2D) else nn.AvgPool2d)(k, s)
-        if isinstance(layer, Flatten):
-            return nn.Flatten()
-        if isinstance(layer, Activation):
-            return nn.Sequential(*_act(layer.activation))
-        if isinstance(layer, Dropout):
-            return nn.Dropout(layer.rate)
-        if isinstance(layer, BatchNorm):
-            return CanonicalBatchNorm(in_shape[0], layer.momentum, layer.epsilon)
-        raise BackendError(f"torch backend: unsupported layer {type(layer).__name__}")
-
-    # --- weights: canonical key -> (tensor, to canonical, from canonical) ------------------------
-    def _params(self) -> dict[str, tuple[torch.Tensor, bool]]:
-        """Canonical key -> (native tensor, whether it is a transposed Dense kernel)."""
-        out = {}
-        for layer, info, module in zip(self.layers, self.infos, self.native):
-            name = info.name
-            if isinstance(layer, (Dense, Conv2D)):
-                core = next(m for m in module if isinstance(m, (nn.Linear, nn.Conv2d)))
-                out[f"{name}/kernel"] = (core.weight, isinstance(layer, Dense))  # Linear is (out, in)
-                out[f"{name}/bias"] = (core.bias, False)
-            elif isinstance(layer, BatchNorm):
-                for key, t in (("gamma", module.weight), ("beta", module.bias),
-                               ("moving_mean", module.running_mean), ("moving_var", module.running_var)):
-                    out[f"{name}/{key}"] = (t, False)
-        return out
-
+    # --- weights ---------------------------------------------------------------------------------
     def get_weights(self):
-        return {k: (t.detach().T if tr else t.detach()).cpu().numpy().astype(np.float32, copy=True)
-                for k, (t, tr) in self._params().items()}
+        out = {}
+        for k, (get, tr) in self._params.items():
+            t = get().detach()
+            out[k] = (t.T if tr else t).cpu().numpy().astype(np.float32, copy=True)
+        return out
 
     def set_weights(self, weights):
         self._check_weights(weights)
         with torch.no_grad():
-            for k, (t, tr) in self._params().items():
+            for k, (get, tr) in self._params.items():
                 w = torch.as_tensor(np.asarray(weights[k], np.float32))
-                t.copy_(w.T if tr else w)
+                get().copy_(w.T if tr else w)
 
-    # --- inference ------------------------------------------------------------------------------
-    def _tensor(self, x):
-        return torch.from_numpy(as_inputs(self.spec, x)).to(self.dev)
+    # --- data ------------------------------------------------------------------------------------
+    def _place(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.dev, non_blocking=True)
+        return x.contiguous(memory_format=self._format) if x.dim() == 4 else x
 
+    def _tensor(self, x) -> torch.Tensor:
+        return self._place(torch.from_numpy(as_inputs(self.spec, x)))
+
+    def to_device(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch as tensors on this network's device (and memory format), for _train_batch; copies, so
+        the tensors never alias the host arrays (on the CPU from_numpy would share their memory)."""
+        return self._place(torch.tensor(as_inputs(self.spec, x))), torch.tensor(np.asarray(y), device=self.dev)
+
+    # --- inference -------------------------------------------------------------------------------
     @torch.no_grad()
     def logits(self, x):
         self.native.eval()
@@ -155,30 +299,30 @@ class TorchAdapter(Adapter):
     @torch.no_grad()
     def layer_outputs(self, x):
         self.native.eval()
-        h, out = self._tensor(x), {}
-        for info, module in zip(self.infos, self.native):
-            h = module(h)
-            out[info.name] = h.cpu().numpy()
-        return out
+        return {name: np.ascontiguousarray(v.cpu().numpy())
+                for name, v in self.native.walk(self._tensor(x), keep=True).items()}
 
-    # --- training -------------------------------------------------------------------------------
+    # --- training --------------------------------------------------------------------------------
     def _loss(self, z, y):
         if z.shape[1] == 1:
             return F.binary_cross_entropy_with_logits(z.reshape(-1), y.to(z.dtype))
         return F.cross_entropy(z.reshape(len(z), -1), y.long())
 
     def loss_and_grads(self, x, y):
-        params = self._params()
-        saved = {k: t.detach().clone() for k, (t, _) in params.items() if not t.requires_grad}
+        tensors = {k: (get(), tr) for k, (get, tr) in self._params.items()}
+        saved = {k: t.detach().clone() for k, (t, _) in tensors.items() if not t.requires_grad}
         self.native.train()
         self.native.zero_grad(set_to_none=True)
-        loss = self._loss(self.native(self._tensor(x)), torch.as_tensor(np.asarray(y), device=self.dev))
+        xt, yt = self.to_device(x, y)
+        loss = self._loss(self.native(xt), yt)
         loss.backward()
         with torch.no_grad():  # a training forward moved the BatchNorm statistics: put them back
             for k, v in saved.items():
-                params[k][0].copy_(v)
-        grads = {k: (params[k][0].grad.T if params[k][1] else params[k][0].grad).cpu().numpy().copy()
-                 for k in self.spec.trainable_keys()}
+                tensors[k][0].copy_(v)
+        grads = {}
+        for k in self.spec.trainable_keys():
+            t, tr = tensors[k]
+            grads[k] = (t.grad.T if tr else t.grad).cpu().numpy().copy()
         self.native.zero_grad(set_to_none=True)
         return float(loss.detach()), grads
 
@@ -194,9 +338,10 @@ class TorchAdapter(Adapter):
             raise BackendError(f"torch backend: unsupported optimizer {optimizer!r}")
 
     def _train_batch(self, x, y):
+        """One step on NumPy arrays, or on tensors already placed by to_device."""
         self.native.train()
-        xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.dev, non_blocking=True)
-        yt = torch.from_numpy(np.asarray(y)).to(self.dev, non_blocking=True)
+        xt = x if isinstance(x, torch.Tensor) else self._place(torch.from_numpy(np.ascontiguousarray(x)))
+        yt = y if isinstance(y, torch.Tensor) else torch.from_numpy(np.asarray(y)).to(self.dev, non_blocking=True)
         self.opt.zero_grad(set_to_none=True)
         loss = self._loss(self._run(xt), yt)
         loss.backward()
