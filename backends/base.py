@@ -98,6 +98,8 @@ def parse_device(device: str) -> tuple[str, int]:
 
 def batch_indices(n: int, batch_size: int, epoch: int, seed: int = 0, shuffle: bool = True) -> Iterator[np.ndarray]:
     """The batch order every framework shares: a seeded permutation per epoch, last partial batch kept."""
+    n, batch_size = _check_int("n", n, 0), _check_int("batch_size", batch_size, 1)
+    epoch, seed = _check_int("epoch", epoch, 0), _check_int("seed", seed, 0)
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     for start in range(0, n, batch_size):
         yield order[start:start + batch_size]

@@ -348,3 +348,10 @@ def test_batches_staged_on_the_device_are_checked_too(backend):
     raises(lambda: a.to_device(x, y), "labels: class 12 at index 3 is out of range for 10 outputs")
     raises(lambda: a.to_device(x[:0], y[:0]), "inputs: empty (0 samples)")
     raises(lambda: a.to_device(x, y[:5]), "labels: 5 labels for 6 input samples")
+
+
+def test_the_shared_batch_order_checks_its_arguments():
+    from nncompare.backends import batch_indices
+    raises(lambda: list(batch_indices(5, 0, 0)), "batch_size: must be an integer >= 1, got 0")
+    raises(lambda: list(batch_indices(5, 2, -1)), "epoch: must be an integer >= 0, got -1")
+    assert [list(b) for b in batch_indices(5, 2, 0, shuffle=False)] == [[0, 1], [2, 3], [4]]
