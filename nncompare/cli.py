@@ -283,7 +283,8 @@ def cmd_check(args) -> int:
     backends = checked_backends(args, [b for b in names() if b != "numpy" and available_backends()[b]["installed"]])
     device = canonical_device(args.device)
     executor = executor_for(args)
-    tasks = [Task("check", device=device, threads=os.cpu_count() or 1, backend=b, model_name=label,
+    threads = 1 if args.executor == "ray" else os.cpu_count() or 1  # under Ray: one CPU each, side by side
+    tasks = [Task("check", device=device, threads=threads, backend=b, model_name=label,
                   spec=spec.to_dict(), steps=args.steps, compile=args.compile) for b in backends]
     results, code = sweep(tasks, lambda t, r: {"backend": t.backend, **r}, executor, quiet=True)
     for r in results:

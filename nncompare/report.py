@@ -3,6 +3,7 @@ scaling, and training curves."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
 
 from tabulate import tabulate
@@ -18,8 +19,8 @@ def _settings_value(row: dict, key: str):
 
 
 def group_key(row: dict) -> tuple:
-    """The rows one ratio compares: same machine, device, model, batch and settings."""
-    return (row.get("host"), row["device"], row["model"], row["batch_size"],
+    """The rows one ratio compares: same machine, results file, device, model, batch and settings."""
+    return (row.get("host"), row.get("source"), row["device"], row["model"], row["batch_size"],
             *(_settings_value(row, k) for k in SETTINGS))
 
 
@@ -60,10 +61,14 @@ def render_table(rows: list[dict], baseline: str, markdown: bool = False, show_m
     if show_machine is None:
         show_machine = len({machine(r) for r in rows}) > 1
     extra = varying(rows, SETTINGS)
-    lead = ("Machine",) if show_machine else ()
+    files: dict[str, set] = {}
+    for r in rows:
+        files.setdefault(machine(r), set()).add(r.get("source"))
+    show_source = any(len(f) > 1 for f in files.values())  # two runs of one machine: say which row is which
+    lead = ("Machine",) * show_machine + ("File",) * show_source
     table = []
     for r in rows:
-        head = (machine(r),) if show_machine else ()
+        head = (machine(r),) * show_machine + (os.path.basename(r.get("source") or "-"),) * show_source
         tail = tuple(str(_settings_value(r, k)) for k in extra)
         if "error" in r:
             body = (r["model"], r["backend"], r["device"], r["batch_size"], "ERROR: " + r["error"][:70])
@@ -88,8 +93,11 @@ def render_scaling(rows: list[dict], markdown: bool = False) -> str:
     threads = sorted({r["threads"] for r in rows})
     lines: dict[tuple, dict[int, dict]] = {}
     for r in rows:
-        lines.setdefault((machine(r), r["model"], r["backend"], r["device"], r["batch_size"]), {})[r["threads"]] = r
+        key = (machine(r), os.path.basename(r.get("source") or "-"), r["model"], r["backend"], r["device"],
+               r["batch_size"])
+        lines.setdefault(key, {})[r["threads"]] = r
     show_machine = len({k[0] for k in lines}) > 1
+    show_source = len({k[:2] for k in lines}) > len({k[0] for k in lines})
     table = []
     for key, by_t in lines.items():
         cells = []
@@ -99,8 +107,8 @@ def render_scaling(rows: list[dict], markdown: bool = False) -> str:
             sps = by_t.get(t, {}).get("train_samples_s")
             cells.append("-" if t not in by_t else "ERROR" if sps is None
                          else f"{sps:,.0f}" + (f" (x{sps / first:.2f})" if first and len(threads) > 1 else ""))
-        table.append((key[0],) * show_machine + key[1:] + tuple(cells))
-    headers = ("Machine",) * show_machine + ("Model", "Framework", "Device", "Batch",
+        table.append((key[0],) * show_machine + (key[1],) * show_source + key[2:] + tuple(cells))
+    headers = ("Machine",) * show_machine + ("File",) * show_source + ("Model", "Framework", "Device", "Batch",
                                               *(f"{t} thread{'s' * (t > 1)}" for t in threads))
     return ("Training samples/s by thread count (x: against the fewest threads)\n"
             + tabulate(table, headers=headers, disable_numparse=True, tablefmt="github" if markdown else "simple"))
