@@ -23,12 +23,12 @@ def test_importing_models_and_backends_imports_no_framework():
 
 def test_available_backends_reports_every_backend():
     info = available_backends()
-    assert set(info) == {"numpy", "keras", "torch", "mxnet"}
+    assert set(info) == {"numpy", "keras", "keras-jax", "keras-torch", "torch", "mxnet"}
     assert info["numpy"]["installed"] and info["numpy"]["version"]
 
 
 def test_unknown_backend_is_a_clear_error():
-    with pytest.raises(BackendError, match=r"unknown backend 'jax' \(known: numpy, keras, torch, mxnet\)"):
+    with pytest.raises(BackendError, match=r"unknown backend 'jax' \(known: numpy, keras, keras-jax, keras-torch, torch, mxnet\)"):
         get_adapter("jax")
 
 
