@@ -237,16 +237,21 @@ CONVERTERS = {
 }
 
 
+def _env_int(var: str) -> int | None:
+    value = os.environ.get(var, "").strip()
+    return int(value) if value.isdigit() else None
+
+
 def _omp_threads() -> int:
     """The OpenMP threads each MXNet operator uses, by MXNet's rule (src/engine/openmp.cc): with no thread
     variables, half the cores on x86 (it assumes hyperthreads: 1 on a 2-core machine), else OMP_NUM_THREADS,
     with MXNET_OMP_MAX_THREADS as a cap (omp_get_max_threads() in Python's thread does not show this)."""
     procs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    omp, cap = (os.environ.get(v, "").strip() for v in ("OMP_NUM_THREADS", "MXNET_OMP_MAX_THREADS"))
-    if omp.isdigit():
-        return int(cap) if cap.isdigit() else int(omp)
-    if cap.isdigit():
-        return min(procs, int(cap))
+    omp, cap = _env_int("OMP_NUM_THREADS"), _env_int("MXNET_OMP_MAX_THREADS")
+    if omp is not None:
+        return omp if cap is None else cap
+    if cap is not None:
+        return min(procs, cap)
     return max(procs >> 1, 1) if platform.machine() in ("x86_64", "AMD64", "i386", "i686") else procs
 
 
@@ -268,7 +273,7 @@ class MXNetAdapter(Adapter):
     def settings(self) -> dict:
         """The performance settings in effect, recorded with each timing."""
         return {"hybridize": dict(HYBRIDIZE), "engine": os.environ.get("MXNET_ENGINE_TYPE", "ThreadedEnginePerDevice"),
-                "cpu_worker_threads": int(os.environ.get("MXNET_CPU_WORKER_NTHREADS", "1")),
+                "cpu_worker_threads": _env_int("MXNET_CPU_WORKER_NTHREADS") or 1,
                 "omp_threads": _omp_threads(), "kvstore": None}
 
     @property
