@@ -44,7 +44,9 @@ def training_curves(results: list[dict], path: str, title: str = "") -> None:
 
 
 def _group(r: dict, hosts: bool) -> tuple:
-    return ((r.get("host") or "?",) if hosts else ()) + (r["model"], r["device"], r["batch_size"], r["threads"])
+    """Machine (and results file, when a report merges several) first; then model, device, batch, threads."""
+    where = ((r.get("host") or "?",) if hosts else ()) + ((os.path.basename(r["source"]),) if r.get("source") else ())
+    return where + (r["model"], r["device"], r["batch_size"], r["threads"])
 
 
 def throughput_chart(rows: list[dict], path: str) -> None:
@@ -52,6 +54,8 @@ def throughput_chart(rows: list[dict], path: str) -> None:
     plt = _pyplot()
     ok = [r for r in rows if "error" not in r]
     hosts = len({r.get("host") for r in ok}) > 1
+    if len({r.get("source") for r in ok}) <= 1:
+        ok = [{k: v for k, v in r.items() if k != "source"} for r in ok]
     groups = list(dict.fromkeys(_group(r, hosts) for r in ok))
     backends = list(dict.fromkeys(r["backend"] for r in ok))
     width = 0.8 / max(len(backends), 1)

@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from .runner import Task, UsageError, forwarded_env, run_subprocess
+from .runner import Interrupted, Task, UsageError, forwarded_env, run_subprocess
 
 INSTALL = "pip install 'nncompare[ray]'"
 
@@ -97,7 +97,13 @@ class RayExecutor:
                 self.inflight[self._submit(task, node if task.exclusive else None)] = (i, node)
             if not self.inflight:
                 continue
-            ready, _ = self.ray.wait(list(self.inflight), num_returns=1)
+            # a short timeout: Python runs signal handlers (Ctrl-C, SIGTERM) only between calls into Ray
+            try:
+                ready, _ = self.ray.wait(list(self.inflight), num_returns=1, timeout=0.5)
+            except SystemError as e:  # Ray's Cython wraps an exception our SIGTERM handler raised inside it
+                if isinstance(e.__cause__ or e.__context__, (Interrupted, KeyboardInterrupt)):
+                    raise (e.__cause__ or e.__context__) from None
+                raise
             for ref in ready:
                 i, node = self.inflight.pop(ref)
                 if node is not None:

@@ -299,7 +299,7 @@ def cell_main(task_json: str) -> int:
     log = os.environ.get("NNCOMPARE_CELL_LOG")  # test hook: one line per cell started
     if log:
         with open(log, "a") as f:
-            f.write(f"{task.kind} {task.model_name} {task.backend} {task.batch_size} {task.threads}\n")
+            f.write(f"{task.kind} {task.model_name} {task.backend} {task.batch_size} {task.threads} {os.getpid()}\n")
     fault = os.environ.get("NNCOMPARE_FAULT", "")  # test hook: "<backend>:<model>:crash|hang"
     if task.kind in ("measure", "train", "check") and fault.startswith(f"{task.backend}:{task.model_name}:"):
         if fault.endswith(":hang"):

@@ -80,3 +80,22 @@ def test_without_ray_the_error_names_the_extra(tmp_path):
               env={"PYTHONPATH": str(tmp_path)}, timeout=60)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "pip install 'nncompare[ray]'" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_sigterm_under_ray_keeps_finished_cells_and_ends_the_running_one(tmp_path, address):
+    from .test_interrupts import alive, wait_for
+    import signal
+    path, log = tmp_path / "r.json", tmp_path / "cells.log"
+    proc = subprocess.Popen(
+        [sys.executable, "compare.py", "run", "--models", "perceptron", "digits_mlp", "--backends", "numpy", *FAST,
+         "--executor", "ray", "--address", address, "--json", str(path)], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, NNCOMPARE_FAULT="numpy:digits_mlp:hang", NNCOMPARE_CELL_LOG=str(log)))
+    wait_for(lambda: log.exists() and "digits_mlp" in log.read_text(), what="the hanging cell")
+    cell = int(next(l for l in log.read_text().splitlines() if "digits_mlp" in l).split()[-1])
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    payload = json.loads(path.read_text())
+    assert payload["partial"] is True and [r["model"] for r in payload["rows"]] == ["perceptron"]
+    wait_for(lambda: not alive(cell), timeout=30, what="the cell to die with its Ray worker")
