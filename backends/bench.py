@@ -26,6 +26,7 @@ TF_INTEROP = "threads"
 # Noise control: repeats continue until the last SETTLE_K agree within SPREAD_BOUND, or the budget runs out.
 SETTLE_K = 5
 SPREAD_BOUND = 0.03
+TIME_BUDGET_S = 3.0  # per cell after warm-up: keeps `python compare.py` (8 cells) within a minute on 2 cores
 MIN_REPEAT_S = 0.05  # a repeat shorter than this is mostly timer and scheduler jitter: steps are raised to fit
 
 
@@ -152,13 +153,20 @@ def batch_pool(spec: ModelSpec, batch_size: int, n: int = 4, seed: int = 0) -> l
 
 def measure(backend: str, spec: ModelSpec, device: str, batch_size: int, steps: int, repeats: int,
             warmup: int, optimizer: Optimizer, threads: int, seed: int = 0, compile: bool = False,
-            data: str = "resident", budget_s: float = 3.0) -> dict:
+            data: str = "resident", budget_s: float | None = None) -> dict:
     """Build, time the first step apart, warm up, then time training and inference samples/s: `steps` and
     `repeats` are minimums, repeats go on until the spread settles or `budget_s` (split 2:1 between training
-    and inference) is spent. data="resident" feeds the adapter's own device tensors where it offers
+    and inference; default $NNCOMPARE_TIME_BUDGET, else TIME_BUDGET_S; 0 = exactly the minimums) is spent.
+    data="resident" feeds the adapter's own device tensors where it offers
     `to_device`, else host NumPy arrays every step (data="host", what a data loader does); the row says which."""
     if data not in ("host", "resident"):
         raise ValueError(f"data must be 'host' or 'resident', got {data!r}")
+    if budget_s is None:
+        text = os.environ.get("NNCOMPARE_TIME_BUDGET") or str(TIME_BUDGET_S)
+        try:
+            budget_s = float(text)
+        except ValueError:
+            raise ValueError(f"NNCOMPARE_TIME_BUDGET must be a number of seconds, got {text!r}") from None
     from . import get_adapter  # imports the framework: only ever called in a cell's own process
 
     t0 = time.perf_counter()

@@ -56,7 +56,8 @@ def run_adapter(backend: str, model: str, batch: int, args) -> dict:
     task = Task("measure", device="cpu", threads=args.threads, backend=backend, model_name=model,
                 spec=zoo.get(model).to_dict(), batch_size=batch, optimizer={"type": "sgd", "args": vars(opt)},
                 steps=args.steps, repeats=args.repeats, warmup=2)
-    return run_subprocess(task, args.timeout)
+    # the cell splits its budget 2:1 between training and inference: training gets what the native loop gets
+    return run_subprocess(task, args.timeout, env={"NNCOMPARE_TIME_BUDGET": str(args.budget * 1.5)})
 
 
 def backends_to_run(requested: list[str] | None) -> tuple[list[str], list[str]]:

@@ -23,6 +23,8 @@ from nncompare.runner import Task, run_subprocess
 
 from .conftest import FRAMEWORKS, ROOT, require
 
+QUICK = {"NNCOMPARE_TIME_BUDGET": "0"}  # exactly the minimum steps and repeats
+
 
 # --- thread_env ----------------------------------------------------------------------------------------
 def test_trap13_mxnet_keeps_one_engine_worker_with_n_openmp_threads():
@@ -52,7 +54,7 @@ def test_cell_reports_its_thread_configuration_from_inside(backend):
     task = Task("measure", threads=1, backend=backend, model_name="mlp", spec=zoo.get("mlp").to_dict(),
                 batch_size=8, optimizer={"type": "sgd", "args": {"lr": 0.01, "momentum": 0.9}},
                 steps=1, repeats=1, warmup=0)
-    row = run_subprocess(task, timeout=300)
+    row = run_subprocess(task, timeout=300, env=QUICK)
     assert "error" not in row, row
     s = row["settings"]
     assert s["threads"] == 1 and s["OMP_NUM_THREADS"] == "1" and s["data"] in ("host", "resident")
@@ -72,8 +74,8 @@ def test_mxnet_second_engine_worker_shows_as_threads_in_the_cell():
     task = Task("measure", threads=2, backend="mxnet", model_name="mlp", spec=zoo.get("mlp").to_dict(),
                 batch_size=8, optimizer={"type": "sgd", "args": {"lr": 0.01, "momentum": 0.9}},
                 steps=1, repeats=1, warmup=0)
-    one = run_subprocess(task, timeout=300)
-    two = run_subprocess(task, timeout=300, env={"MXNET_CPU_WORKER_NTHREADS": "2"})
+    one = run_subprocess(task, timeout=300, env=QUICK)
+    two = run_subprocess(task, timeout=300, env={**QUICK, "MXNET_CPU_WORKER_NTHREADS": "2"})
     assert one["settings"]["mxnet.cpu_workers"] == 1 and two["settings"]["mxnet.cpu_workers"] == 2
     assert two["settings"]["process_threads"] > one["settings"]["process_threads"]
 
@@ -177,6 +179,18 @@ def test_trap14_timed_loop_feeds_separate_per_batch_arrays(monkeypatch, resident
     assert 2 <= len(distinct) <= 4  # a small pool of batches, reused
     assert not any(np.shares_memory(a, b) for i, a in enumerate(distinct) for b in distinct[i + 1:])
     assert row["train_repeats"] >= 2 and row["infer_repeats"] >= 2 and "noisy" in row
+
+
+def test_zero_budget_times_exactly_the_minimums(monkeypatch):
+    cls, seen = fake_adapter(resident=False)
+    monkeypatch.setattr("nncompare.backends.get_adapter", lambda name: cls)
+    monkeypatch.setenv("NNCOMPARE_TIME_BUDGET", "0")
+    row = measure("fake", zoo.get("mlp"), "cpu", 16, steps=3, repeats=2, warmup=1, optimizer=SGD(), threads=1)
+    assert row["train_repeats"] == row["infer_repeats"] == 2 and row["train_steps"] == 3
+    assert len(seen) == 1 + 1 + 2 * 3  # first step, warm-up, 2 repeats of 3 steps
+    monkeypatch.setenv("NNCOMPARE_TIME_BUDGET", "soon")
+    with pytest.raises(ValueError, match="NNCOMPARE_TIME_BUDGET"):
+        measure("fake", zoo.get("mlp"), "cpu", 16, 1, 1, 0, SGD(), 1)
 
 
 def test_measure_rejects_an_unknown_data_placement():
