@@ -308,8 +308,11 @@ def load_results(path: str) -> dict:
         raise UsageError(f"cannot read {path!r}: {e.strerror}") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise UsageError(f"{path!r} is not JSON: {e}") from None
+    def usable(r) -> bool:
+        return (isinstance(r, dict) and {"model", "backend", "device", "batch_size", "threads"} <= r.keys()
+                and (isinstance(r.get("error"), str) or isinstance(r.get("train_samples_s"), (int, float))))
     if not isinstance(payload, dict) or not isinstance(payload.get("rows"), list) or not all(
-            isinstance(r, dict) and {"model", "backend", "device", "batch_size"} <= r.keys() for r in payload["rows"]):
+            usable(r) for r in payload["rows"]):
         raise UsageError(f"{path!r} is not a results file of `compare.py run --json`")
     return payload
 

@@ -73,12 +73,16 @@ def _umask() -> int:
 
 def check_target(path: str, what: str = "output") -> None:
     """Refuse, before any work, a path a results file must not replace: a link, a folder, a device node..."""
+    if not path.strip():
+        raise UsageError(f"{what} path is empty")
     if os.path.islink(path):
         raise UsageError(f"will not write over {path!r}: it is a symbolic link")
     if os.path.isdir(path) or path.endswith(os.sep):
         raise UsageError(f"{what} path {path!r} is a directory")
     if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
         raise UsageError(f"will not write over {path!r}: it is not a regular file")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UsageError(f"will not write over {path!r}: it is read-only")
     parent = os.path.dirname(path) or "."
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"cannot write {path!r}: folder {parent!r} does not exist or is not writable")
@@ -93,7 +97,7 @@ def check_outputs(outputs: dict[str, str | None], inputs: list[str] = ()) -> Non
     for option, path in outputs.items():
         if path is None:
             continue
-        check_target(path)
+        check_target(path, option)
         real = os.path.realpath(path)
         if real in seen:
             raise UsageError(f"will not write over {path!r} ({option}): it is also {seen[real]}")
@@ -352,9 +356,10 @@ class Journal:
                 for line in f:
                     try:
                         entry = json.loads(line)
-                        rows[entry["cell"]] = entry["row"]
-                    except (ValueError, KeyError, TypeError):
+                    except ValueError:
                         continue
+                    if isinstance(entry, dict) and isinstance(entry.get("cell"), str) and isinstance(entry.get("row"), dict):
+                        rows[entry["cell"]] = entry["row"]
         except FileNotFoundError:
             pass
         return rows

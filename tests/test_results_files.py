@@ -46,6 +46,8 @@ def bad_outputs(tmp):
         (["--plot", f"{tmp}/chart.txt"], "unsupported file type .txt"),
         (["--plot", f"{tmp}/chart"], "unsupported file type (no extension)"),
         (["--json", f"{tmp}/r.json"], "holds the finished cells of an interrupted run: continue it with --resume"),
+        (["--json", ""], "--json path is empty"),
+        (["--plot", " "], "--plot path is empty"),
         (["--json", f"{tmp}/c.json", "--csv", f"{tmp}/c.json.journal"], "(journal): it is also the --csv output"),
     ]
 
