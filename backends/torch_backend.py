@@ -45,7 +45,8 @@ class CanonicalBatchNorm(nn.Module):
         out, mean, invstd = torch.native_batch_norm(x, self.weight, self.bias, None, None, True, 0.0, self.eps)
         with torch.no_grad():
             self.running_mean.lerp_(mean, 1 - self.momentum)
-            self.running_var.lerp_(invstd.pow(-2) - self.eps, 1 - self.momentum)
+            # clamp: for a constant channel, rounding of 1/invstd^2 - eps can give a variance of -1 ulp(eps)
+            self.running_var.lerp_((invstd.pow(-2) - self.eps).clamp_(min=0), 1 - self.momentum)
         return out
 
 

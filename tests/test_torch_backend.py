@@ -92,6 +92,18 @@ def test_batchnorm_moving_statistics_have_the_canonical_meaning_trap16(torch_cls
     assert np.abs(ref["bn/moving_var"] - 1).min() > 0.1  # far from its start: the test can see a wrong update
 
 
+def test_batchnorm_moving_variance_of_a_constant_channel_is_zero_not_negative(torch_cls):
+    """The variance comes back as 1/invstd^2 - eps: for a constant (dead) channel and eps=0.3 that rounds to
+    -3e-8, which another framework's set_weights would refuse as a negative variance."""
+    spec = ModelSpec("bn", (2,), (BatchNorm(momentum=0.0, epsilon=0.3, name="bn"), Dense(2, name="o")))
+    net = torch_cls.build(spec)
+    x = np.array([[0.0, 1.0], [0.0, 2.0], [0.0, 4.0]], np.float32)  # channel 0 is constant
+    net.train_step(x, np.array([0, 1, 0]))
+    var = net.get_weights()["bn/moving_var"]
+    assert var[0] == 0 and var[1] == pytest.approx(np.var([1.0, 2.0, 4.0]), rel=1e-5)
+    get_adapter("numpy").build(spec, weights=net.get_weights())  # a valid weight dict
+
+
 def test_batchnorm_inference_uses_the_moving_statistics(torch_cls):
     spec = ModelSpec("bn", (2, 3, 3), (BatchNorm(epsilon=1e-2, name="bn"),))
     w = {"bn/gamma": np.array([1.0, 2.0], np.float32), "bn/beta": np.array([0.0, -1.0], np.float32),
