@@ -25,6 +25,18 @@ def _ray():
     return ray
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, with one line, where Ray itself retries a wrong or dead address for minutes."""
+    import socket
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except ValueError:
+        raise UsageError(f"--address {address!r}: expected auto, HOST:PORT or ray://HOST:PORT") from None
+    except OSError as e:
+        raise UsageError(f"cannot reach the Ray cluster at {address!r}: {e.strerror or e}") from None
+
+
 def ray_cell(task_json: str, timeout: float, verbose: bool, env: dict[str, str]) -> dict:
     """Body of a Ray task. Ray hands a GPU task one card through CUDA_VISIBLE_DEVICES: inside, it is gpu:0."""
     task = Task.from_json(task_json)
@@ -41,6 +53,8 @@ class RayExecutor:
         ray = self.ray = _ray()
         self.timeout, self.verbose, self.concurrency = timeout, verbose, concurrency
         quiet = dict(logging_level=logging.WARNING if verbose else logging.ERROR, log_to_driver=verbose)
+        if address and address != "auto":
+            _check_reachable(address)
         try:
             if address:
                 ray.init(address=address, **quiet)

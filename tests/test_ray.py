@@ -99,3 +99,12 @@ def test_sigterm_under_ray_keeps_finished_cells_and_ends_the_running_one(tmp_pat
     payload = json.loads(path.read_text())
     assert payload["partial"] is True and [r["model"] for r in payload["rows"]] == ["perceptron"]
     wait_for(lambda: not alive(cell), timeout=30, what="the cell to die with its Ray worker")
+
+
+@pytest.mark.parametrize("address,message", [("127.0.0.1:1", "cannot reach the Ray cluster at '127.0.0.1:1'"),
+                                             ("nonsense", "expected auto, HOST:PORT or ray://HOST:PORT")])
+def test_a_wrong_address_is_one_line_in_seconds_not_minutes_of_retries(address, message):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'nncompare[ray]')")
+    out = run("--models", "perceptron", "--backends", "numpy", *FAST, "--executor", "ray", "--address", address,
+              timeout=60)
+    assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1
