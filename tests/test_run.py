@@ -132,3 +132,13 @@ def test_check_runs_each_framework_in_its_own_quiet_cell(tmp_path):
 def test_a_crashing_check_cell_is_a_failed_row():
     out = cli("check", "digits_mlp", "--backends", "numpy", env={"NNCOMPARE_FAULT": "numpy:digits_mlp:crash"})
     assert out.returncode == 1 and "ERROR: killed by signal" in out.stdout and "Traceback" not in out.stderr
+
+
+def test_several_thread_counts_give_a_scaling_table_and_line_chart(tmp_path):
+    out = cli("run", "--models", "perceptron", *FAST, "--threads", "1", "2", "--json", str(tmp_path / "r.json"),
+              "--plot", str(tmp_path / "scaling.svg"))
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [r["threads"] for r in rows] == [1, 2] and all("error" not in r for r in rows)
+    assert "Training samples/s by thread count" in out.stdout and "2 threads" in out.stdout
+    assert "<svg" in (tmp_path / "scaling.svg").read_text()
