@@ -1,0 +1,173 @@
+"""Runs one Keras engine's equivalence checks in its own process (Keras hosts one engine per process) and
+writes JSON for tests/test_keras_engines.py; also exports trained weights and predicts from given weights.
+
+    python tests/keras_worker.py check keras-jax OUT.json
+    python tests/keras_worker.py export keras-jax OUT.npz      # weights after 3 SGD steps + predictions
+    python tests/keras_worker.py predict keras-torch IN.npz OUT.npz [IN2.npz OUT2.npz ...]
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from nncompare.backends import SGD, BackendError, get_adapter  # noqa: E402
+from nncompare.backends.check import compare, sample_batch, scaled_diff  # noqa: E402
+from nncompare.models import Dense, Dropout, ModelSpec, zoo  # noqa: E402
+
+from tests.randspec import random_graph_spec, random_spec  # noqa: E402
+from tests.specs import ACTIVATION_SPECS, EVERY_LAYER, GRAPHS  # noqa: E402
+
+RANDOM_SPECS, RANDOM_GRAPHS = 4, 8
+TRANSFER_SPECS = ("conv_same_stride2", "residual_conv")
+SMALL_INPUT = {"resnet20": (3, 8, 8), "inception_mini": (3, 8, 8)}
+
+
+def models() -> dict[str, ModelSpec]:
+    """Zoo (without dropout), the hand-written specs, and a few random plain and graph specs."""
+    out = {n: zoo.get(n).without_dropout() for n in zoo.names()}
+    for n in SMALL_INPUT:  # size-agnostic (global pooling) nets on 8x8 inputs: the same graph, a fraction of the time
+        out[n] = dataclasses.replace(out[n], input_shape=SMALL_INPUT[n])
+    out.update(EVERY_LAYER)
+    out.update({s.name: s for s in ACTIVATION_SPECS.values()})
+    out.update(GRAPHS)
+    out.update({f"random_{i}": random_spec(i) for i in range(RANDOM_SPECS)})
+    out.update({f"random_graph_{i}": random_graph_spec(i) for i in range(RANDOM_GRAPHS)})
+    return out
+
+
+def _guarded(fn):
+    try:
+        return fn()
+    except Exception as e:  # one broken check must not hide the others: the test shows this text
+        return {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"}
+
+
+def check(backend: str) -> dict:
+    cls, oracle = get_adapter(backend), get_adapter("numpy")
+    result = {"models": {}, "extras": {}}
+    for name, spec in models().items():
+        def run(spec=spec):
+            t0 = time.perf_counter()
+            r = compare(cls, oracle, spec)
+            return {"diffs": r.diffs, "where": r.where, "seconds": time.perf_counter() - t0}
+        result["models"][name] = _guarded(run)
+    extras = result["extras"]
+
+    def round_trip():
+        spec = EVERY_LAYER["conv_same_stride2"]
+        rng = np.random.default_rng(5)
+        w = {k: (np.abs if k.endswith("moving_var") else np.asarray)(rng.standard_normal(s)).astype(np.float32)
+             for k, s in spec.param_shapes().items()}
+        got = cls.build(spec, weights=w).get_weights()
+        return {"keys_equal": list(got) == list(w),
+                "exact": all(got[k].dtype == np.float32 and np.array_equal(got[k], w[k]) for k in w)}
+    extras["round_trip"] = _guarded(round_trip)
+
+    def keeps_state():
+        spec = GRAPHS["residual_conv"]
+        net = cls.build(spec, optimizer=SGD(lr=0.1, momentum=0.9))
+        net.train_step(*sample_batch(spec, 8, seed=1))  # the JAX engine now holds its state in arrays
+        before = net.get_weights()
+        net.loss_and_grads(*sample_batch(spec, 8))
+        after = net.get_weights()
+        return {"unchanged": all(np.array_equal(before[k], after[k]) for k in before)}
+    extras["loss_and_grads_keeps_state"] = _guarded(keeps_state)
+
+    def dropout():
+        spec = ModelSpec("dropout", (4000,), (Dropout(0.3), Dense(2)))
+        net, ref = cls.build(spec), oracle.build(spec)
+        x, y = sample_batch(spec, 1)
+        infer = scaled_diff(net.predict(x), ref.predict(x))
+        g = net.loss_and_grads(x, y)[1]["dense_1/kernel"]
+        return {"inference_diff": infer, "dropped_fraction": float(np.all(g == 0, axis=1).mean())}
+    extras["dropout"] = _guarded(dropout)
+
+    def fit():
+        spec = zoo.get("digits_cnn")
+        x, y = sample_batch(spec, 40, seed=3)
+        opt = SGD(lr=0.05, momentum=0.9)
+        got = cls.build(spec, optimizer=opt).fit(x, y, epochs=2, batch_size=16)["loss"]
+        ref = oracle.build(spec, optimizer=opt).fit(x, y, epochs=2, batch_size=16)["loss"]
+        return {"loss": got, "ref": ref}
+    extras["fit"] = _guarded(fit)
+
+    def resident():  # to_device batches train exactly like host batches
+        spec = EVERY_LAYER["conv_same_stride2"]
+        a, b = cls.build(spec, optimizer=SGD(0.05, 0.9)), cls.build(spec, optimizer=SGD(0.05, 0.9))
+        for i in range(3):
+            x, y = sample_batch(spec, 8, seed=i)
+            a.train_step(x, y)
+            float(b._train_batch(*b.to_device(x, y)))
+        wa, wb = a.get_weights(), b.get_weights()
+        return {"equal": all(np.array_equal(wa[k], wb[k]) for k in wa), "settings": b.settings,
+                "path": b.execution_path, "version": cls.version()}
+    extras["resident"] = _guarded(resident)
+
+    def bad_device():
+        try:
+            cls.build(zoo.get("perceptron"), device="gpu:7")
+        except BackendError as e:
+            return {"message": str(e)}
+        return {"message": None}
+    extras["bad_device"] = _guarded(bad_device)
+
+    def second_engine():
+        other = "keras-torch" if backend == "keras-jax" else "keras-jax"
+        try:
+            get_adapter(other)
+        except BackendError as e:
+            return {"message": str(e)}
+        return {"message": None}
+    extras["second_engine"] = _guarded(second_engine)
+    return result
+
+
+def export(backend: str, out: str) -> None:
+    """Per transfer spec: weights after 3 SGD steps (BatchNorm statistics moved) and predictions on a batch."""
+    cls, arrays = get_adapter(backend), {}
+    for name in TRANSFER_SPECS:
+        spec = {**EVERY_LAYER, **GRAPHS}[name]
+        net = cls.build(spec, optimizer=SGD(lr=0.05, momentum=0.9))
+        for i in range(3):
+            net.train_step(*sample_batch(spec, 8, seed=i))
+        arrays.update({f"{name}|w|{k}": v for k, v in net.get_weights().items()})
+        arrays[f"{name}|predict"] = net.predict(sample_batch(spec, 8, seed=99)[0])
+    np.savez(out, **arrays)
+
+
+def load_weights(path: str, name: str) -> dict[str, np.ndarray]:
+    with np.load(path) as f:
+        return {k.split("|", 2)[2]: f[k] for k in f.files if k.startswith(f"{name}|w|")}
+
+
+def predict(backend: str, pairs: list[str]) -> None:
+    """For each (weights .npz, output .npz) pair: this backend's predictions from those weights."""
+    cls = get_adapter(backend)
+    for src, out in zip(pairs[::2], pairs[1::2]):
+        arrays = {}
+        for name in TRANSFER_SPECS:
+            spec = {**EVERY_LAYER, **GRAPHS}[name]
+            arrays[f"{name}|predict"] = cls.build(spec, weights=load_weights(src, name)).predict(
+                sample_batch(spec, 8, seed=99)[0])
+        np.savez(out, **arrays)
+
+
+if __name__ == "__main__":
+    mode, backend, *paths = sys.argv[1:]
+    if mode == "check":
+        Path(paths[0]).write_text(json.dumps(check(backend), default=float))
+    elif mode == "export":
+        export(backend, paths[0])
+    elif mode == "predict":
+        predict(backend, paths)
+    else:
+        sys.exit(f"unknown mode {mode!r}")

@@ -1,0 +1,189 @@
+"""keras-jax and keras-torch against the float64 NumPy oracle, and weight transfers to and from them.
+
+Keras hosts one engine per process and this one runs Keras on TensorFlow, so each engine's checks run in one
+subprocess (tests/keras_worker.py) that writes every result as JSON; the cases below assert on those results,
+one per (engine, model, check), so one failure never hides another.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nncompare.backends import SGD, get_adapter
+from nncompare.backends.check import TOLERANCE, sample_batch, scaled_diff
+
+from .conftest import require
+from .keras_worker import TRANSFER_SPECS, export, load_weights, models
+
+ENGINES = ["keras-jax", "keras-torch"]
+CHECKS = ("logits", "loss", "grads", "sgd", "adam")
+MODELS = sorted(models())
+IN_PROCESS = ["keras", "torch", "mxnet", "numpy"]  # frameworks this (TensorFlow-Keras) process can host
+WORKER = Path(__file__).with_name("keras_worker.py")
+
+
+def _worker(*args) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}  # the registry sets it per engine
+    p = subprocess.run([sys.executable, str(WORKER), *map(str, args)], capture_output=True, text=True,
+                       timeout=3600, env={**env, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert p.returncode == 0, f"keras_worker {' '.join(map(str, args))} failed:\n{p.stderr[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """engine -> the worker's check results, run once per engine on first use."""
+    cache = {}
+
+    def get(engine: str) -> dict:
+        require(engine)
+        if engine not in cache:
+            out = tmp_path_factory.mktemp(engine) / "checks.json"
+            try:
+                _worker("check", engine, out)
+                cache[engine] = json.loads(out.read_text())
+            except AssertionError as e:
+                cache[engine] = {"crash": str(e)}
+        assert "crash" not in cache[engine], cache[engine]["crash"]
+        return cache[engine]
+    return get
+
+
+@pytest.mark.parametrize("check", CHECKS)
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_matches_the_oracle(results, engine, model, check):
+    r = results(engine)["models"][model]
+    assert "error" not in r, r.get("error")
+    where = f" (worst: {r['where'][check]})" if r["where"].get(check) else ""
+    assert r["diffs"][check] <= TOLERANCE, f"{engine} {model} {check}: scaled diff {r['diffs'][check]:.2e}{where}"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_weights_round_trip_exactly(results, engine):
+    r = results(engine)["extras"]["round_trip"]
+    assert r == {"keys_equal": True, "exact": True}, r
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_loss_and_grads_changes_no_state(results, engine):
+    assert results(engine)["extras"]["loss_and_grads_keeps_state"] == {"unchanged": True}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_dropout_is_off_in_inference_and_drops_its_rate_in_training(results, engine):
+    r = results(engine)["extras"]["dropout"]
+    assert "error" not in r, r.get("error")
+    assert r["inference_diff"] <= TOLERANCE
+    assert abs(r["dropped_fraction"] - 0.3) < 0.04
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fit_follows_the_oracle_over_the_shared_batch_order(results, engine):
+    r = results(engine)["extras"]["fit"]
+    assert "error" not in r, r.get("error")
+    np.testing.assert_allclose(r["loss"], r["ref"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_resident_batches_train_like_host_batches_and_settings_name_the_engine(results, engine):
+    r = results(engine)["extras"]["resident"]
+    assert "error" not in r, r.get("error")
+    assert r["equal"]
+    assert r["settings"]["engine"] == engine.split("-")[1]
+    assert r["version"].startswith("keras 3.") and engine.split("-")[1] in r["version"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_unsupported_device_names_what_the_engine_sees(results, engine):
+    message = results(engine)["extras"]["bad_device"]["message"]
+    assert message is not None and "gpu:7" in message and "cpu" in message
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_second_keras_engine_in_one_process_is_refused(results, engine):
+    message = results(engine)["extras"]["second_engine"]["message"]
+    assert message is not None and "own process" in message and engine.split("-")[1] in message
+
+
+def test_this_process_refuses_keras_engines_other_than_its_own():
+    require("keras")
+    from nncompare.backends import BackendError
+    get_adapter("keras")  # this process runs Keras on TensorFlow from here on
+    for engine in ENGINES:
+        with pytest.raises(BackendError, match="own process: this one already runs Keras on tensorflow"):
+            get_adapter(engine)
+
+
+# --- transfers: weights trained in one framework, loaded into another, give the same predictions ---------
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """framework -> .npz of weights after 3 SGD steps and predictions (Keras engines: from a worker)."""
+    cache = {}
+
+    def get(src: str) -> Path:
+        require(src)
+        if src not in cache:
+            path = tmp_path_factory.mktemp(f"export-{src}") / "weights.npz"
+            if src in ENGINES:
+                _worker("export", src, path)
+            else:
+                export(src, path)
+            cache[src] = path
+        return cache[src]
+    return get
+
+
+def _predictions(path) -> dict[str, np.ndarray]:
+    with np.load(path) as f:
+        return {k.split("|")[0]: f[k] for k in f.files if k.endswith("|predict")}
+
+
+@pytest.mark.parametrize("spec_name", TRANSFER_SPECS)
+@pytest.mark.parametrize("dst", IN_PROCESS)
+@pytest.mark.parametrize("src", ENGINES)
+def test_weights_from_a_keras_engine_load_into_another_framework(exported, src, dst, spec_name):
+    require(dst)
+    from .keras_worker import EVERY_LAYER, GRAPHS
+    spec = {**EVERY_LAYER, **GRAPHS}[spec_name]
+    path = exported(src)
+    net = get_adapter(dst).build(spec, weights=load_weights(path, spec_name))
+    got = net.predict(sample_batch(spec, 8, seed=99)[0])
+    assert scaled_diff(got, _predictions(path)[spec_name]) <= TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def imported(exported, tmp_path_factory):
+    """(src, dst engine) -> predictions of dst from src's weights; one worker per dst engine for all sources."""
+    cache = {}
+
+    def get(src: str, dst: str) -> dict[str, np.ndarray]:
+        require(dst)
+        if dst not in cache:
+            pairs, sources = [], [s for s in ["keras", "torch", "mxnet", *ENGINES] if s != dst and _installed(s)]
+            folder = tmp_path_factory.mktemp(f"import-{dst}")
+            for s in sources:
+                pairs += [exported(s), folder / f"{s}.npz"]
+            _worker("predict", dst, *pairs)
+            cache[dst] = {s: _predictions(folder / f"{s}.npz") for s in sources}
+        require(src)
+        return cache[dst][src]
+    return get
+
+
+def _installed(backend: str) -> bool:
+    from nncompare.backends import available_backends
+    return available_backends()[backend]["installed"]
+
+
+@pytest.mark.parametrize("src,dst", [(s, d) for d in ENGINES for s in ["keras", "torch", "mxnet", *ENGINES] if s != d])
+def test_weights_from_another_framework_load_into_a_keras_engine(exported, imported, src, dst):
+    got = imported(src, dst)
+    ref = _predictions(exported(src))
+    for name in TRANSFER_SPECS:
+        assert scaled_diff(got[name], ref[name]) <= TOLERANCE, name
