@@ -199,6 +199,8 @@ def measure(backend: str, spec: ModelSpec, device: str, batch_size: int, steps: 
     first_step_s = time.perf_counter() - t0
     if warmup:
         train(warmup)
+    # the same number of steps in every framework (repeats vary with noise): comparable across rows
+    loss = last["loss"]
     tr = timed_repeats(train, steps, batch_size, repeats, budget_s * 2 / 3)
 
     host_x = [x for x, _ in batch_pool(spec, batch_size, seed=seed)]
@@ -226,7 +228,7 @@ def measure(backend: str, spec: ModelSpec, device: str, batch_size: int, steps: 
         "train_gflops": 3 * spec.flops * train_sps / 1e9,
         "host_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "device_mem_mb": (lambda b: None if b is None else b / 2**20)(net.peak_device_memory()),
-        "loss": last["loss"],
+        "loss": loss, "loss_after_steps": 1 + warmup,
     }
 
 

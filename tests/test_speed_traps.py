@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import ast
+import itertools
 import subprocess
 import sys
 import types
@@ -215,3 +216,15 @@ def test_benchmark_quick_runs_end_to_end():
     lines = out.stdout.strip().splitlines()
     assert any(l.split()[:3] == ["lenet5", "8", "torch"] for l in lines)
     assert lines[-1].startswith("worst adapter / best native: ") and "(torch, lenet5, batch 8)" in lines[-1]
+
+
+def test_row_loss_is_taken_after_a_fixed_number_of_steps(monkeypatch):
+    """Repeats vary with noise; the loss column must not, or frameworks' losses stop being comparable."""
+    cls, seen = fake_adapter(resident=False)
+    losses = itertools.count(1)
+    cls._train_batch = lambda self, x, y: float(next(losses))  # the n-th step returns loss n
+    monkeypatch.setattr("nncompare.backends.get_adapter", lambda name: cls)
+    row = measure("fake", zoo.get("mlp"), "cpu", 16, steps=3, repeats=2, warmup=2, optimizer=SGD(), threads=1,
+                  budget_s=0.1)
+    assert row["loss"] == 3.0 and row["loss_after_steps"] == 3  # the first step and 2 warm-up steps
+    assert row["train_repeats"] * row["train_steps"] > 3
