@@ -19,10 +19,6 @@ from .base import Optimizer, parse_device
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
                     "TF_NUM_INTEROP_THREADS", "MXNET_CPU_WORKER_NTHREADS", "MXNET_OMP_MAX_THREADS")
-# TensorFlow's inter-op pool: 1 and `threads` measured equal within noise on small models (docs/performance.md);
-# `threads` is what the Keras adapter's set_threads asks for anyway, so the variable agrees with it.
-TF_INTEROP = "threads"
-
 # Noise control: repeats continue until the last SETTLE_K agree within SPREAD_BOUND, or the budget runs out.
 SETTLE_K = 5
 SPREAD_BOUND = 0.03
@@ -42,7 +38,7 @@ def _framework(backend: str | None) -> str | None:
 def thread_env(threads: int, backend: str | None = None) -> dict[str, str]:
     """The thread variables of `backend`'s cell, chosen per framework by measurement; set before it loads.
 
-    MXnet keeps MXNET_CPU_WORKER_NTHREADS at its default (one engine worker) and gives that worker `threads`
+    MXNet keeps MXNET_CPU_WORKER_NTHREADS at its default (one engine worker) and gives that worker `threads`
     OpenMP threads: one worker per core, each with a core-wide OpenMP pool, oversubscribes (trap 13).
     backend=None gives the variables that are right for every framework at once.
     """
@@ -51,7 +47,9 @@ def thread_env(threads: int, backend: str | None = None) -> dict[str, str]:
     fw = _framework(backend)
     if fw in (None, "tensorflow"):
         env["TF_NUM_INTRAOP_THREADS"] = n
-        env["TF_NUM_INTEROP_THREADS"] = n if TF_INTEROP == "threads" else str(TF_INTEROP)
+        # inter-op 1 vs `threads`: no consistent direction (docs/performance.md); `threads` is TensorFlow's
+        # default and what the Keras adapter's set_threads asks for, so the two agree
+        env["TF_NUM_INTEROP_THREADS"] = n
     if fw in (None, "mxnet"):
         env["MXNET_OMP_MAX_THREADS"] = n
     return env
