@@ -1,11 +1,12 @@
-"""One test per trap of DESIGN.md ("Traps between frameworks"), on the native objects where the trap lives."""
+"""One test per trap of docs/design.md ("Traps between frameworks"), on the native objects where the trap lives."""
 import numpy as np
 import pytest
 
 from nncompare.backends import Adam, BackendError, SGD, get_adapter
 from nncompare.backends.bench import thread_env
 from nncompare.backends.check import TOLERANCE, dict_diff, sample_batch, scaled_diff
-from nncompare.models import BatchNorm, Conv2D, Dense, Flatten, MaxPool2D, ModelSpec, init_weights, zoo
+from nncompare.models import (Activation, AvgPool2D, BatchNorm, Conv2D, Dense, Flatten, MaxPool2D, ModelSpec,
+                             init_weights, zoo)
 
 from .conftest import FRAMEWORKS, require
 
@@ -19,11 +20,11 @@ def test_trap1_kernel_layouts_are_translated():
     spec = ModelSpec("k", (2, 5, 5), (Conv2D(3, (2, 3)), Flatten(), Dense(4)))
     w = init_weights(spec, 1)
     torch_net = build("torch", spec, weights=w)
-    conv, linear = torch_net.native[0][0], torch_net.native[2][0]
+    conv, linear = torch_net.native.nodes["conv2d_0"], torch_net.native.nodes["dense_2"]
     assert np.array_equal(conv.weight.detach().numpy(), w["conv2d_0/kernel"])                  # OIHW
     assert np.array_equal(linear.weight.detach().numpy(), w["dense_2/kernel"].T)               # (out, in)
     mx_net = build("mxnet", spec, weights=w)
-    assert np.array_equal(mx_net.native[2].weight.data().asnumpy(), w["dense_2/kernel"].T)     # (out, in)
+    assert np.array_equal(mx_net.native.node2.weight.data().asnumpy(), w["dense_2/kernel"].T)  # (out, in)
     keras_net = build("keras", spec, weights=w)
     keras_conv = keras_net.native.get_layer("conv2d_0").kernel.numpy()
     assert np.array_equal(keras_conv, w["conv2d_0/kernel"].transpose(2, 3, 1, 0))             # HWIO
@@ -33,7 +34,8 @@ def test_trap2_keras_is_channels_last_and_permutes_the_first_dense_rows():
     spec = ModelSpec("f", (3, 2, 2), (Flatten(), Dense(2)))
     w = init_weights(spec, 2)
     net = build("keras", spec, weights=w)
-    assert tuple(net.native.input_shape[1:]) == (2, 2, 3)
+    # the model takes canonical NCHW and transposes once at its input; everything after runs channels-last
+    assert tuple(net.native.get_layer("flatten_0").input.shape[1:]) == (2, 2, 3)
     native = net.native.get_layer("dense_1").kernel.numpy()
     # row r of Keras' kernel is flat position r in (H, W, C) order, i.e. canonical (C, H, W) index c*4 + h*2 + w
     hwc_to_chw = [c * 4 + h * 2 + x for h in range(2) for x in range(2) for c in range(3)]
@@ -123,3 +125,38 @@ def test_trap11_mxnet_dense_does_not_flatten_and_softmax_works():
     x = sample_batch(spec, 5)[0]
     assert scaled_diff(net.predict(x), oracle.predict(x)) <= TOLERANCE
     np.testing.assert_allclose(net.predict(x).sum(1), 1, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", FRAMEWORKS)
+def test_trap17_average_pooling_excludes_padded_cells(backend):
+    # 5x5, pool 2 stride 2 "same": TF pads one column/row at the bottom/right; the corner window holds one
+    # real cell, so its average is that cell's value (including the pads would divide it by 4).
+    spec = ModelSpec("avg", (1, 5, 5), (AvgPool2D(2, padding="same"),))
+    x = np.arange(25, dtype=np.float32).reshape(1, 1, 5, 5) + 1
+    out = build(backend, spec).logits(x)
+    assert out.shape == (1, 1, 3, 3)
+    assert out[0, 0, 2, 2] == pytest.approx(25.0)
+    assert out[0, 0, 0, 2] == pytest.approx((5 + 10) / 2)
+
+
+@pytest.mark.parametrize("backend", FRAMEWORKS)
+def test_trap18_gelu_exact_and_tanh_forms_are_named_apart(backend):
+    spec_exact = ModelSpec("g", (7,), (Activation("gelu"),))
+    spec_tanh = ModelSpec("g", (7,), (Activation("gelu_tanh"),))
+    x = np.linspace(-3, 3, 7, dtype=np.float32).reshape(1, 7) * 1.7
+    exact, approx = build(backend, spec_exact).logits(x), build(backend, spec_tanh).logits(x)
+    from math import erf, sqrt
+    ref = np.array([[v * 0.5 * (1 + erf(v / sqrt(2))) for v in x[0].astype(np.float64)]])
+    assert np.abs(exact - ref).max() < 1e-5
+    assert np.abs(approx - ref).max() > 1e-4  # the tanh form is a different function: never silently swapped
+    oracle = get_adapter("numpy").build(spec_tanh)
+    assert np.abs(approx - oracle.logits(x)).max() < 1e-5
+
+
+@pytest.mark.parametrize("backend", FRAMEWORKS)
+def test_trap20_leaky_relu_slope_is_the_specs_not_the_frameworks_default(backend):
+    x = np.array([[-10.0, -1.0, 2.0]], dtype=np.float32)
+    plain = build(backend, ModelSpec("l", (3,), (Activation("leaky_relu"),))).logits(x)
+    assert np.allclose(plain, [[-2.0, -0.2, 2.0]])  # 0.2, Keras' default; torch's default would give -0.1
+    sloped = build(backend, ModelSpec("l", (3,), (Activation("leaky_relu(0.05)"),))).logits(x)
+    assert np.allclose(sloped, [[-0.5, -0.05, 2.0]])
