@@ -187,3 +187,49 @@ def test_weights_from_another_framework_load_into_a_keras_engine(exported, impor
     ref = _predictions(exported(src))
     for name in TRANSFER_SPECS:
         assert scaled_diff(got[name], ref[name]) <= TOLERANCE, name
+
+
+# --- benchmarks/gpu_check.sh: the GPU proof, rehearsed on this CPU --------------------------------------
+GPU_CHECK = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
+
+
+def _gpu_check(*args, timeout=900) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    return subprocess.run(["bash", str(GPU_CHECK), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def test_gpu_check_refuses_bad_usage():
+    p = _gpu_check()
+    assert p.returncode == 2 and "usage" in p.stderr
+
+
+def test_gpu_check_without_a_gpu_says_so_and_checks_nothing(tmp_path):
+    for engine in ENGINES:
+        require(engine)
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the no-GPU guard does not apply")
+    p = _gpu_check(tmp_path)
+    assert p.returncode == 3, p.stdout + p.stderr
+    assert "no GPU visible" in p.stdout and "--cpu-dry-run" in p.stdout
+    assert json.loads((tmp_path / "summary.json").read_text())["ok"] is False
+    assert not list(tmp_path.glob("check_*.txt"))
+
+
+def test_gpu_check_cpu_dry_run_runs_every_step_and_writes_results(tmp_path):
+    for backend in ["torch", *ENGINES]:
+        require(backend)
+    p = _gpu_check(tmp_path, "--cpu-dry-run", "--jobs", "2")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["ok"] and summary["dry_run"] and summary["checks"] == {"perceptron": True, "mlp": True}
+    for name in ("perceptron", "mlp"):
+        table = (tmp_path / f"check_{name}.txt").read_text()
+        assert all(f"\n{b} " in table for b in ["torch", *ENGINES]), table
+    env = json.loads((tmp_path / "env.json").read_text())
+    assert {b: env["backends"][b]["settings"]["engine"] for b in ENGINES} == {"keras-jax": "jax",
+                                                                              "keras-torch": "torch"}
+    rows = json.loads((tmp_path / "run.json").read_text())["rows"]
+    assert {r["backend"] for r in rows} == {"torch", *ENGINES} and all("error" not in r for r in rows), rows
+    assert "all ok" in (tmp_path / "gpu_check.log").read_text()
