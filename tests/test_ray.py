@@ -28,17 +28,21 @@ def run(*args, env=None, timeout=600):
 
 
 def test_a_ray_sweep_gives_the_rows_of_the_local_executor(tmp_path, address):
-    sweep = ["--models", "perceptron", "digits_mlp", "--backends", "numpy", "--batch-sizes", "8", "16", *FAST]
-    local = run(*sweep, "--json", str(tmp_path / "local.json"))
+    require("torch")
+    sweep = ["--models", "perceptron", "digits_mlp", "--backends", "numpy", "torch", "--batch-sizes", "8", "16",
+             *FAST]
+    exact = {"NNCOMPARE_TIME_BUDGET": "0"}  # exactly the minimum steps: the final loss is reproducible
+    local = run(*sweep, "--json", str(tmp_path / "local.json"), env=exact)
     assert local.returncode == 0, local.stderr
-    remote = run(*sweep, "--executor", "ray", "--address", address, "--json", str(tmp_path / "ray.json"))
+    remote = run(*sweep, "--executor", "ray", "--address", address, "--json", str(tmp_path / "ray.json"), env=exact)
     assert remote.returncode == 0, remote.stderr
     assert "Traceback" not in remote.stderr
     rows = {name: json.loads((tmp_path / f"{name}.json").read_text())["rows"] for name in ("local", "ray")}
-    assert len(rows["ray"]) == len(rows["local"]) == 4
+    assert len(rows["ray"]) == len(rows["local"]) == 8
     for a, b in zip(rows["local"], rows["ray"]):
         assert a.keys() == b.keys() and "error" not in b
         assert (a["model"], a["backend"], a["batch_size"]) == (b["model"], b["backend"], b["batch_size"])
+        assert f"{a['loss']:.6f}" == f"{b['loss']:.6f}", (a["model"], a["backend"], a["batch_size"])
         assert (a["executor"], b["executor"]) == ("local", "ray")
         assert b["host"] and b["cpu_name"] and b["gemm_peak_gflops"] > 0
     spans = sorted((r["cell_start"], r["cell_end"]) for r in rows["ray"])
@@ -46,9 +50,8 @@ def test_a_ray_sweep_gives_the_rows_of_the_local_executor(tmp_path, address):
 
 
 def test_ray_training_cells_learn_exactly_as_local_ones(tmp_path, address):
-    # timing rows repeat until their spread settles, so their final loss varies; training curves do not
     require("torch")
-    args = ["train", "--backends", "numpy", "torch", "--epochs", "2", "--threads", "1", "--quiet"]
+    args = ["train", "--backends", "numpy", "torch", "--epochs", "1", "--threads", "1", "--quiet"]
     results = {}
     for name, extra in (("local", []), ("ray", ["--executor", "ray", "--address", address])):
         out = subprocess.run([sys.executable, "compare.py", *args, *extra, "--json", str(tmp_path / f"{name}.json")],
