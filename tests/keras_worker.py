@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 
 from nncompare.backends import SGD, BackendError, get_adapter  # noqa: E402
 from nncompare.backends.check import compare, sample_batch, scaled_diff  # noqa: E402
-from nncompare.models import Dense, Dropout, ModelSpec, zoo  # noqa: E402
+from nncompare.models import AvgPool2D, Dense, Dropout, Flatten, ModelSpec, zoo  # noqa: E402
 
 from tests.randspec import random_graph_spec, random_spec  # noqa: E402
 from tests.specs import ACTIVATION_SPECS, EVERY_LAYER, GRAPHS  # noqa: E402
@@ -111,6 +111,18 @@ def check(backend: str) -> dict:
         return {"equal": all(np.array_equal(wa[k], wb[k]) for k in wa), "settings": b.settings,
                 "path": b.execution_path, "version": cls.version()}
     extras["resident"] = _guarded(resident)
+
+    def same_avg_pool():  # DESIGN trap 17 in Keras itself: on torch, odd "same" pads replicate the edge cells
+        import keras
+        spec = ModelSpec("same_avg", (1, 6, 6), (AvgPool2D(3, strides=2, padding="same", name="pool"), Flatten(),
+                                                 Dense(2)))  # pads (0, 1): the last window holds 2 real cells
+        x = sample_batch(spec, 2)[0]
+        ref = oracle.build(spec).layer_outputs(x)["pool"]
+        ours = cls.build(spec).layer_outputs(x)["pool"]
+        nhwc = keras.layers.AveragePooling2D(3, 2, "same")(x.transpose(0, 2, 3, 1))  # Keras' own layer
+        own = keras.ops.convert_to_numpy(nhwc).transpose(0, 3, 1, 2)
+        return {"adapter_diff": scaled_diff(ours, ref), "keras_own_diff": scaled_diff(own, ref)}
+    extras["same_avg_pool"] = _guarded(same_avg_pool)
 
     def bad_device():
         try:
