@@ -17,7 +17,10 @@ if importlib.util.find_spec("torch") is not None:
 
 from nncompare.backends import available_backends  # noqa: E402
 
-FRAMEWORKS = ["keras", "torch", "mxnet"]
+# Cells time exactly their minimum steps and repeats: tests assert behaviour, never speed (see docs/performance.md).
+os.environ.setdefault("NNCOMPARE_TIME_BUDGET", "0")
+
+FRAMEWORKS = ["keras", "torch", "mxnet"]  # in-process; keras-jax and keras-torch run in their own processes
 REQUIRED = {b for b in os.environ.get("NNCOMPARE_REQUIRE_BACKENDS", "").split(",") if b}
 
 
