@@ -74,10 +74,11 @@ def render_table(rows: list[dict], baseline: str, markdown: bool = False, show_m
             body = (r["model"], r["backend"], r["device"], r["batch_size"], "ERROR: " + r["error"][:70])
             table.append(head + body + ("",) * (len(RUN_HEADERS) - 4) + tail)
             continue
-        version = r.get("version") or r["backend"]
+        # the backend's name (keras, keras-jax, keras-torch share Keras' version) and its first version number
+        version = r["backend"] + (f" {r['version'].split(' / ')[0].split()[-1]}" if r.get("version") else "")
         device = r["device"] + (f" ({r['device_name']})" if show_machine and r.get("device_name") else "")
         table.append(head + (
-            r["model"], version.split(" / ")[0], device, r["batch_size"], r.get("path", "-"),
+            r["model"], version, device, r["batch_size"], r.get("path", "-"),
             _f(r.get("first_step_s"), ".2f"),
             f"{r['train_samples_s']:,.0f} ±{100 * (r.get('train_spread') or 0):.0f}%",
             _f(r.get("infer_samples_s"), ",.0f"),
