@@ -1,4 +1,4 @@
-"""Timing one (model, backend, device, batch size) cell, inside a fresh process: see DESIGN.md "Timing"
+"""Timing one (model, backend, device, batch size) cell, inside a fresh process: see docs/design.md "Timing"
 and docs/performance.md (what was measured to choose each setting)."""
 from __future__ import annotations
 

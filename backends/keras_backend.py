@@ -32,7 +32,7 @@ elif ENGINE == "jax":
 elif ENGINE == "torch":
     import torch
 
-# TensorFlow's CPU Conv2D runs channels-last only (DESIGN trap 2), and XLA (JAX) lays out convolutions itself.
+# TensorFlow's CPU Conv2D runs channels-last only (docs/design.md trap 2), and XLA (JAX) lays out convolutions itself.
 # Keras on torch transposes channels-last tensors to torch's NCHW around every conv and pool: keep NCHW there.
 DATA_FORMAT = "channels_first" if ENGINE == "torch" else "channels_last"
 CHANNELS = 1 if DATA_FORMAT == "channels_first" else -1  # the canonical axis 1, in Keras' layout (flat: 1 == -1)
@@ -87,7 +87,7 @@ class _Gather(keras.layers.Layer):
 class _SameAvgPool(keras.layers.Layer):
     """TensorFlow's "same" average pooling (padded cells excluded from the mean) from zero padding, a valid
     average pool and a per-position count. Keras on torch pads odd "same" pools by replicating edge cells,
-    which the mean then counts (DESIGN trap 17)."""
+    which the mean then counts (docs/design.md trap 17)."""
 
     def __init__(self, window, strides, pads, in_hw, **kwargs):
         super().__init__(**kwargs)
@@ -116,7 +116,7 @@ def _activation(kind: str):
         return functools.partial(keras.activations.leaky_relu, negative_slope=alpha)
     if kind == "elu":
         return functools.partial(keras.activations.elu, alpha=alpha)
-    if kind in ("gelu", "gelu_tanh"):  # keras.ops.gelu defaults to the tanh form (DESIGN trap 18): explicit
+    if kind in ("gelu", "gelu_tanh"):  # keras.ops.gelu defaults to the tanh form (docs/design.md trap 18): explicit
         return functools.partial(keras.activations.gelu, approximate=kind == "gelu_tanh")
     if kind == "softmax":
         return functools.partial(keras.activations.softmax, axis=CHANNELS)
@@ -347,7 +347,7 @@ class _KerasAdapter(Adapter):
 
 
 class KerasAdapter(_KerasAdapter):
-    """Keras on TensorFlow: tf.function steps (a GradientTape), XLA with compile=True; NHWC (DESIGN trap 2)."""
+    """Keras on TensorFlow: tf.function steps (a GradientTape), XLA with compile=True; NHWC (docs/design.md trap 2)."""
 
     name = "keras"
     engine = "tensorflow"

@@ -336,7 +336,7 @@ class MXNetAdapter(Adapter):
 
     def to_device(self, x, y) -> tuple[nd.NDArray, nd.NDArray]:
         """One batch as NDArrays on this network's context, for _train_batch. Make one pair per batch:
-        slicing one big NDArray inside autograd.record halves training speed (DESIGN.md trap 14)."""
+        slicing one big NDArray inside autograd.record halves training speed (docs/design.md trap 14)."""
         return self._array(x), self._labels(y)
 
     # --- inference -------------------------------------------------------------------------------

@@ -112,7 +112,7 @@ def check(backend: str) -> dict:
                 "path": b.execution_path, "version": cls.version()}
     extras["resident"] = _guarded(resident)
 
-    def same_avg_pool():  # DESIGN trap 17 in Keras itself: on torch, odd "same" pads replicate the edge cells
+    def same_avg_pool():  # docs/design.md trap 17 in Keras itself: on torch, odd "same" pads replicate the edge cells
         import keras
         spec = ModelSpec("same_avg", (1, 6, 6), (AvgPool2D(3, strides=2, padding="same", name="pool"), Flatten(),
                                                  Dense(2)))  # pads (0, 1): the last window holds 2 real cells

@@ -101,7 +101,7 @@ def test_resident_batches_train_like_host_batches_and_settings_name_the_engine(r
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_same_average_pooling_excludes_padded_cells_even_where_keras_own_layer_does_not(results, engine):
-    # DESIGN trap 17: Keras 3.15 on torch pads an odd "same" pool by replicating edge cells, which the mean
+    # docs/design.md trap 17: Keras 3.15 on torch pads an odd "same" pool by replicating edge cells, which the mean
     # then counts; the adapter builds that pool itself there. Should Keras fix it, drop _SameAvgPool.
     r = results(engine)["extras"]["same_avg_pool"]
     assert "error" not in r, r.get("error")
