@@ -352,11 +352,11 @@ class Journal:
         """{cell key: row} of every complete line (a line cut short by a crash is ignored)."""
         rows = {}
         try:
-            with open(self.path, encoding="utf-8") as f:
+            with open(self.path, "rb") as f:
                 for line in f:
                     try:
-                        entry = json.loads(line)
-                    except ValueError:
+                        entry = json.loads(line.decode("utf-8"))
+                    except ValueError:  # a line cut short, or bytes that are not UTF-8
                         continue
                     if isinstance(entry, dict) and isinstance(entry.get("cell"), str) and isinstance(entry.get("row"), dict):
                         rows[entry["cell"]] = entry["row"]
@@ -452,6 +452,17 @@ def make_executor(name: str, timeout: float, verbose: bool = False, address: str
     return RayExecutor(timeout, verbose, address, concurrency)
 
 
+def reusable(row, task: Task, host: str | None = None) -> bool:
+    """Whether a finished row stands for `task`: a whole row of this very cell, without an error (a crash, a lost
+    node), measured on `host` when given. Anything else (a corrupted line, a row copied from another machine)
+    runs again."""
+    return (isinstance(row, dict) and "error" not in row
+            and all(row.get(k) == v for k, v in (("model", task.model_name), ("backend", task.backend),
+                                                  ("device", task.device), ("batch_size", task.batch_size),
+                                                  ("threads", task.threads)))
+            and (host is None or row.get("host") == host))
+
+
 def sweep(tasks: list[Task], make_row: Callable[[Task, dict], dict], executor, journal: Journal | None = None,
           finished: dict[str, dict] | None = None, label: Callable[[Task], str] = str,
           quiet: bool = False) -> tuple[list[dict], int | None]:
@@ -459,9 +470,10 @@ def sweep(tasks: list[Task], make_row: Callable[[Task, dict], dict], executor, j
     Returns the rows in task order and, when a signal stopped the sweep, its exit code (130 Ctrl-C, 143 SIGTERM)."""
     from tqdm import tqdm
     rows: dict[int, dict] = {}
+    host = socket.gethostname() if executor.name == "local" else None
     for i, t in enumerate(tasks):
         old = (finished or {}).get(t.key)
-        if old is not None and "error" not in old:  # error rows (a crash, a lost node) run again
+        if reusable(old, t, host):
             rows[i] = old
     todo = [i for i in range(len(tasks)) if i not in rows]
     code = None

@@ -1,0 +1,64 @@
+"""Hostile inputs found after issue 10's list (notes/hostile.md): corrupted or foreign --resume material, an
+interrupt before the first cell, absurd timeouts, report rows of the wrong type, one file under two spellings,
+a head hidden behind Dropout, Ctrl-C while Python loads the tool."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from nncompare import runner
+
+from .conftest import ROOT
+
+FAST = ["--steps", "1", "--repeats", "1", "--warmup", "0", "--quiet", "--backends", "numpy", "--threads", "1"]
+
+
+def cli(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "compare.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, **(env or {})))
+
+
+class RecordingExecutor:
+    """Runs nothing: records which tasks a sweep hands it and answers each with a plain row."""
+
+    name = "local"
+
+    def __init__(self):
+        self.ran = []
+
+    def run(self, tasks, done):
+        for j, t in enumerate(tasks):
+            self.ran.append(t)
+            done(j, {"train_samples_s": 1.0, "host": socket.gethostname()})
+
+    def close(self):
+        pass
+
+
+def make_row(task, result):
+    return {"model": task.model_name, "backend": task.backend, "device": task.device,
+            "batch_size": task.batch_size, "threads": task.threads, **result}
+
+
+def test_resume_runs_again_the_cells_whose_finished_row_is_corrupted_or_from_another_host():
+    tasks = [runner.Task("measure", backend="numpy", model_name=m, batch_size=8) for m in "abcde"]
+    good = {**make_row(tasks[0], {"train_samples_s": 5.0, "host": socket.gethostname()}), "cell": tasks[0].key}
+    finished = {tasks[0].key: good, tasks[1].key: {}, tasks[2].key: {"model": 5},
+                tasks[3].key: {**good, "model": "b"},  # another cell's row under this key
+                tasks[4].key: {**make_row(tasks[4], {"train_samples_s": 1e9}), "host": "some-other-machine"}}
+    ex = RecordingExecutor()
+    rows, code = runner.sweep(tasks, make_row, ex, finished=finished, quiet=True)
+    assert code is None and [t.model_name for t in ex.ran] == ["b", "c", "d", "e"]
+    assert rows[0] is good and [r["model"] for r in rows] == list("abcde")
+
+
+def test_a_journal_with_undecodable_bytes_keeps_its_good_lines(tmp_path):
+    path = tmp_path / "r.json.journal"
+    path.write_bytes(b'\xff\xfe garbage\n' + json.dumps({"cell": "k", "row": {"model": "m"}}).encode()
+                     + b'\n{"cell": "x", "row": {"model": "\xe9"}}\n')
+    assert runner.Journal(str(path)).read() == {"k": {"model": "m"}}
+    out = cli("run", "--models", "perceptron", *FAST, "--json", str(tmp_path / "r.json"), timeout=60)
+    assert out.returncode == 2 and "--resume" in out.stderr and "Traceback" not in out.stderr
