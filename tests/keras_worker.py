@@ -133,7 +133,11 @@ def check(backend: str) -> dict:
     extras["bad_device"] = _guarded(bad_device)
 
     def second_engine():
-        other = "keras-torch" if backend == "keras-jax" else "keras-jax"
+        from nncompare.backends import available_backends
+        others = [b for b in ("keras-jax", "keras-torch", "keras") if b != backend and available_backends()[b]["installed"]]
+        if not others:
+            return {"message": None, "skip": "no other Keras engine is installed here"}
+        other = others[0]
         try:
             get_adapter(other)
         except BackendError as e:
