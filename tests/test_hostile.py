@@ -62,3 +62,44 @@ def test_a_journal_with_undecodable_bytes_keeps_its_good_lines(tmp_path):
     assert runner.Journal(str(path)).read() == {"k": {"model": "m"}}
     out = cli("run", "--models", "perceptron", *FAST, "--json", str(tmp_path / "r.json"), timeout=60)
     assert out.returncode == 2 and "--resume" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_resume_with_another_command_line_refuses_before_any_cell_runs(tmp_path):
+    path, log = tmp_path / "r.json", tmp_path / "cells.log"
+    first = cli("run", "--models", "perceptron", *FAST, "--json", str(path))
+    assert first.returncode == 0, first.stderr
+    before = path.read_text()
+    out = cli("run", "--models", "perceptron", *FAST, "--json", str(path), "--resume", "--batch-sizes", "8",
+              env={"NNCOMPARE_CELL_LOG": str(log)})
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "1 finished cell this command line does not run (perceptron numpy cpu batch 64)" in out.stderr
+    assert path.read_text() == before and not log.exists()
+
+
+def test_an_interrupt_before_the_first_cell_leaves_earlier_results_alone(tmp_path):
+    import signal
+    import time
+    path = tmp_path / "r.json"
+    path.write_text("earlier results\n")
+    log = tmp_path / "cells.log"
+    proc = subprocess.Popen([sys.executable, "compare.py", "run", "--models", "perceptron", *FAST, "--json",
+                             str(path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, NNCOMPARE_CELL_LOG=str(log),
+                                     NNCOMPARE_FAULT="numpy:perceptron:hang"))
+    end = time.time() + 120
+    while not (log.exists() and "measure perceptron" in log.read_text()):
+        assert proc.poll() is None and time.time() < end, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "interrupted: 0 of 1 cells finished, nothing written" in err
+    assert path.read_text() == "earlier results\n" and not (tmp_path / "r.json.journal").exists()
+
+
+@pytest.mark.parametrize("command", [["run", "--models", "perceptron", *FAST], ["check", "perceptron"],
+                                     ["train", "--backends", "numpy"]])
+def test_a_timeout_too_large_for_the_clock_is_bad_input(command):
+    out = cli(*command, "--timeout", "1e10", timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "--timeout" in out.stderr and "at most" in out.stderr

@@ -109,6 +109,17 @@ def test_check_prints_the_report_and_exits_0_when_equivalent(backend):
     assert backend in out.stdout and "ok" in out.stdout and "Adam weights" in out.stdout
 
 
+def test_check_says_what_it_did_not_check_when_the_model_has_dropout(tmp_path):
+    require("torch")
+    from nncompare.models import Dense, Dropout, ModelSpec
+    spec = tmp_path / "drop.json"
+    ModelSpec("drop", (6,), (Dense(5, activation="relu"), Dropout(0.4), Dense(3))).save(spec)
+    out = cli("check", str(spec), "--backends", "torch")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "not checked here: training-mode dropout (dropout_1)" in out.stdout
+    assert "not checked here" not in cli("check", "digits_mlp", "--backends", "torch").stdout
+
+
 def test_check_of_the_compiled_paths_agrees_with_the_oracle():
     for backend in ("torch", "keras"):
         require(backend)
