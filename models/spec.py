@@ -7,7 +7,8 @@ never names inputs, so Sequential specs and their JSON look exactly as before gr
 Heads (the rule the loss and `predict` rely on): a final softmax or sigmoid (the last layer's `activation`, or a
 final Activation layer) is the head, folded into the loss; `predict` applies it. A sigmoid head needs exactly 1
 output (binary cross-entropy), a softmax head at least 2 (softmax cross-entropy); a head needs a flat
-(features,) output, and may not sit directly on another softmax/sigmoid (it would be applied twice). Anywhere
+(features,) output, may not sit directly on another softmax/sigmoid (it would be applied twice), and may not be
+followed by Dropout (the loss would read its probabilities as logits). Anywhere
 else softmax and sigmoid are ordinary activations. Without a head the logits are the output itself.
 """
 from __future__ import annotations
@@ -565,6 +566,16 @@ class ModelSpec:
         last = infos[-1]
         head = getattr(last.layer, "activation", None)
         if head not in HEADS:
+            by_name = {i.name: i for i in infos}
+            below = last
+            while isinstance(below.layer, Dropout) and below.inputs[0] in by_name:
+                below = by_name[below.inputs[0]]
+            hidden = getattr(below.layer, "activation", None)
+            if below is not last and hidden in HEADS:
+                # the loss would take these probabilities for logits and apply its own softmax/sigmoid again
+                raise SpecError(f"layer {below.index} ({below.name}): field 'activation': a {hidden} head must be "
+                                f"the last layer, but Dropout layer {last.index} ({last.name}) follows it; put the "
+                                f"Dropout before it")
             return
         where = f"layer {last.index} ({last.name}): field 'activation'"
         if len(last.out_shape) != 1:

@@ -160,6 +160,23 @@ def test_head_needs_a_flat_output_but_softmax_inside_is_ordinary():
     assert ModelSpec("m", (4,), (Dense(1, activation="sigmoid"),)).head == "sigmoid"
 
 
+@pytest.mark.parametrize("layers,culprit", [
+    ((Dense(3, activation="softmax"), Dropout(0.5)), "layer 0 \\(dense_0\\)"),
+    ((Dense(3), Activation("softmax"), Dropout(0.1), Dropout(0.2)), "layer 1 \\(activation_1\\)"),
+    ((Dense(1, activation="sigmoid"), Dropout(0.5)), "layer 0 \\(dense_0\\)"),
+])
+def test_a_head_behind_dropout_is_refused_not_trained_as_logits(layers, culprit):
+    # the loss would read the probabilities as logits and apply softmax/sigmoid a second time
+    with pytest.raises(SpecError, match=f"{culprit}: field 'activation': a (softmax|sigmoid) head must be the last "
+                                        f"layer, but Dropout layer {len(layers) - 1} "):
+        ModelSpec("m", (4,), layers)
+    # through a graph input, too
+    with pytest.raises(SpecError, match="must be the last layer"):
+        ModelSpec("g", (4,), (Dense(4, name="h"), Dense(4, name="r", inputs=("input",)), Add(inputs=("h", "r")),
+                              Dense(3, activation="softmax", name="p"), Dropout(0.5, name="drop", inputs=("p",))))
+    assert ModelSpec("m", (4,), (Dense(3, activation="relu"), Dropout(0.5))).head is None
+
+
 # --- names, numbers and sizes (issue 10) --------------------------------------------------------
 @pytest.mark.parametrize("name", ["a b", "dense\n", "dénse", "a/b", "a.b", "x" * 65, "", 3, ["a"]])
 def test_layer_names_are_restricted(name):
