@@ -76,10 +76,19 @@ def checked_backends(args, default: list[str]) -> list[str]:
     return backends
 
 
+def distinct(arguments: list[str]) -> list[str]:
+    """The arguments without repeats, a file named twice under two spellings (a.json, ./a.json) counted once."""
+    seen: dict[str, str] = {}
+    for a in arguments:
+        key = os.path.realpath(a) if a not in zoo.names() and os.path.isfile(a) else a
+        seen.setdefault(key, a)
+    return list(seen.values())
+
+
 def load_models(arguments: list[str]) -> list[tuple[str, ModelSpec, str | None]]:
     """(label, spec, file) per distinct model argument; specs sharing a name are labelled with their file, so
     ratios and plots never mix two different models."""
-    loaded = [(a, resolve(a)) for a in dict.fromkeys(arguments)]
+    loaded = [(a, resolve(a)) for a in distinct(arguments)]
     counts: dict[str, int] = {}
     for _, s in loaded:
         counts[s.name] = counts.get(s.name, 0) + 1
@@ -354,7 +363,7 @@ def cmd_report(args) -> int:
     check_outputs({"--plot": args.plot}, args.files)
     check_plot(args.plot)
     rows, notes = [], []
-    for path in dict.fromkeys(args.files):
+    for path in distinct(args.files):
         payload = load_results(path)
         host = payload.get("host") or f"{payload.get('host_cpu', '?')} ({os.path.basename(path)})"
         for r in payload["rows"]:

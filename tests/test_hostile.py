@@ -103,3 +103,17 @@ def test_a_timeout_too_large_for_the_clock_is_bad_input(command):
     out = cli(*command, "--timeout", "1e10", timeout=60)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert "--timeout" in out.stderr and "at most" in out.stderr
+
+
+def test_one_file_under_two_spellings_counts_once(tmp_path):
+    spec = tmp_path / "tiny.json"
+    spec.write_text(json.dumps({"name": "tiny", "input_shape": [4], "layers": [{"type": "dense", "units": 2}]}))
+    results, log = tmp_path / "r.json", tmp_path / "cells.log"
+    out = cli("run", "--models", str(spec), os.path.join(str(tmp_path), ".", "tiny.json"), *FAST,
+              "--json", str(results), env={"NNCOMPARE_CELL_LOG": str(log)})
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(results.read_text())["rows"]
+    assert [r["model"] for r in rows] == ["tiny"] and log.read_text().count("measure tiny") == 1
+    twice = cli("report", str(results), os.path.join(str(tmp_path), "..", tmp_path.name, "r.json"))
+    assert twice.returncode == 0, twice.stderr
+    assert twice.stdout.count("tiny ") == 1, twice.stdout
