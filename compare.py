@@ -5,7 +5,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the checkout's nncompare/ package
 
-from nncompare.cli import main  # noqa: E402
-
 if __name__ == "__main__":
+    try:
+        from nncompare import main
+    except KeyboardInterrupt:  # during Python's own imports: no traceback
+        sys.exit(130)
     sys.exit(main())

@@ -12,3 +12,14 @@ if not (_Path(__file__).parent / "models").is_dir() and (_checkout / "models" / 
     __path__.append(str(_checkout))  # noqa: F821  (__path__ is defined for packages)
 
 __version__ = "0.2.0"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line (console script `nncompare`): a Ctrl-C while it is still loading exits 130, quietly."""
+    import sys
+    try:
+        from .cli import main as cli_main
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return cli_main(argv)

@@ -117,3 +117,12 @@ def test_one_file_under_two_spellings_counts_once(tmp_path):
     twice = cli("report", str(results), os.path.join(str(tmp_path), "..", tmp_path.name, "r.json"))
     assert twice.returncode == 0, twice.stderr
     assert twice.stdout.count("tiny ") == 1, twice.stdout
+
+
+@pytest.mark.parametrize("entry", [["compare.py", "list"], ["-c", "import sys, nncompare; sys.exit(nncompare.main(['list']))"]])
+def test_ctrl_c_while_the_tool_is_still_loading_exits_130_without_a_traceback(tmp_path, entry):
+    # a module the CLI imports raises KeyboardInterrupt as it loads: what a Ctrl-C at that moment does
+    (tmp_path / "tabulate.py").write_text("raise KeyboardInterrupt\n")
+    out = subprocess.run([sys.executable, *entry], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)])))
+    assert out.returncode == 130 and "Traceback" not in out.stderr, out.stderr
