@@ -26,6 +26,18 @@ TIME_BUDGET_S = 3.0  # per cell after warm-up: keeps `python compare.py` (8 cell
 MIN_REPEAT_S = 0.05  # a repeat shorter than this is mostly timer and scheduler jitter: steps are raised to fit
 
 
+def time_budget() -> float:
+    """Seconds of timing per cell: $NNCOMPARE_TIME_BUDGET (a finite number >= 0), else TIME_BUDGET_S."""
+    text = os.environ.get("NNCOMPARE_TIME_BUDGET") or str(TIME_BUDGET_S)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"NNCOMPARE_TIME_BUDGET must be a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
 def _framework(backend: str | None) -> str | None:
     """The framework whose thread pools a backend's cell sizes ("keras-torch" runs torch kernels)."""
     if backend is None:
@@ -160,11 +172,7 @@ def measure(backend: str, spec: ModelSpec, device: str, batch_size: int, steps: 
     if data not in ("host", "resident"):
         raise ValueError(f"data must be 'host' or 'resident', got {data!r}")
     if budget_s is None:
-        text = os.environ.get("NNCOMPARE_TIME_BUDGET") or str(TIME_BUDGET_S)
-        try:
-            budget_s = float(text)
-        except ValueError:
-            raise ValueError(f"NNCOMPARE_TIME_BUDGET must be a number of seconds, got {text!r}") from None
+        budget_s = time_budget()
     from . import get_adapter  # imports the framework: only ever called in a cell's own process
 
     t0 = time.perf_counter()

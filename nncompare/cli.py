@@ -183,6 +183,11 @@ def reference_is_quick(spec: ModelSpec, batch: int, args) -> bool:
 
 
 def cmd_run(args) -> int:
+    from .backends.bench import time_budget
+    try:
+        time_budget()  # read again in every cell: refused here, before any work
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     models = load_models(args.models)
     backends = checked_backends(args, default_backends())
     if args.baseline not in names():

@@ -126,3 +126,12 @@ def test_ctrl_c_while_the_tool_is_still_loading_exits_130_without_a_traceback(tm
     out = subprocess.run([sys.executable, *entry], cwd=ROOT, capture_output=True, text=True, timeout=60,
                          env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)])))
     assert out.returncode == 130 and "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("budget", ["nan", "-5", "inf", "soon"])
+def test_a_time_budget_that_is_not_a_duration_is_bad_input(budget, tmp_path):
+    log = tmp_path / "cells.log"
+    out = cli("run", "--models", "perceptron", *FAST, env={"NNCOMPARE_TIME_BUDGET": budget,
+                                                            "NNCOMPARE_CELL_LOG": str(log)}, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "NNCOMPARE_TIME_BUDGET" in out.stderr and repr(budget) in out.stderr and not log.exists()
