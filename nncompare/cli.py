@@ -298,9 +298,11 @@ def cmd_train(args) -> int:
                           quiet=args.quiet or not sys.stderr.isatty())
     payload = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
                "host_cpu": cpu_name(), "partial": code is not None, "cells": len(tasks), "results": results}
-    curves = [{k: v for k, v in r.items() if not isinstance(v, list)} | {
-        "epoch": e + 1, **{k: r[k][e] for k in ("train_loss", "test_loss", "test_accuracy", "epoch_s")}}
-        for r in results if "error" not in r for e in range(len(r["train_loss"]))]
+    curves = []  # CSV: one row per (framework, epoch); a framework that failed keeps one row, with its error
+    for r in results:
+        flat = {k: v for k, v in r.items() if not isinstance(v, list)}
+        curves += [flat] if "error" in r else [flat | {"epoch": e + 1, **{
+            k: r[k][e] for k in ("train_loss", "test_loss", "test_accuracy", "epoch_s")}} for e in range(len(r["train_loss"]))]
     from . import plots
     failures = write_outputs([
         (args.json, lambda p: strict_json(payload) + "\n"),
@@ -506,6 +508,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Stdout:
+    """Standard output that records its first write error (a full disk, /dev/full, a reader that left) instead
+    of raising it mid-command: the results files and journal are still settled, then main reports it."""
+
+    def __init__(self, stream):
+        self.stream, self.error = stream, None
+
+    def write(self, text: str) -> int:
+        if self.error is None:
+            try:
+                return self.stream.write(text)
+            except OSError as e:
+                self.error = e
+        return len(text)
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self.stream.flush()
+            except OSError as e:
+                self.error = e
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_cell"]:
@@ -513,19 +541,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["run", *argv]
+    real, sys.stdout = sys.stdout, _Stdout(sys.stdout)
     try:
         args = parser.parse_args(argv)
-        return args.func(args)
+        code = args.func(args)
     except (SpecError, BackendError, UsageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:  # outside a sweep (loading, validating): nothing finished to keep
         print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `compare.py list | head`: the reader left; say nothing more
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        code = 130
+    finally:
+        sys.stdout.flush()
+        out, sys.stdout = sys.stdout, real
+    if out.error is None:
+        return code
+    try:  # what is still buffered would fail again at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), real.fileno())
+    except (OSError, ValueError):
+        pass
+    if isinstance(out.error, BrokenPipeError):  # `compare.py list | head`: the reader left; say nothing more
         return 141
+    print(f"error: could not write to standard output: {out.error}", file=sys.stderr)
+    return code or 1
 
 
 if __name__ == "__main__":

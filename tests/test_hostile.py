@@ -135,3 +135,25 @@ def test_a_time_budget_that_is_not_a_duration_is_bad_input(budget, tmp_path):
                                                             "NNCOMPARE_CELL_LOG": str(log)}, timeout=60)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert "NNCOMPARE_TIME_BUDGET" in out.stderr and repr(budget) in out.stderr and not log.exists()
+
+
+def test_train_csv_keeps_the_error_of_a_framework_that_failed(tmp_path):
+    path = tmp_path / "t.csv"
+    out = cli("train", "--backends", "numpy", "--epochs", "1", "--quiet", "--csv", str(path),
+              env={"NNCOMPARE_FAULT": "numpy:digits_mlp:crash"}, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    import csv
+    rows = list(csv.DictReader(path.open()))
+    assert [r["backend"] for r in rows] == ["numpy"] and rows[0]["error"], rows
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full on this system")
+def test_standard_output_that_cannot_be_written_loses_no_results(tmp_path):
+    path = tmp_path / "r.json"
+    with open("/dev/full", "w") as full:
+        out = subprocess.run([sys.executable, "compare.py", "run", "--models", "perceptron", *FAST, "--json",
+                              str(path)], cwd=ROOT, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "could not write to standard output" in out.stderr
+    assert [r["model"] for r in json.loads(path.read_text())["rows"]] == ["perceptron"]
+    assert not (tmp_path / "r.json.journal").exists()
