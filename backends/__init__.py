@@ -19,6 +19,8 @@ _REGISTRY = {
     "torch": ("nncompare.backends.torch_backend", "TorchAdapter", "torch", "torch"),
     "mxnet": ("nncompare.backends.mxnet_backend", "MXNetAdapter", "mxnet", "mxnet"),
 }
+# Backends with a compiled path apart from their default one (compile=True), and what it is.
+COMPILERS = {"keras": "XLA (jit_compile)", "torch": "torch.compile"}
 # The engine each Keras backend runs on (Keras 3 needs it beside keras); it is also the KERAS_BACKEND value.
 _IMPORT_NAME = {"keras": "tensorflow", "keras-jax": "jax", "keras-torch": "torch"}
 
@@ -77,5 +79,5 @@ def _select_keras_engine(name: str, engine: str) -> None:
                            f"{keras.backend.backend()}")
 
 
-__all__ = ["Adam", "Adapter", "BackendError", "SGD", "as_inputs", "as_labels", "available_backends", "batch_indices",
+__all__ = ["COMPILERS", "Adam", "Adapter", "BackendError", "SGD", "as_inputs", "as_labels", "available_backends", "batch_indices",
            "check_backend", "check_optimizer", "get_adapter", "make_optimizer", "names", "parse_device"]

@@ -15,11 +15,11 @@ import time
 
 from tabulate import tabulate
 
-from .backends import BackendError, available_backends, check_backend, make_optimizer, names
+from .backends import COMPILERS, BackendError, available_backends, check_backend, make_optimizer, names
 from .backends.base import cpu_name
 from .models import ModelSpec, SpecError, resolve, zoo
 from .models.data import NAMES as DATASETS, DataError
-from .report import add_ratios, render_check, render_scaling, render_table, render_training
+from .report import add_ratios, compile_notes, render_check, render_scaling, render_table, render_training
 from .runner import (Journal, Task, UsageError, canonical_device, cell_main, check_outputs,
                      check_plot, gpu_names, Interrupted, interruptible, make_executor, rows_to_csv, strict_json,
                      sweep, uninterruptible, write_atomic)
@@ -203,11 +203,14 @@ def cmd_run(args) -> int:
         raise
     threads = list(dict.fromkeys(args.threads))
     opt_task = {"type": args.optimizer, "args": vars(optimizer)}
+    # --compile: the compiled path beside the eager one, so a compiler that is slower here shows as such
+    modes = (False, True) if args.compile else (False,)
     tasks = [Task("measure", device=d, threads=t, backend=b, model_name=label, spec=spec.to_dict(), batch_size=bs,
-                  optimizer=opt_task, steps=args.steps, repeats=args.repeats, warmup=args.warmup, compile=args.compile)
+                  optimizer=opt_task, steps=args.steps, repeats=args.repeats, warmup=args.warmup, compile=c)
              for label, spec, _ in models for d in devices for bs in args.batch_sizes for t in threads
-             for b in backends
-             if b != "numpy" or d == "cpu" and (args.backends or reference_is_quick(spec, bs, args))]
+             for b in backends for c in modes
+             if (b != "numpy" or d == "cpu" and (args.backends or reference_is_quick(spec, bs, args)))
+             and (not c or b in COMPILERS)]
     check_resume(args, finished, tasks, executor)
     by_label = {label: (spec, f) for label, spec, f in models}
     peaks: dict = {}
@@ -226,7 +229,7 @@ def cmd_run(args) -> int:
         row = {"model": task.model_name, "backend": task.backend, "device": task.device,
                "batch_size": task.batch_size, "threads": task.threads, "optimizer": args.optimizer,
                "lr": optimizer.lr, "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
-               "compile": args.compile, "model_params": spec.params, "model_flops": spec.flops,
+               "compile": task.compile, "model_params": spec.params, "model_flops": spec.flops,
                **({"spec_file": spec_file} if spec_file else {}), "executor": executor.name, **result}
         peak = peaks.get((row.get("host"), task.device))
         row["gemm_peak_gflops"] = peak
@@ -253,6 +256,11 @@ def cmd_run(args) -> int:
     print(render_table(rows, args.baseline))
     if len(threads) > 1:
         print("\n" + render_scaling(rows))
+    for note in compile_notes(rows):
+        print("note: " + note)
+    if args.compile and set(backends) - set(COMPILERS):
+        print(f"note: {', '.join(b for b in backends if b not in COMPILERS)}: no compiler apart from the default "
+              "path (Gluon is always hybridized, keras-jax always XLA; numpy, keras-torch: none)")
     print(f"\n{args.repeats} repeats x {args.steps} steps after {args.warmup} warm-up; optimizer {args.optimizer} "
           f"lr {optimizer.lr:g}; threads {', '.join(map(str, threads))}" + "".join(
               f"; {d} GEMM peak {v:.0f} GFLOP/s" + (f" ({h})" if len({h for h, _ in peaks}) > 1 else "")
@@ -386,7 +394,7 @@ def cmd_report(args) -> int:
         machines.setdefault(r["host"], set()).add(r.get("cpu_name") if r["device"] == "cpu" else r.get("device_name"))
     print("\n" + "; ".join(f"{h}: {', '.join(sorted(filter(None, n))) or '?'}" for h, n in machines.items())
           + f". Ratios (x {args.baseline}) compare rows of one machine, device and settings only.")
-    for n in notes:
+    for n in compile_notes(rows) + notes:
         print("note: " + n)
     from . import plots
     failures = write_outputs([(args.plot, lambda p: plots.throughput_chart(rows, p))])
@@ -461,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", nargs="+", type=positive_int, default=[os.cpu_count() or 1], metavar="N",
                     help="CPU threads for every framework (default: all cores); several values: a scaling table")
     sp.add_argument("--compile", action="store_true",
-                    help="compiled paths: Keras with XLA, torch.compile (Gluon is always hybridized)")
+                    help="also the compiled paths, beside eager: Keras with XLA, torch.compile (Gluon is always hybridized)")
     sp.add_argument("--baseline", default="torch", help="framework the ratio column divides by")
     sp.add_argument("--timeout", type=timeout_seconds, default=600, help="seconds before a cell counts as hung")
     sp.add_argument("--plot", metavar="FILE", help="chart of training throughput (.png, .pdf, .svg...)")

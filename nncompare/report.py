@@ -89,6 +89,26 @@ def render_table(rows: list[dict], baseline: str, markdown: bool = False, show_m
     return tabulate(table, headers=headers, disable_numparse=True, tablefmt="github" if markdown else "simple")
 
 
+def compile_notes(rows: list[dict]) -> list[str]:
+    """For each compiled row: how it compares with the eager row of the same cell, saying so where it is slower."""
+    eager = {}
+    for r in rows:
+        if not r.get("compile") and r.get("train_samples_s"):
+            eager[(machine(r), r.get("source"), r["model"], r["backend"], r["device"], r["batch_size"],
+                   r.get("threads"))] = r
+    notes = []
+    for r in rows:
+        e = eager.get((machine(r), r.get("source"), r["model"], r["backend"], r["device"], r["batch_size"],
+                       r.get("threads")))
+        if not r.get("compile") or not e or not r.get("train_samples_s"):
+            continue
+        ratio = r["train_samples_s"] / e["train_samples_s"]
+        notes.append(f"{r.get('path', 'compiled')} {'is SLOWER than' if ratio < 1 else 'beats'} "
+                     f"{e.get('path', 'eager')} for {r['model']} {r['backend']} {r['device']} batch {r['batch_size']}: "
+                     f"{r['train_samples_s']:,.0f} vs {e['train_samples_s']:,.0f} training samples/s (x{ratio:.2f})")
+    return notes
+
+
 def render_scaling(rows: list[dict], markdown: bool = False) -> str:
     """Training samples/s per thread count, one line per (machine, model, framework, device, batch)."""
     threads = sorted({r["threads"] for r in rows})

@@ -4,6 +4,7 @@ No timing assertions: speed is measured by compare.py and benchmarks/, not by te
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -99,6 +100,34 @@ def test_ratios_divide_by_the_baseline_of_the_same_cell():
             {"model": "m", "device": "cpu", "batch_size": 16, "backend": "keras", "train_samples_s": 80.0}]
     report.add_ratios(rows, "torch")
     assert rows[0]["vs_baseline"] == 1.0 and rows[1]["vs_baseline"] == 0.5 and "vs_baseline" not in rows[2]
+
+
+def test_compiled_rows_are_compared_with_their_eager_twin_and_a_slower_compiler_is_named():
+    base = {"model": "m", "device": "cpu", "batch_size": 8, "threads": 2}
+    rows = [{**base, "backend": "torch", "compile": False, "path": "eager", "train_samples_s": 100.0},
+            {**base, "backend": "torch", "compile": True, "path": "torch.compile", "train_samples_s": 80.0},
+            {**base, "backend": "keras", "compile": False, "path": "tf.function graph", "train_samples_s": 50.0},
+            {**base, "backend": "keras", "compile": True, "path": "tf.function + XLA", "train_samples_s": 75.0},
+            {**base, "backend": "mxnet", "compile": False, "path": "hybridized", "train_samples_s": 70.0}]
+    notes = report.compile_notes(rows)
+    assert notes == ["torch.compile is SLOWER than eager for m torch cpu batch 8: 80 vs 100 training samples/s (x0.80)",
+                     "tf.function + XLA beats tf.function graph for m keras cpu batch 8: 75 vs 50 training samples/s "
+                     "(x1.50)"]
+    report.add_ratios(rows, "torch")  # compiled rows divide by compiled torch, eager by eager
+    assert [r.get("vs_baseline") for r in rows] == [1.0, 1.0, 0.5, 75 / 80, 0.7]
+
+
+def test_run_compile_times_the_compiled_path_beside_eager(tmp_path):
+    require("torch")
+    path = tmp_path / "r.json"
+    out = cli("run", "--models", "perceptron", "--steps", "1", "--repeats", "1", "--warmup", "0", "--quiet",
+              "--backends", "torch", "numpy", "--compile", "--json", str(path), timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["backend"], r["compile"]) for r in rows] == [("torch", False), ("torch", True), ("numpy", False)]
+    assert [r["path"] for r in rows[:2]] == ["eager", "torch.compile"] and "error" not in rows[1], rows[1]
+    assert re.search(r"note: torch.compile (is SLOWER than|beats) eager for perceptron torch cpu batch 64", out.stdout)
+    assert "numpy: no compiler apart from the default path" in out.stdout
 
 
 @pytest.mark.parametrize("backend", ["torch"])
