@@ -15,7 +15,6 @@ if "bool" not in vars(np):
 import mxnet as mx  # noqa: E402
 from mxnet import autograd, gluon, nd  # noqa: E402
 from mxnet.gluon import nn  # noqa: E402
-from mxnet.ndarray.ndarray import array as _nd_array  # noqa: E402
 
 from ..models.spec import (INPUT, Activation, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense,  # noqa: E402
                            Dropout, Flatten, GlobalAveragePooling2D, MaxPool2D, parse_activation)
@@ -23,6 +22,15 @@ from ..models.spec import (INPUT, Activation, Add, AvgPool2D, BatchNorm, Concate
 from .base import Adam, Adapter, BackendError, SGD, as_inputs, gpu_index  # noqa: E402
 
 HYBRIDIZE = {"static_alloc": True, "static_shape": True}  # static_shape still re-plans for other batch sizes
+
+
+def _nd(a, ctx) -> nd.NDArray:
+    """A float32 NDArray copy of a host array, copied by MXNet's engine thread, never by the Python thread:
+    nd.array copies a large array (>~150k elements) with an OpenMP team on the calling thread, and from then
+    on every operator the engine runs is ~2x slower on small steps (libgomp throttles its spinning once it
+    manages more threads than cores: docs/design.md trap 21)."""
+    host = np.array(a, dtype=np.float32, order="C")  # our own copy: from_numpy shares it and marks it read-only
+    return nd.from_numpy(host, zero_copy=True).copyto(ctx)
 
 
 class _Softmax(nn.HybridBlock):
@@ -324,15 +332,14 @@ class MXNetAdapter(Adapter):
         self._check_weights(weights)
         for k, (p, tr) in self._params.items():
             w = np.asarray(weights[k], np.float32)
-            p.set_data(_nd_array(w.T if tr else w, ctx=self.ctx))  # in place: keeps static_alloc
+            p.set_data(_nd(w.T if tr else w, self.ctx))  # in place: keeps static_alloc
 
     # --- data ------------------------------------------------------------------------------------
     def _array(self, x) -> nd.NDArray:
-        # ndarray.array, not nd.array: that one probes scipy.sparse on every call (a deprecation warning each)
-        return _nd_array(as_inputs(self.spec, x), ctx=self.ctx)
+        return _nd(as_inputs(self.spec, x), self.ctx)
 
     def _labels(self, y) -> nd.NDArray:
-        return _nd_array(np.asarray(y, np.float32), ctx=self.ctx)  # pick() and the BCE take float labels
+        return _nd(y, self.ctx)  # pick() and the BCE take float labels
 
     def to_device(self, x, y) -> tuple[nd.NDArray, nd.NDArray]:
         """One batch as NDArrays on this network's context, for _train_batch. Make one pair per batch:
@@ -384,7 +391,7 @@ class MXNetAdapter(Adapter):
 
     def _train_batch(self, x, y):
         """One step on numpy arrays, or on NDArrays already placed by to_device."""
-        x = x if isinstance(x, nd.NDArray) else _nd_array(x, ctx=self.ctx)
+        x = x if isinstance(x, nd.NDArray) else _nd(x, self.ctx)
         y = y if isinstance(y, nd.NDArray) else self._labels(y)
         loss = self._forward_backward(x, y)
         self.trainer.step(1)  # the loss is already a batch mean: step(batch_size) would rescale again

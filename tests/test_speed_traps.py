@@ -228,3 +228,33 @@ def test_row_loss_is_taken_after_a_fixed_number_of_steps(monkeypatch):
                   budget_s=0.1)
     assert row["loss"] == 3.0 and row["loss_after_steps"] == 3  # the first step and 2 warm-up steps
     assert row["train_repeats"] * row["train_steps"] > 3
+
+
+def test_trap21_mxnet_never_copies_host_arrays_on_the_python_thread():
+    """Building (weights of 200k elements), placing a large batch and training leave the Python thread without
+    an OpenMP team; nd.array of the same batch starts one (an extra OS thread), which slows every later op."""
+    require("mxnet")
+    code = """
+import os
+from nncompare.backends import SGD, get_adapter
+from nncompare.models import zoo
+threads = lambda: len(os.listdir("/proc/self/task"))
+spec = zoo.get("mlp")
+net = get_adapter("mxnet").build(spec, optimizer=SGD(lr=0.01, momentum=0.9))
+import numpy as np, mxnet as mx
+x = np.random.default_rng(0).standard_normal((512, 784)).astype(np.float32)
+y = np.zeros(512, np.int64)
+for _ in range(2):
+    float(net._train_batch(*net.to_device(x, y)))
+net.predict(x)
+mx.nd.waitall()
+before = threads()
+mx.nd.array(x).wait_to_read()
+print(before, threads())
+"""
+    env = {**dict(__import__("os").environ), "OMP_NUM_THREADS": "2", "MXNET_OMP_MAX_THREADS": "2",
+           "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after = map(int, out.stdout.split()[-2:])
+    assert after == before + 1, (before, after)  # the trap exists here, and the adapter had not set it off
