@@ -96,12 +96,13 @@ def timed_repeats(run: Callable[[int], None], steps: int, batch_size: int, min_r
             "steps": steps, "noisy": _spread(window) > bound, "runs": values}
 
 
-def _framework_settings(net: Any) -> dict:
-    """What the loaded frameworks report about their thread pools and numerics (read defensively: only
-    frameworks this process imported are asked)."""
+def _framework_settings(net: Any, backend: str) -> dict:
+    """What the framework `backend` runs on reports about its thread pools and numerics. Only that one is asked:
+    Keras imports jax whatever its engine, and asking jax for its devices would start a runtime it never used."""
     s: dict[str, Any] = {}
     gpu = getattr(net, "device", "cpu") != "cpu"
-    if "torch" in sys.modules:
+    fw = _framework(backend)
+    if fw == "torch" and "torch" in sys.modules:
         torch = sys.modules["torch"]
         s["torch.get_num_threads"] = torch.get_num_threads()
         s["torch.get_num_interop_threads"] = torch.get_num_interop_threads()
@@ -109,7 +110,7 @@ def _framework_settings(net: Any) -> dict:
             s["torch.cuda.matmul.allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
             s["torch.cudnn.allow_tf32"] = torch.backends.cudnn.allow_tf32
             s["torch.cudnn.benchmark"] = torch.backends.cudnn.benchmark
-    if "tensorflow" in sys.modules:
+    if fw == "tensorflow" and "tensorflow" in sys.modules:
         tf = sys.modules["tensorflow"]
         try:  # 0 means "TensorFlow's own choice" (the TF_NUM_*_THREADS variables, else the core count)
             s["tf.intra_op_parallelism_threads"] = tf.config.threading.get_intra_op_parallelism_threads()
@@ -118,7 +119,7 @@ def _framework_settings(net: Any) -> dict:
                 s["tf.tensor_float32_execution"] = tf.config.experimental.tensor_float32_execution_enabled()
         except AttributeError:
             pass
-    if "mxnet" in sys.modules:
+    if fw == "mxnet" and "mxnet" in sys.modules:
         mx = sys.modules["mxnet"]
         s["mxnet.engine"] = os.environ.get("MXNET_ENGINE_TYPE", "ThreadedEnginePerDevice")
         s["mxnet.cpu_workers"] = int(os.environ.get("MXNET_CPU_WORKER_NTHREADS") or 1)  # MXNet's default: 1
@@ -128,7 +129,7 @@ def _framework_settings(net: Any) -> dict:
             s["mxnet.mkldnn"] = features.is_enabled("MKLDNN")
         except (AttributeError, RuntimeError):
             pass
-    if "jax" in sys.modules:
+    if fw == "jax" and "jax" in sys.modules:
         jax = sys.modules["jax"]
         s["jax.devices"] = [str(d) for d in jax.devices()]
     try:  # the per-framework practices the adapter chose (memory format, fused BatchNorm, static_alloc, ...)
@@ -219,7 +220,7 @@ def measure(backend: str, spec: ModelSpec, device: str, batch_size: int, steps: 
     inf = timed_repeats(infer, steps, batch_size, repeats, budget_s / 3)
 
     settings = {"threads": threads, **{v: os.environ[v] for v in THREAD_VARIABLES if v in os.environ},
-                **_framework_settings(net), "data": placed, "infer_data": "host",
+                **_framework_settings(net, backend), "data": placed, "infer_data": "host",
                 "process_threads": _process_threads()}
     train_sps = tr["samples_s"]
     return {
