@@ -201,8 +201,12 @@ def mxnet_loop(model: str, batch: int, sliced: bool = False):
     trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": LR, "momentum": MOMENTUM})
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     loss_fn.hybridize(static_alloc=True, static_shape=True)
-    # one NDArray per batch: slicing one big NDArray inside autograd.record halves the speed (trap 14)
-    data = [(mx.nd.array(x), mx.nd.array(y)) for x, y in host_batches(model, batch)]
+    # one NDArray per batch: slicing one big NDArray inside autograd.record halves the speed (trap 14); copied
+    # by the engine thread: mx.nd.array of a large array starts an OpenMP team on this thread, after which
+    # every operator runs slower (trap 21)
+    def nd(a):
+        return mx.nd.from_numpy(np.array(a, np.float32, order="C"), zero_copy=True).copyto(mx.cpu())
+    data = [(nd(x), nd(y)) for x, y in host_batches(model, batch)]
     big_x = mx.nd.concat(*(x for x, _ in data), dim=0)  # only for --sliced, the trap's demonstration
     big_y = mx.nd.concat(*(y for _, y in data), dim=0)
 
