@@ -22,7 +22,7 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"
 # Noise control: repeats continue until the last SETTLE_K agree within SPREAD_BOUND, or the budget runs out.
 SETTLE_K = 5
 SPREAD_BOUND = 0.03
-TIME_BUDGET_S = 3.0  # per cell after warm-up: keeps `python compare.py` (8 cells) within a minute on 2 cores
+TIME_BUDGET_S = 2.0  # per cell after warm-up: keeps `python compare.py` (12 cells) within a minute on 2 cores
 MIN_REPEAT_S = 0.05  # a repeat shorter than this is mostly timer and scheduler jitter: steps are raised to fit
 
 

@@ -24,7 +24,7 @@ from .runner import (Journal, Task, UsageError, canonical_device, cell_main, che
                      check_plot, gpu_names, Interrupted, interruptible, make_executor, rows_to_csv, strict_json,
                      sweep, uninterruptible, write_atomic)
 
-FRAMEWORKS = ("keras", "torch", "mxnet")
+FRAMEWORKS = ("keras", "keras-jax", "keras-torch", "torch", "mxnet")
 
 
 # --- option types ----------------------------------------------------------------------------------

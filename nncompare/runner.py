@@ -21,6 +21,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from .backends import BackendError, parse_device
 from .models import ModelSpec, SpecError
@@ -296,8 +297,8 @@ def _check(task: Task) -> dict:
     return {"diffs": report.diffs, "where": report.where, "ok": report.ok(), "tolerance": TOLERANCE}
 
 
-def cell_main(task_json: str) -> int:
-    """Entry point of a cell process: run the task, print one result line."""
+def cell_main(task_json: str) -> NoReturn:
+    """Entry point of a cell process: run the task, print one result line, exit at once."""
     _die_with_parent()
     task = Task.from_json(task_json)
     log = os.environ.get("NNCOMPARE_CELL_LOG")  # test hook: one line per cell started
@@ -330,7 +331,10 @@ def cell_main(task_json: str) -> int:
     except (MemoryError, RuntimeError, ValueError, TypeError, OSError) as e:
         result = {"error": f"{type(e).__name__}: {_first_line(e)}"}
     print(RESULT_MARK + json.dumps(result), flush=True)
-    return 0
+    sys.stderr.flush()
+    # The result is out: skip the interpreter's teardown, which the sweep would wait for (unloading TensorFlow,
+    # torch or JAX takes 0.3-1.4 s per cell on 2 cores).
+    os._exit(0)
 
 
 def _first_line(e: BaseException) -> str:
