@@ -131,8 +131,10 @@ class _MeanLoss(nn.HybridBlock):
 
     def hybrid_forward(self, F, z, y):
         z = F.flatten(z)
-        if self.binary:  # max(z, 0) - z * y + log(1 + exp(-|z|))
-            loss = F.relu(z) - z * F.reshape_like(y, z) + F.Activation(-F.abs(z), act_type="softrelu")
+        if self.binary:  # softplus(z) - z * y; softrelu is overflow-safe and its gradient is sigmoid(z). Not
+            # max(z, 0) - z*y + log(1 + exp(-|z|)): at z == 0 exactly the kinks of relu and |z| both give
+            # gradient 0 where the true one is 1/2 (trap 22)
+            loss = F.Activation(z, act_type="softrelu") - z * F.reshape_like(y, z)
         else:
             s = F.broadcast_sub(z, F.BlockGrad(F.max(z, axis=1, keepdims=True)))
             loss = F.log(F.sum(F.exp(s), axis=1)) - F.pick(s, y, axis=1)

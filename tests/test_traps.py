@@ -160,3 +160,15 @@ def test_trap20_leaky_relu_slope_is_the_specs_not_the_frameworks_default(backend
     assert np.allclose(plain, [[-2.0, -0.2, 2.0]])  # 0.2, Keras' default; torch's default would give -0.1
     sloped = build(backend, ModelSpec("l", (3,), (Activation("leaky_relu(0.05)"),))).logits(x)
     assert np.allclose(sloped, [[-0.5, -0.05, 2.0]])
+
+
+@pytest.mark.parametrize("backend", FRAMEWORKS)
+def test_trap22_binary_cross_entropy_gradient_at_a_logit_of_exactly_zero(backend):
+    spec = ModelSpec("b", (3,), (Dense(1),))
+    weights = {"dense_0/kernel": np.zeros((3, 1), np.float32), "dense_0/bias": np.zeros(1, np.float32)}
+    x = np.ones((8, 3), np.float32)
+    y = np.array([1, 0, 0, 1, 0, 0, 1, 0])
+    loss, grads = build(backend, spec, weights=weights).loss_and_grads(x, y)
+    assert loss == pytest.approx(np.log(2), rel=1e-6)
+    assert grads["dense_0/bias"] == pytest.approx([0.5 - y.mean()], abs=1e-7)  # sigmoid(0) - y, averaged
+    assert np.allclose(grads["dense_0/kernel"], 0.5 - y.mean(), atol=1e-7)
