@@ -559,15 +559,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # outside a sweep (loading, validating): nothing finished to keep
         print("interrupted", file=sys.stderr)
         code = 130
-    finally:
+    finally:  # also on SystemExit (--help): argparse prints too
         sys.stdout.flush()
         out, sys.stdout = sys.stdout, real
+        if out.error is not None:
+            try:  # what is still buffered would fail again at exit
+                os.dup2(os.open(os.devnull, os.O_WRONLY), real.fileno())
+            except (OSError, ValueError):
+                pass
     if out.error is None:
         return code
-    try:  # what is still buffered would fail again at exit
-        os.dup2(os.open(os.devnull, os.O_WRONLY), real.fileno())
-    except (OSError, ValueError):
-        pass
     if isinstance(out.error, BrokenPipeError):  # `compare.py list | head`: the reader left; say nothing more
         return 141
     print(f"error: could not write to standard output: {out.error}", file=sys.stderr)
