@@ -3,7 +3,9 @@
 framework's idiomatic training loop (benchmarks/native_loops.py, which never imports nncompare), each in its
 own fresh process. The native loop runs twice per round: under the framework's default environment (no thread
 variables) and under the tool's (thread_env); the adapter runs as compare.py's cell does. Rounds interleave
-native and adapter runs; the table shows medians and adapter / best native, the worst ratio last.
+native and adapter runs; the table shows medians and adapter / best native, the worst ratio last; "paired" is
+the median over rounds of each round's adapter / native-under-the-tool's-environment run (drift between
+rounds cancels; the same environment on both sides).
 
     python benchmarks/native_vs_adapter.py [--backends torch mxnet] [--models lenet5] [--batch-sizes 128]
                                            [--rounds 3] [--threads N] [--json out.json] [--quick]
@@ -124,16 +126,21 @@ def main() -> int:
         ratio = ad / best if ad and best else None
         if ratio is not None:
             ratios.append((ratio, model, batch, backend))
+        # paired: each round's adapter run against the native run under the same environment right after it
+        # (not the better of two natives: the max of two noisy runs is biased upward)
+        paired = [a["train_samples_s"] / t["train_samples_s"] for a, t in zip(r["adapter"], r["native_tool"])
+                  if "train_samples_s" in a and "train_samples_s" in t]
         noisy = sum(bool(x.get("noisy") or x.get("train_noisy")) for side in r.values() for x in side)
         path = next((x.get("path") for x in r["adapter"] if "path" in x), "")
         rows.append((model, batch, backend, path,
                      *(f"{v:,.0f}" if v else "-" for v in (nd, nt, ad)),
                      f"{ratio:.3f}" if ratio is not None else "ERROR: " + (errors[0][:60] if errors else "?"),
-                     noisy or ""))
+                     f"{statistics.median(paired):.3f}" if paired else "-", noisy or ""))
     print(f"cpu, tool threads {args.threads}; {args.rounds} interleaved rounds, medians; every run a fresh process"
           + (" (--quick: a smoke run, the numbers mean nothing)" if args.quick else ""))
     print(tabulate(rows, headers=("Model", "Batch", "Framework", "Adapter path", "Native, default env",
-                                  "Native, tool env", "Adapter", "Adapter / best native", "Noisy runs"),
+                                  "Native, tool env", "Adapter", "Adapter / best native",
+                                  "Paired vs tool env (median per round)", "Noisy runs"),
                    disable_numparse=True))
     for note in notes:
         print(f"note: {note}")
