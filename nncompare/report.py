@@ -91,15 +91,12 @@ def render_table(rows: list[dict], baseline: str, markdown: bool = False, show_m
 
 def compile_notes(rows: list[dict]) -> list[str]:
     """For each compiled row: how it compares with the eager row of the same cell, saying so where it is slower."""
-    eager = {}
-    for r in rows:
-        if not r.get("compile") and r.get("train_samples_s"):
-            eager[(machine(r), r.get("source"), r["model"], r["backend"], r["device"], r["batch_size"],
-                   r.get("threads"))] = r
+    def cell(r):
+        return machine(r), r.get("source"), r["model"], r["backend"], r["device"], r["batch_size"], r.get("threads")
+    eager = {cell(r): r for r in rows if not r.get("compile") and r.get("train_samples_s")}
     notes = []
     for r in rows:
-        e = eager.get((machine(r), r.get("source"), r["model"], r["backend"], r["device"], r["batch_size"],
-                       r.get("threads")))
+        e = eager.get(cell(r))
         if not r.get("compile") or not e or not r.get("train_samples_s"):
             continue
         ratio = r["train_samples_s"] / e["train_samples_s"]
