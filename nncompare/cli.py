@@ -367,11 +367,45 @@ def load_results(path: str) -> dict:
         raise UsageError(f"{path!r} is not JSON: {e}") from None
     def usable(r) -> bool:
         return (isinstance(r, dict) and {"model", "backend", "device", "batch_size", "threads"} <= r.keys()
-                and (isinstance(r.get("error"), str) or isinstance(r.get("train_samples_s"), (int, float))))
+                and ("error" in r or "train_samples_s" in r))
     if not isinstance(payload, dict) or not isinstance(payload.get("rows"), list) or not all(
             usable(r) for r in payload["rows"]):
         raise UsageError(f"{path!r} is not a results file of `compare.py run --json`")
+    for i, r in enumerate(payload["rows"]):
+        for key, value in r.items():
+            problem = _field_problem(key, value)
+            if problem:
+                raise UsageError(f"{path!r}, row {i} ({r.get('model')!s:.40} {r.get('backend')!s:.20}), field {key!r}: "
+                                 f"expected {problem}, got {json.dumps(value)[:60]}")
     return payload
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# The row fields `report` reads, by kind; a results file edited by hand is checked against these.
+_ROW_FIELDS = {
+    **dict.fromkeys(("model", "backend", "device"), ("a string", lambda v: isinstance(v, str) and v != "")),
+    **dict.fromkeys(("batch_size", "threads"), ("a whole number >= 1", lambda v: _is_number(v) and v == int(v) >= 1)),
+    **dict.fromkeys(("steps", "repeats", "warmup"),
+                    ("a whole number >= 0 or null", lambda v: v is None or _is_number(v) and v == int(v) >= 0)),
+    "train_samples_s": ("a number", _is_number),
+    **dict.fromkeys(("first_step_s", "train_spread", "infer_samples_s", "infer_spread", "host_rss_mb",
+                     "device_mem_mb", "train_gflops", "peak_pct", "loss", "lr", "gemm_peak_gflops"),
+                    ("a number or null", lambda v: v is None or _is_number(v))),
+    "error": ("a string", lambda v: isinstance(v, str)),
+    **dict.fromkeys(("version", "path", "device_name", "cpu_name", "host", "optimizer"),
+                    ("a string or null", lambda v: v is None or isinstance(v, str))),
+    "compile": ("true or false", lambda v: isinstance(v, bool)),
+    "settings": ("an object", lambda v: isinstance(v, dict)),
+}
+
+
+def _field_problem(key: str, value) -> str | None:
+    """What a row field should be, if `value` is not that (None for fields report does not read)."""
+    kind = _ROW_FIELDS.get(key)
+    return kind[0] if kind and not kind[1](value) else None
 
 
 def cmd_report(args) -> int:

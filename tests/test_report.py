@@ -87,3 +87,22 @@ def test_group_key_separates_settings_and_machines():
     assert report.group_key(base) == report.group_key(row("keras", 2.0, host="a"))
     for change in ({"host": "b"}, {"threads": 8}, {"batch_size": 32}, {"compile": True}, {"steps": 20}):
         assert report.group_key({**base, **change}) != report.group_key(base)
+
+
+def test_report_names_the_row_and_field_of_a_wrong_type(tmp_path):
+    """A hand-edited results file: one error naming the file, row and field, never a traceback from a format()."""
+    cases = [({"batch_size": "64"}, "row 1", "'batch_size'", "a whole number >= 1"),
+             ({"train_samples_s": "fast"}, "row 1", "'train_samples_s'", "a number"),
+             ({"loss": [1]}, "row 1", "'loss'", "a number or null"),
+             ({"threads": True}, "row 1", "'threads'", "a whole number >= 1"),
+             ({"compile": "no"}, "row 1", "'compile'", "true or false"),
+             ({"error": None}, "row 1", "'error'", "a string"),
+             ({"model": 7}, "row 1", "'model'", "a string")]
+    for change, *expected in cases:
+        path = save(tmp_path / "r.json", "h", [row("torch", 1.0), {**row("keras", 2.0), **change}])
+        out = cli("report", path)
+        assert out.returncode == 2, (change, out.stdout)
+        assert all(e in out.stderr for e in expected) and "Traceback" not in out.stderr, (change, out.stderr)
+    ok = save(tmp_path / "r.json", "h", [row("torch", 1.0), {**row("keras", 2.0), "loss": None, "extra": "kept"}])
+    out = cli("report", ok)
+    assert out.returncode == 0, out.stderr
