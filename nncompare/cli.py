@@ -381,15 +381,20 @@ def load_results(path: str) -> dict:
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A finite JSON number (Python's json reads NaN and 1e400 as floats; runs never write them)."""
+    return isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and math.isfinite(v)
+
+
+def _is_whole(v, least: int) -> bool:
+    return _is_number(v) and (isinstance(v, int) or v.is_integer()) and v >= least
 
 
 # The row fields `report` reads, by kind; a results file edited by hand is checked against these.
 _ROW_FIELDS = {
     **dict.fromkeys(("model", "backend", "device"), ("a string", lambda v: isinstance(v, str) and v != "")),
-    **dict.fromkeys(("batch_size", "threads"), ("a whole number >= 1", lambda v: _is_number(v) and v == int(v) >= 1)),
+    **dict.fromkeys(("batch_size", "threads"), ("a whole number >= 1", lambda v: _is_whole(v, 1))),
     **dict.fromkeys(("steps", "repeats", "warmup"),
-                    ("a whole number >= 0 or null", lambda v: v is None or _is_number(v) and v == int(v) >= 0)),
+                    ("a whole number >= 0 or null", lambda v: v is None or _is_whole(v, 0))),
     "train_samples_s": ("a number", _is_number),
     **dict.fromkeys(("first_step_s", "train_spread", "infer_samples_s", "infer_spread", "host_rss_mb",
                      "device_mem_mb", "train_gflops", "peak_pct", "loss", "lr", "gemm_peak_gflops"),

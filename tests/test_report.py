@@ -97,8 +97,13 @@ def test_report_names_the_row_and_field_of_a_wrong_type(tmp_path):
              ({"threads": True}, "row 1", "'threads'", "a whole number >= 1"),
              ({"compile": "no"}, "row 1", "'compile'", "true or false"),
              ({"error": None}, "row 1", "'error'", "a string"),
-             ({"model": 7}, "row 1", "'model'", "a string")]
+             ({"model": 7}, "row 1", "'model'", "a string"),
+             ({"batch_size": float("inf")}, "row 1", "'batch_size'", "a whole number >= 1"),
+             ({"steps": float("nan")}, "row 1", "'steps'", "a whole number >= 0 or null"),
+             ({"train_samples_s": float("-inf")}, "row 1", "'train_samples_s'", "a number"),
+             ({"loss": float("nan")}, "row 1", "'loss'", "a number or null")]
     for change, *expected in cases:
+        # json.dumps writes NaN / Infinity, which Python's json reads back as floats: a hand edit can do the same
         path = save(tmp_path / "r.json", "h", [row("torch", 1.0), {**row("keras", 2.0), **change}])
         out = cli("report", path)
         assert out.returncode == 2, (change, out.stdout)
