@@ -397,12 +397,12 @@ class KerasAdapter(_KerasAdapter):
         return tf.config.experimental.get_memory_info(self._kdev.upper())["peak"] if self._gpu else None
 
     def _after_build(self):
-        # Stable signatures: one trace each, whatever the batch size (the last partial batch included).
-        x_sig = tf.TensorSpec((None, *self._native_shape(self.spec.input_shape)), tf.float32)
-        self._sigs = [x_sig, tf.TensorSpec((None,), tf.int64)]
-        self._logits_fn = tf.function(lambda x: self.native(x, training=False), input_signature=[x_sig],
+        # Traced for the batch's exact shape, as Keras' own fit does (reduce_retracing): a later shape (the last
+        # partial batch) adds one trace with a free batch size. A free batch size from the start (an
+        # input_signature of None) cost 7 % of mlp b32's training speed (docs/performance.md).
+        self._logits_fn = tf.function(lambda x: self.native(x, training=False), reduce_retracing=True,
                                       jit_compile=self.compile)
-        self._grads_fn = tf.function(self._grads_graph, input_signature=self._sigs)
+        self._grads_fn = tf.function(self._grads_graph, reduce_retracing=True)
         self._step_fn = None
 
     def _grads_graph(self, x, y):
@@ -435,7 +435,7 @@ class KerasAdapter(_KerasAdapter):
         with self._on_device():
             opt.build(self._trainable)  # slots created eagerly, outside the traced step
         self.optimizer, self._opt = optimizer, opt
-        self._step_fn = tf.function(self._step_graph, input_signature=self._sigs,  # traces against the new slots
+        self._step_fn = tf.function(self._step_graph, reduce_retracing=True,  # traces against the new slots
                                     jit_compile=self.compile)
 
     def to_device(self, x, y):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import itertools
+import re
 import subprocess
 import sys
 import types
@@ -17,7 +18,7 @@ import types
 import numpy as np
 import pytest
 
-from nncompare.backends import SGD, bench
+from nncompare.backends import SGD, bench, get_adapter
 from nncompare.backends.bench import THREAD_VARIABLES, measure, thread_env, timed_repeats
 from nncompare.models import zoo
 from nncompare.runner import Task, run_subprocess
@@ -218,6 +219,18 @@ def test_benchmark_quick_runs_end_to_end():
     assert lines[-1].startswith("worst adapter / best native: ") and "(torch, lenet5, batch 8)" in lines[-1]
 
 
+@pytest.mark.parametrize("backend", ["torch", "keras"])
+def test_in_process_step_ab_runs_both_sides_and_prints_the_ratio(backend):
+    require(backend)
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_ab.py"), backend, "mlp", "8",
+                          "--steps", "2", "--repeats", "2", "--threads", "1"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = out.stdout.strip().splitlines()[-1]
+    assert line.startswith(f"{backend} mlp b8, 1 threads, 2 interleaved repeats of 2 steps: adapter "), line
+    assert re.search(r"adapter / native \d+\.\d{3} \(paired \d+\.\d{3}\)$", line), line
+
+
 def test_row_loss_is_taken_after_a_fixed_number_of_steps(monkeypatch):
     """Repeats vary with noise; the loss column must not, or frameworks' losses stop being comparable."""
     cls, seen = fake_adapter(resident=False)
@@ -258,3 +271,24 @@ print(before, threads())
     assert out.returncode == 0, out.stderr[-2000:]
     before, after = map(int, out.stdout.split()[-2:])
     assert after == before + 1, (before, after)  # the trap exists here, and the adapter had not set it off
+
+
+def test_keras_tf_steps_are_traced_for_the_batch_shape_and_retrace_once_for_other_sizes():
+    """Keras on TF traces its step for the exact batch shape (a free batch size cost 7 % on small steps, as
+    Keras' own fit knows: reduce_retracing); a partial last batch adds one trace with a free batch size, and
+    further sizes reuse it."""
+    require("keras")
+    spec = zoo.get("mlp")
+    net = get_adapter("keras").build(spec, optimizer=SGD(lr=0.01, momentum=0.9))
+    x, y = bench.batch_pool(spec, 32, n=1)[0]
+    for _ in range(3):
+        net._train_batch(*net.to_device(x, y))
+    step = net._step_fn
+    assert step.experimental_get_tracing_count() == 1
+    traced = step.get_concrete_function(*net.to_device(x, y))
+    assert tuple(traced.inputs[0].shape) == (32, 784)  # static: the batch size is part of the graph
+    net.fit(np.zeros((70, 784), np.float32), np.zeros(70, np.int64), batch_size=32)  # 32, 32, then 6
+    assert step.experimental_get_tracing_count() == 2
+    net.fit(np.zeros((10, 784), np.float32), np.zeros(10, np.int64), batch_size=10)
+    net.predict(np.zeros((7, 784), np.float32))
+    assert step.experimental_get_tracing_count() == 2
