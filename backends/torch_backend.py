@@ -189,6 +189,11 @@ class Graph(nn.Module):
         for i, inputs in enumerate(self.inputs):
             last_use.update({name: i for name in inputs})
         self.free = [[n for n in dict.fromkeys(inputs) if last_use[n] == i] for i, inputs in enumerate(self.inputs)]
+        # A plain chain runs as one flat list of modules, as nn.Sequential does: the name bookkeeping of walk()
+        # and the (Dense, activation) Sequential wrappers cost 3-4 % of mlp b32's step (docs/performance.md).
+        chain = all(inputs == ((INPUT,) if i == 0 else (self.names[i - 1],)) for i, inputs in enumerate(self.inputs))
+        self.chain = [m for module in self.nodes.values()
+                      for m in (module if isinstance(module, nn.Sequential) else (module,))] if chain else None
 
     def walk(self, x, keep: bool = False) -> dict[str, torch.Tensor]:
         """The last node's output by name; with keep=True every node's output."""
@@ -202,7 +207,11 @@ class Graph(nn.Module):
         return values
 
     def forward(self, x):
-        return self.walk(x)[self.names[-1]]
+        if self.chain is None:
+            return self.walk(x)[self.names[-1]]
+        for module in self.chain:
+            x = module(x)
+        return x
 
 
 class TorchAdapter(Adapter):
@@ -254,6 +263,7 @@ class TorchAdapter(Adapter):
         self._format = torch.channels_last if channels_last else torch.contiguous_format
         self.memory_format = "channels_last" if channels_last else "contiguous"
         self.infos = self.spec.logits_infos()
+        self._binary, self._flat_logits = self.spec.num_classes == 1, len(self.spec.output_shape) == 1
         self._params = {}  # canonical key -> (getter of the native tensor, whether it is a transposed Dense kernel)
         nodes = []
         for info in self.infos:
@@ -293,7 +303,8 @@ class TorchAdapter(Adapter):
     def to_device(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch as tensors on this network's device (and memory format), for _train_batch; copies, so
         the tensors never alias the host arrays (on the CPU from_numpy would share their memory)."""
-        return self._place(torch.tensor(as_inputs(self.spec, x))), torch.tensor(np.asarray(y), device=self.dev)
+        x = self._place(torch.tensor(as_inputs(self.spec, x)))
+        return x, torch.tensor(np.asarray(y, np.int64), device=self.dev)
 
     def _mode(self, training: bool) -> None:
         """Switch training/inference mode only when it changes: Module.train() walks every submodule."""
@@ -314,9 +325,10 @@ class TorchAdapter(Adapter):
 
     # --- training --------------------------------------------------------------------------------
     def _loss(self, z, y):
-        if z.shape[1] == 1:
+        """Mean loss from logits and int64 labels (placed as int64 once, not converted every step)."""
+        if self._binary:
             return F.binary_cross_entropy_with_logits(z.reshape(-1), y.to(z.dtype))
-        return F.cross_entropy(z.reshape(len(z), -1), y.long())
+        return F.cross_entropy(z if self._flat_logits else z.reshape(len(z), -1), y)
 
     def loss_and_grads(self, x, y):
         tensors = {k: (get(), tr) for k, (get, tr) in self._params.items()}
@@ -351,9 +363,10 @@ class TorchAdapter(Adapter):
         """One step on NumPy arrays, or on tensors already placed by to_device."""
         self._mode(True)
         xt = x if isinstance(x, torch.Tensor) else self._place(torch.from_numpy(np.ascontiguousarray(x)))
-        yt = y if isinstance(y, torch.Tensor) else torch.from_numpy(np.asarray(y)).to(self.dev, non_blocking=True)
+        if not isinstance(y, torch.Tensor):
+            y = torch.from_numpy(np.asarray(y, np.int64)).to(self.dev, non_blocking=True)
         self.opt.zero_grad(set_to_none=True)
-        loss = self._loss(self._run(xt), yt)
+        loss = self._loss(self._run(xt), y)
         loss.backward()
         self.opt.step()
         return loss.detach()

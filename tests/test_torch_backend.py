@@ -54,6 +54,22 @@ def test_graph_keeps_only_values_later_nodes_need(torch_cls):
     assert list(g.walk(net._tensor(x))) == ["out"]
 
 
+def test_a_plain_chain_runs_as_one_flat_module_list_with_the_walks_numbers(torch_cls):
+    """A chain (each node on the one before) skips the walk's name bookkeeping and the (Dense, activation)
+    wrappers, as nn.Sequential would; a graph with branches keeps the walk."""
+    import torch
+    from nncompare.models import zoo
+    spec = zoo.get("lenet5")
+    net = torch_cls.build(spec)
+    chain = net.native.chain
+    assert chain is not None and not any(isinstance(m, torch.nn.Sequential) for m in chain)
+    assert sum(isinstance(m, torch.nn.ReLU) for m in chain) == 4  # 2 conv + 2 hidden Dense activations
+    x = net._tensor(sample_batch(spec)[0])
+    with torch.no_grad():
+        assert torch.equal(net.native(x), net.native.walk(x)[net.native.names[-1]])
+    assert torch_cls.build(residual_spec()).native.chain is None
+
+
 def test_layer_names_that_are_module_dict_attributes_still_build(torch_cls):
     spec = ModelSpec("names", (4,), (Dense(3, name="keys"), Dense(3, name="to"), Add(inputs=("keys", "to"), name="update"),
                                      Dense(2, name="training")))
