@@ -51,13 +51,29 @@ class Report:
     model: str
     diffs: dict[str, float] = field(default_factory=dict)
     where: dict[str, str | None] = field(default_factory=dict)
+    jitter: dict[str, float] = field(default_factory=dict)  # the oracle's own movement, where it was measured
+
+    def passed(self, check: str, tol: float = TOLERANCE) -> bool:
+        """Within tolerance, or within what the oracle itself moves under float32-sized input noise."""
+        return self.diffs[check] <= max(tol, self.jitter.get(check, 0.0))
 
     def ok(self, tol: float = TOLERANCE) -> bool:
-        return all(d <= tol for d in self.diffs.values())
+        return all(self.passed(c, tol) for c in self.diffs)
 
     def describe(self, check: str) -> str:
         where = f" (worst: {self.where[check]})" if self.where.get(check) else ""
-        return f"{self.backend} {self.model} {check}: scaled diff {self.diffs[check]:.2e}{where}"
+        jitter = f"; the oracle's own jitter {self.jitter[check]:.2e}" if check in self.jitter else ""
+        return f"{self.backend} {self.model} {check}: scaled diff {self.diffs[check]:.2e}{where}{jitter}"
+
+
+def gradient_jitter(oracle: Adapter, x: np.ndarray, y: np.ndarray, ref: dict, draws: int = 6,
+                    noise: float = 1e-6, seed: int = 0) -> float:
+    """How far the oracle's own gradients move when the inputs move by float32-sized relative noise: beside
+    a ReLU kink, rounding alone carries them across it (resnet20 at 32x32, seed 0: 5e-3 for 1e-6 noise), a
+    difference no float32 framework can be held to."""
+    rng = np.random.default_rng(seed)
+    return max(dict_diff(oracle.loss_and_grads(x * (1 + noise * rng.standard_normal(x.shape)), y)[1], ref)[0]
+               for _ in range(draws))
 
 
 def sample_batch(spec: ModelSpec, n: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -84,6 +100,8 @@ def compare(backend_cls: type[Adapter], oracle_cls: type[Adapter], spec: ModelSp
         ref_loss, ref_grads = oracle.loss_and_grads(x, y)
         report.diffs["loss"] = scaled_diff(loss, ref_loss)
         report.diffs["grads"], report.where["grads"] = dict_diff(grads, ref_grads)
+        if report.diffs["grads"] > TOLERANCE:
+            report.jitter["grads"] = gradient_jitter(oracle, x, y, ref_grads)
     # Adam divides by sqrt(v): with a tiny epsilon, weights whose true gradient is ~0 (a bias before
     # BatchNorm, a dead unit) take lr-sized steps driven by float32 rounding. epsilon=1e-2 keeps the
     # check well-conditioned; a misplaced epsilon (before or after bias correction) still shows.

@@ -143,10 +143,14 @@ def render_check(results: list[dict]) -> str:
             continue
         diffs, where, tol = r["diffs"], r["where"], r["tolerance"]
         value = lambda c: float("inf") if diffs.get(c) is None else diffs[c]  # noqa: E731  (inf travels as null)
-        worst = [c for c in CHECKS if c in diffs and value(c) > tol]
+        jitter = r.get("jitter") or {}
+        worst = [c for c in CHECKS if c in diffs and value(c) > max(tol, jitter.get(c) or 0.0)]
         at = where.get("logits") or next((where[c] for c in worst if where.get(c)), None)
+        verdict = "ok" if r["ok"] else f"DIFFERS: {', '.join(worst)}" + (f" (first at {at})" if at else "")
+        kinks = [f"{c} {value(c):.1e} within the oracle's own {jitter[c]:.1e} under 1e-6 input noise (a ReLU kink)"
+                 for c in CHECKS if c in jitter and tol < value(c) <= jitter[c]]
         rows.append((r["backend"], *(f"{value(c):.1e}" if c in diffs else "-" for c in CHECKS),
-                     "ok" if r["ok"] else f"DIFFERS: {', '.join(worst)}" + (f" (first at {at})" if at else "")))
+                     verdict + "".join(f"; {k}" for k in kinks)))
     return tabulate(rows, headers=("Framework", "Logits", "Loss", "Grads", "SGD weights", "Adam weights", "Verdict"),
                     disable_numparse=True)
 

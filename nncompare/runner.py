@@ -294,7 +294,8 @@ def _check(task: Task) -> dict:
         import torch  # noqa: F401  (Keras documents a segfault when TensorFlow loads before torch)
     report = compare(get_adapter(task.backend), get_adapter("numpy"), ModelSpec.from_dict(task.spec),
                      device=task.device, steps=task.steps, compile=task.compile)
-    return {"diffs": report.diffs, "where": report.where, "ok": report.ok(), "tolerance": TOLERANCE}
+    return {"diffs": report.diffs, "where": report.where, "jitter": report.jitter, "ok": report.ok(),
+            "tolerance": TOLERANCE}
 
 
 def cell_main(task_json: str) -> NoReturn:
