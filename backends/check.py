@@ -1,6 +1,7 @@
 """Cross-framework equivalence: compare an adapter against the float64 NumPy oracle, name the first diverging layer."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +44,13 @@ def first_divergence(net: Adapter, oracle: Adapter, x: np.ndarray, tol: float = 
     return None
 
 
+def within(diff: float, tol: float, jitter: float | None = None) -> bool:
+    """Within tolerance, or within what the oracle itself moves under float32-sized input noise (a jitter that
+    is not a finite number, e.g. from an overflow at a perturbed input, allows nothing)."""
+    allowed = jitter if jitter is not None and math.isfinite(jitter) else 0.0
+    return diff <= max(tol, allowed)
+
+
 @dataclass
 class Report:
     """Scaled differences against the oracle, one per check; `where` names the worst tensor or diverging layer."""
@@ -54,8 +62,7 @@ class Report:
     jitter: dict[str, float] = field(default_factory=dict)  # the oracle's own movement, where it was measured
 
     def passed(self, check: str, tol: float = TOLERANCE) -> bool:
-        """Within tolerance, or within what the oracle itself moves under float32-sized input noise."""
-        return self.diffs[check] <= max(tol, self.jitter.get(check, 0.0))
+        return within(self.diffs[check], tol, self.jitter.get(check))
 
     def ok(self, tol: float = TOLERANCE) -> bool:
         return all(self.passed(c, tol) for c in self.diffs)

@@ -40,7 +40,7 @@ def main() -> int:
     net = cls.build(zoo.get(args.model), optimizer=SGD(lr=native_loops.LR, momentum=native_loops.MOMENTUM))
     pool = [net.to_device(x, y) for x, y in native_loops.host_batches(args.model, args.batch)]
     native_step, fetch, _, _ = native_loops.LOOPS[args.framework](args.model, args.batch)
-    sides = {"adapter": (lambda i: net._train_batch(*pool[i % len(pool)]), lambda h: float(h)),
+    sides = {"adapter": (lambda i: net._train_batch(*pool[i % len(pool)]), float),
              "native": (native_step, fetch)}
     for step, get in sides.values():  # trace / compile / allocate
         for i in range(5):

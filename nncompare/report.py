@@ -8,6 +8,8 @@ import statistics
 
 from tabulate import tabulate
 
+from .backends.check import within
+
 # Settings that define a timing row beside its model, framework, device and batch: two rows that differ in any
 # of them are different measurements, never one.
 SETTINGS = ("threads", "steps", "repeats", "warmup", "optimizer", "lr", "compile")
@@ -144,11 +146,11 @@ def render_check(results: list[dict]) -> str:
         diffs, where, tol = r["diffs"], r["where"], r["tolerance"]
         value = lambda c: float("inf") if diffs.get(c) is None else diffs[c]  # noqa: E731  (inf travels as null)
         jitter = r.get("jitter") or {}
-        worst = [c for c in CHECKS if c in diffs and value(c) > max(tol, jitter.get(c) or 0.0)]
+        worst = [c for c in CHECKS if c in diffs and not within(value(c), tol, jitter.get(c))]
         at = where.get("logits") or next((where[c] for c in worst if where.get(c)), None)
         verdict = "ok" if r["ok"] else f"DIFFERS: {', '.join(worst)}" + (f" (first at {at})" if at else "")
         kinks = [f"{c} {value(c):.1e} within the oracle's own {jitter[c]:.1e} under 1e-6 input noise (a ReLU kink)"
-                 for c in CHECKS if c in jitter and tol < value(c) <= jitter[c]]
+                 for c in CHECKS if c in diffs and value(c) > tol and within(value(c), tol, jitter.get(c))]
         rows.append((r["backend"], *(f"{value(c):.1e}" if c in diffs else "-" for c in CHECKS),
                      verdict + "".join(f"; {k}" for k in kinks)))
     return tabulate(rows, headers=("Framework", "Logits", "Loss", "Grads", "SGD weights", "Adam weights", "Verdict"),

@@ -192,3 +192,4 @@ def test_gradient_jitter_sees_a_unit_on_its_relu_kink_and_passes_only_within_it(
     report = Report("b", "kink", diffs={"grads": 10 * TOLERANCE}, jitter={"grads": jitters["on"]})
     assert report.ok() and not Report("b", "kink", diffs={"grads": 10 * TOLERANCE}).ok()
     assert not Report("b", "kink", diffs={"grads": 2 * jitters["on"]}, jitter={"grads": jitters["on"]}).ok()
+    assert not Report("b", "kink", diffs={"grads": 10 * TOLERANCE}, jitter={"grads": float("inf")}).ok()
