@@ -67,6 +67,44 @@ def thread_env(threads: int, backend: str | None = None) -> dict[str, str]:
     return env
 
 
+class Turns:
+    """Benchmark hook: fresh processes take turns on the cores, one timed repeat each, so the drift of a shared
+    machine (seconds long, up to 2x here) hits adjacent repeats of every side alike. benchmarks/native_vs_adapter.py
+    passes two pipe ends in $NNCOMPARE_TURNS="GO_FD,DONE_FD": a repeat waits for a byte on GO and answers with
+    its samples/s ("-" for one dropped as too short). EOF on GO ends the turns for the rest of the process."""
+
+    def __init__(self, go: int, done: int):
+        self.go, self.done, self.ended = go, done, False
+        self._say("ready")
+
+    @classmethod
+    def from_env(cls) -> "Turns | None":
+        global _TURNS
+        text = os.environ.pop(TURNS_VARIABLE, None)  # popped: nothing this process starts inherits the pipes
+        if text is not None and _TURNS is None:
+            try:
+                go, done = (int(v) for v in text.split(","))
+                _TURNS = cls(go, done)
+            except (ValueError, OSError) as e:
+                raise ValueError(f"{TURNS_VARIABLE} must be two open pipe ends 'GO_FD,DONE_FD', got {text!r}") from e
+        return None if _TURNS is None or _TURNS.ended else _TURNS
+
+    def _say(self, text: str) -> None:
+        os.write(self.done, (text + "\n").encode())
+
+    def wait(self) -> bool:
+        """Block until it is this process's turn; False once the driver has closed GO (turns over)."""
+        self.ended = self.ended or os.read(self.go, 1) == b""
+        return not self.ended
+
+    def report(self, samples_s: float | None) -> None:
+        self._say("-" if samples_s is None else repr(samples_s))
+
+
+TURNS_VARIABLE = "NNCOMPARE_TURNS"
+_TURNS: Turns | None = None
+
+
 def _spread(values: list[float]) -> float:
     """Half the min-max range, as a fraction of the median."""
     med = statistics.median(values)
@@ -77,21 +115,32 @@ def timed_repeats(run: Callable[[int], None], steps: int, batch_size: int, min_r
                   k: int = SETTLE_K, bound: float = SPREAD_BOUND) -> dict:
     """Samples/s of `run(steps)` repeated until the last k repeats agree within `bound` (half range / median)
     or `budget_s` is spent, at least `min_repeats` either way. A repeat shorter than MIN_REPEAT_S is dropped
-    and the steps per repeat raised. The median and spread are over the last k repeats."""
+    and the steps per repeat raised. The median and spread are over the last k repeats. Under Turns each repeat
+    waits for its turn, and the driver, not the budget, decides when to stop."""
     values: list[float] = []
+    turns = Turns.from_env()
     start = time.perf_counter()
     while True:
+        if turns is not None and not turns.wait():
+            turns = None  # the driver has its paired repeats
+            if values:
+                break
+            start = time.perf_counter()
         t0 = time.perf_counter()
         run(steps)
         seconds = time.perf_counter() - t0
-        if seconds < MIN_REPEAT_S and time.perf_counter() - start < budget_s:
+        short = seconds < MIN_REPEAT_S and (turns is not None or time.perf_counter() - start < budget_s)
+        if turns is not None:
+            turns.report(None if short else steps * batch_size / seconds)
+        if short:
             steps = math.ceil(steps * 1.2 * MIN_REPEAT_S / max(seconds, 1e-6))
             continue
         values.append(steps * batch_size / seconds)
         window = values[-k:]
         settled = len(window) == k and _spread(window) <= bound
-        if len(values) >= min_repeats and (settled or time.perf_counter() - start >= budget_s):
+        if turns is None and len(values) >= min_repeats and (settled or time.perf_counter() - start >= budget_s):
             break
+    window = values[-k:]
     return {"samples_s": statistics.median(window), "spread": _spread(window), "repeats": len(values),
             "steps": steps, "noisy": _spread(window) > bound, "runs": values}
 

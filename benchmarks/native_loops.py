@@ -236,30 +236,55 @@ def spread(values: list[float]) -> float:
     return (max(values) - min(values)) / 2 / med if med else 0.0
 
 
+class Turns:
+    """Lockstep with other processes (benchmarks/native_vs_adapter.py): $NNCOMPARE_TURNS="GO_FD,DONE_FD"; each
+    timed repeat waits for a byte on GO and answers its samples/s ("-" if dropped as too short) on DONE; EOF on
+    GO ends the turns. The same protocol as nncompare's cells, written out again to keep this file independent."""
+
+    def __init__(self, text: str):
+        self.go, self.done = (int(v) for v in text.split(","))
+        self.say("ready")
+
+    def say(self, text: str) -> None:
+        os.write(self.done, (text + "\n").encode())
+
+    def wait(self) -> bool:
+        return os.read(self.go, 1) != b""
+
+
 def time_loop(step, fetch, batch: int, steps: int, repeats: int, budget: float, k: int = 5, bound: float = 0.03,
               min_repeat_s: float = 0.05) -> dict:
     """Repeats of `steps` steps until the last k agree within `bound` or `budget` seconds pass (the same rule
-    as nncompare's cells, written out again here so this file stays independent)."""
+    as nncompare's cells, written out again here so this file stays independent); under Turns, until the
+    driver ends the turns."""
     fetch(step(0))  # trace / compile / allocate
     for i in range(2):
         loss = step(i)
     fetch(loss)
+    text = os.environ.pop("NNCOMPARE_TURNS", None)
+    turns = Turns(text) if text else None
     values: list[float] = []
     start = time.perf_counter()
     while True:
+        if turns is not None and not turns.wait():
+            break
         t0 = time.perf_counter()
         for i in range(steps):
             loss = step(i)
         fetch(loss)  # the last loss on the host: every queued step is done (MXNet's engine is asynchronous)
         seconds = time.perf_counter() - t0
-        if seconds < min_repeat_s and time.perf_counter() - start < budget:
+        short = seconds < min_repeat_s and (turns is not None or time.perf_counter() - start < budget)
+        if turns is not None:
+            turns.say("-" if short else repr(steps * batch / seconds))
+        if short:
             steps = math.ceil(steps * 1.2 * min_repeat_s / max(seconds, 1e-6))
             continue
         values.append(steps * batch / seconds)
         window = values[-k:]
-        if len(values) >= repeats and (len(window) == k and spread(window) <= bound
-                                       or time.perf_counter() - start >= budget):
+        if turns is None and len(values) >= repeats and (len(window) == k and spread(window) <= bound
+                                                          or time.perf_counter() - start >= budget):
             break
+    window = values[-k:] or [math.nan]
     return {"train_samples_s": statistics.median(window), "spread": spread(window), "repeats": len(values),
             "steps": steps, "noisy": spread(window) > bound}
 

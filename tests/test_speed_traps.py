@@ -5,14 +5,20 @@
 - measure: repeats until the spread settles or the budget runs out; separate per-batch arrays, never
   slices of one big array in the timed loop (trap 14); resident vs host data recorded.
 - benchmarks/native_vs_adapter.py runs end to end (--quick), and its native loops never import nncompare.
+- lockstep: fresh processes take turns on the cores, one timed repeat each (benchmarks/lockstep.py).
 """
 from __future__ import annotations
 
 import ast
 import itertools
+import os
 import re
+import select
 import subprocess
 import sys
+import textwrap
+import threading
+import time
 import types
 
 import numpy as np
@@ -126,6 +132,132 @@ def test_too_short_repeats_get_more_steps(monkeypatch):
     assert r["steps"] * 0.0001 >= bench.MIN_REPEAT_S  # 0.1 ms per step: at least MIN_REPEAT_S per repeat
     assert r["samples_s"] == pytest.approx(32 / 0.0001)
 
+
+
+# --- lockstep turns ---------------------------------------------------------------------------------------
+def read_line(fd: int, timeout: float = 10.0) -> str:
+    text = b""
+    while not text.endswith(b"\n"):
+        assert select.select([fd], [], [], timeout)[0], f"no answer in {timeout:g} s"
+        chunk = os.read(fd, 1)
+        assert chunk, "the timed side closed its pipe"
+        text += chunk
+    return text.decode().strip()
+
+
+def test_under_turns_each_repeat_waits_for_its_turn_and_the_driver_ends_the_timing(monkeypatch):
+    go_r, go_w = os.pipe()
+    done_r, done_w = os.pipe()
+    monkeypatch.setenv(bench.TURNS_VARIABLE, f"{go_r},{done_w}")
+    monkeypatch.setattr(bench, "_TURNS", None)
+    calls, results = [], {}
+
+    def run(steps):
+        calls.append(time.perf_counter())
+        time.sleep(0.06)  # over MIN_REPEAT_S: every repeat counts
+
+    def side():
+        # a budget already spent and min_repeats 1: without turns this would stop after one repeat
+        results["train"] = timed_repeats(run, 1, 10, min_repeats=1, budget_s=0.0)
+        results["infer"] = timed_repeats(run, 1, 10, min_repeats=2, budget_s=0.0)  # after the turns: on its own
+
+    t = threading.Thread(target=side)
+    t.start()
+    try:
+        assert read_line(done_r) == "ready"
+        answers = []
+        for _ in range(4):
+            time.sleep(0.05)
+            assert len(calls) == len(answers)  # nothing runs until its turn
+            os.write(go_w, b"g")
+            answers.append(float(read_line(done_r)))
+    finally:
+        os.close(go_w)
+        t.join(10)
+    assert not t.is_alive()
+    assert results["train"]["runs"] == answers and results["train"]["repeats"] == 4
+    assert all(100 < a < 10 / 0.06 + 1 for a in answers)  # 10 samples per 0.06 s repeat
+    assert results["infer"]["repeats"] == 2 and len(calls) == 6
+    assert bench.TURNS_VARIABLE not in os.environ  # nothing the cell starts inherits the pipes
+
+
+def test_turns_report_a_too_short_repeat_as_dropped_and_raise_its_steps(monkeypatch):
+    go_r, go_w = os.pipe()
+    done_r, done_w = os.pipe()
+    monkeypatch.setenv(bench.TURNS_VARIABLE, f"{go_r},{done_w}")
+    monkeypatch.setattr(bench, "_TURNS", None)
+    steps_seen, out = [], {}
+
+    def run(steps):
+        steps_seen.append(steps)
+        time.sleep(0.001 * steps)
+
+    t = threading.Thread(target=lambda: out.update(timed_repeats(run, 1, 8, min_repeats=1, budget_s=0.0)))
+    t.start()
+    try:
+        assert read_line(done_r) == "ready"
+        os.write(go_w, b"g")
+        assert read_line(done_r) == "-"  # 1 ms: too short to count
+        os.write(go_w, b"g")
+        assert float(read_line(done_r)) > 0
+    finally:
+        os.close(go_w)
+        t.join(10)
+    assert steps_seen[1] * 0.001 >= bench.MIN_REPEAT_S and out["repeats"] == 1
+
+
+def test_a_bad_turns_variable_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv(bench.TURNS_VARIABLE, "seven")
+    monkeypatch.setattr(bench, "_TURNS", None)
+    with pytest.raises(ValueError, match="NNCOMPARE_TURNS must be two open pipe ends"):
+        timed_repeats(lambda n: None, 1, 1, min_repeats=1, budget_s=0.0)
+
+
+FAKE_SIDE = textwrap.dedent("""
+    import json, os, sys, time
+    go, done = (int(v) for v in os.environ["NNCOMPARE_TURNS"].split(","))
+    rate, crash_at = float(sys.argv[1]), int(sys.argv[2])
+    os.write(done, b"ready\\n")
+    n = 0
+    while os.read(go, 1):
+        n += 1
+        if n == crash_at:
+            os.abort()
+        os.write(done, (b"-" if n == 1 else repr(rate).encode()) + b"\\n")
+    print("RESULT " + json.dumps({"turns_seen": n}))
+""")
+
+
+def lockstep():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import lockstep as module
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return module
+
+
+def test_lockstep_round_robin_gives_every_side_its_turns_and_keeps_the_others_when_one_crashes(tmp_path):
+    ls = lockstep()
+    script = tmp_path / "side.py"
+    script.write_text(FAKE_SIDE)
+    side = lambda rate, crash: ([sys.executable, str(script), str(rate), str(crash)], dict(os.environ), "RESULT ")  # noqa: E731
+    out = ls.run_round({"a": side(100.0, 0), "b": side(50.0, 0), "c": side(75.0, 3)}, turns=4, timeout=30)
+    assert out["a"]["turns"] == [None, 100.0, 100.0, 100.0, 100.0] and out["a"]["turns_seen"] == 5
+    assert out["b"]["turns"] == [None, 50.0, 50.0, 50.0, 50.0]
+    assert out["c"]["turns"] == [None, 75.0] and "exited before its turns ended" in out["c"]["error"]
+    assert "signal 6" in out["c"]["error"]
+    assert ls.paired(out["b"]["turns"], out["a"]["turns"]) == pytest.approx(0.5)
+
+
+def test_lockstep_side_that_never_gets_ready_is_an_error_not_a_hang(tmp_path):
+    ls = lockstep()
+    script = tmp_path / "mute.py"
+    script.write_text("import time; time.sleep(60)\n")
+    started = time.monotonic()
+    out = ls.run_round({"mute": ([sys.executable, str(script)], dict(os.environ), "")}, turns=2, timeout=1)
+    assert time.monotonic() - started < 20
+    assert out["mute"]["error"].startswith("no answer in 1 s")
 
 # --- measure's data: separate per-batch arrays, resident or host ----------------------------------------
 class FakeLoss:

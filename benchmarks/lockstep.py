@@ -1,0 +1,147 @@
+"""Fresh processes timed in lockstep: each one builds and warms up on its own, then they take turns on the
+cores, one timed repeat each, round robin. On a shared machine throughput drifts by up to 2x over seconds
+(docs/performance.md, "Noise"); one process after another sees different machines, but repeats a fraction of
+a second apart see the same one, so per-turn ratios between the sides are what the benchmarks quote.
+
+The protocol ($NNCOMPARE_TURNS="GO_FD,DONE_FD", spoken by nncompare's cells and benchmarks/native_loops.py):
+a process says "ready" on DONE when it reaches its timed loop, then per repeat waits for a byte on GO and
+answers with its samples/s, or "-" for a repeat dropped as too short. EOF on GO ends the turns.
+Never imports nncompare.
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import statistics
+import subprocess
+import tempfile
+import time
+
+SETTLE_S = 0.005  # between turns: the last process's spinning pool threads go to sleep first
+
+
+class Side:
+    """One process of a lockstep round."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], result_prefix: str = ""):
+        self.name, self.prefix, self.error, self.turns, self.buf = name, result_prefix, None, [], b""
+        go_r, self.go = os.pipe()
+        self.done, done_w = os.pipe()
+        self.out, self.err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(cmd, env={**env, "NNCOMPARE_TURNS": f"{go_r},{done_w}"}, pass_fds=(go_r, done_w),
+                                     stdin=subprocess.DEVNULL, stdout=self.out, stderr=self.err,
+                                     start_new_session=True)
+        os.close(go_r)
+        os.close(done_w)
+
+    @property
+    def alive(self) -> bool:
+        return self.error is None
+
+    def _line(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no answer in {timeout:g} s")
+            if select.select([self.done], [], [], min(left, 1.0))[0]:
+                chunk = os.read(self.done, 4096)
+                if not chunk:
+                    raise EOFError("exited before its turns ended")
+                self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode()
+
+    def _fail(self, e: BaseException) -> None:
+        self.error = str(e) or type(e).__name__
+        self._kill()
+
+    def ready(self, timeout: float) -> None:
+        try:
+            line = self._line(timeout)
+            if line != "ready":
+                raise ValueError(f"said {line!r} instead of ready")
+        except (OSError, TimeoutError, EOFError, ValueError) as e:
+            self._fail(e)
+
+    def turn(self, timeout: float) -> None:
+        try:
+            os.write(self.go, b"g")
+            line = self._line(timeout)
+            self.turns.append(None if line == "-" else float(line))
+        except (OSError, TimeoutError, EOFError, ValueError) as e:
+            self._fail(e)
+
+    def values(self) -> list[float]:
+        return [v for v in self.turns if v is not None]
+
+    def _kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def finish(self, timeout: float) -> dict:
+        """Ends the turns; the process's own result line (JSON), with the per-turn samples/s and any error."""
+        for fd in (self.go, self.done):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._kill()
+            self.proc.wait()
+            self.error = self.error or f"did not exit within {timeout:g} s of its turns"
+        self.out.seek(0)
+        self.err.seek(0)
+        out, err = self.out.read().decode(errors="replace"), self.err.read().decode(errors="replace")
+        result: dict = {}
+        for line in reversed(out.splitlines()):
+            if line.startswith(self.prefix) and line[len(self.prefix):].lstrip().startswith("{"):
+                result = json.loads(line[len(self.prefix):])
+                break
+        if self.error is None and "error" in result:
+            self.error = str(result["error"])
+        if self.error is None and not result:
+            lines = [l for l in err.splitlines() if l.strip()]
+            self.error = f"exit code {self.proc.returncode}" + (f": {lines[-1].strip()[:160]}" if lines else "")
+        if self.error is not None and self.proc.returncode:
+            rc = self.proc.returncode
+            self.error += f" (killed by signal {-rc})" if rc < 0 else f" (exit code {rc})"
+        if self.error is not None:
+            lines = [l for l in err.splitlines() if l.strip()]
+            if lines and lines[-1].strip()[:160] not in self.error:
+                self.error += f" (stderr: {lines[-1].strip()[:160]})"
+        return {**result, "turns": self.turns, **({"error": self.error} if self.error else {})}
+
+
+def run_round(sides: dict[str, tuple[list[str], dict[str, str], str]], turns: int, timeout: float) -> dict[str, dict]:
+    """Start every side ({name: (command, environment, result-line prefix)}), wait until all are ready, then
+    take turns until each live side has `turns` timed repeats (dropped short ones do not count)."""
+    started = [Side(name, cmd, env, prefix) for name, (cmd, env, prefix) in sides.items()]
+    try:
+        for s in started:
+            s.ready(timeout)
+        cap = 4 * turns + 8
+        while any(s.alive and len(s.values()) < turns for s in started) and cap:
+            cap -= 1
+            for s in started:
+                if s.alive:
+                    time.sleep(SETTLE_S)
+                    s.turn(timeout)
+        return {s.name: s.finish(timeout) for s in started}
+    finally:
+        for s in started:
+            if s.proc.poll() is None:
+                s._kill()
+                s.proc.wait()
+
+
+def paired(a: list[float | None], b: list[float | None]) -> float | None:
+    """Median over turns of a / b, each turn's two repeats a fraction of a second apart."""
+    ratios = [x / y for x, y in zip(a, b) if x and y]
+    return statistics.median(ratios) if ratios else None
