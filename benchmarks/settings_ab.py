@@ -1,21 +1,24 @@
 #!/usr/bin/env python3
-"""Interleaved A/B runs of one framework setting (thread pools, data layout) on the hand-written loops of
-benchmarks/native_loops.py: each variant in its own fresh process, variants alternating round by round,
-medians printed. These are the measurements docs/performance.md quotes to justify each choice in
-nncompare.backends.bench.thread_env.
+"""A/B runs of one framework setting (thread pools, data layout) on the hand-written loops of
+benchmarks/native_loops.py: each variant in its own fresh process, all of a round's processes timed in
+lockstep (benchmarks/lockstep.py: turns on the cores, one repeat each, so the host's drift cancels). Prints
+each variant's median samples/s and its median per-turn ratio to the first variant. These are the
+measurements docs/performance.md quotes to justify each choice in nncompare.backends.bench.thread_env.
 
-    python benchmarks/settings_ab.py EXPERIMENT [--model lenet5] [--batch 128] [--rounds 5] [--threads N]
+    python benchmarks/settings_ab.py EXPERIMENT [--model lenet5] [--batch 128] [--rounds 3] [--turns 20]
+                                     [--threads N]
     python benchmarks/settings_ab.py --list
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lockstep import paired, run_round  # noqa: E402
 
 NATIVE = Path(__file__).resolve().parent / "native_loops.py"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
@@ -42,15 +45,9 @@ def experiments(n: int) -> dict[str, tuple[str, str, list[tuple[str, dict[str, s
     }
 
 
-def run(framework: str, model: str, batch: int, env: dict[str, str], extra: list[str], args) -> float | None:
-    base = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
-    cmd = [sys.executable, str(NATIVE), framework, model, str(batch), "--budget", str(args.budget), *extra]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**base, "TF_CPP_MIN_LOG_LEVEL": "2", **env},
-                         timeout=600, stdin=subprocess.DEVNULL)
-    if out.returncode != 0:
-        print(out.stderr.strip().splitlines()[-1:], file=sys.stderr)
-        return None
-    return json.loads(out.stdout.strip().splitlines()[-1])["train_samples_s"]
+def median(values: list[float | None]) -> float | None:
+    values = [v for v in values if v]
+    return statistics.median(values) if values else None
 
 
 def main() -> int:
@@ -59,8 +56,8 @@ def main() -> int:
     p.add_argument("--list", action="store_true")
     p.add_argument("--model", default="lenet5", choices=("mlp", "lenet5", "cifar_cnn"))
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--budget", type=float, default=2.0)
+    p.add_argument("--rounds", type=int, default=3, help="rounds, each with a fresh process per variant")
+    p.add_argument("--turns", type=int, default=20, help="timed repeats per process in a round, taken in turns")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = p.parse_args()
     table = experiments(args.threads)
@@ -69,25 +66,25 @@ def main() -> int:
             print(f"{name:15} {fw:7} {what}")
         return 0 if args.list else 2
     framework, what, variants = table[args.experiment]
-    results: dict[str, list[float]] = {label: [] for label, _, _ in variants}
-    for r in range(args.rounds):
-        order = variants if r % 2 == 0 else variants[::-1]  # alternate which variant goes first
-        for label, env, extra in order:
-            value = run(framework, args.model, args.batch, env, extra, args)
-            if value is not None:
-                results[label].append(value)
-    print(f"{what}: {framework} {args.model} batch {args.batch}, {args.rounds} interleaved rounds, training samples/s")
-    first = None
-    for label, values in results.items():
-        if not values:
-            print(f"  {label:34} failed")
+    base = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
+    base.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sides = {label: ([sys.executable, str(NATIVE), framework, args.model, str(args.batch), *extra], {**base, **env}, "")
+             for label, env, extra in variants}
+    rounds = [run_round(sides, args.turns, timeout=600) for _ in range(args.rounds)]
+    first = variants[0][0]
+    print(f"{what}: {framework} {args.model} batch {args.batch}, {args.rounds} rounds of {args.turns} turns in "
+          "lockstep, training samples/s")
+    for label, _, _ in variants:
+        errors = [r[label]["error"] for r in rounds if "error" in r[label]]
+        meds = [median(r[label]["turns"]) for r in rounds if "error" not in r[label]]
+        ratio = median([paired(r[label]["turns"], r[first]["turns"]) for r in rounds
+                        if "error" not in r[label] and "error" not in r[first]])
+        if not meds:
+            print(f"  {label:34} failed: {errors[0] if errors else '?'}")
             continue
-        med = statistics.median(values)
-        first = first or med
-        print(f"  {label:34} median {med:10,.0f}   runs {', '.join(f'{v:,.0f}' for v in values)}"
-              f"   x{med / first:.2f}")
+        print(f"  {label:34} median {median(meds):10,.0f}   rounds {', '.join(f'{v:,.0f}' for v in meds if v)}"
+              + (f"   x{ratio:.3f} per turn" if ratio else ""))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
