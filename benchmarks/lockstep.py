@@ -126,10 +126,13 @@ def run_round(sides: dict[str, tuple[list[str], dict[str, str], str]], turns: in
     try:
         for s in started:
             s.ready(timeout)
-        cap = 4 * turns + 8
-        while any(s.alive and len(s.values()) < turns for s in started) and cap:
-            cap -= 1
-            for s in started:
+        cap, cycle = 4 * turns + 8, 0
+        while any(s.alive and len(s.values()) < turns for s in started) and cycle < cap:
+            # the order rotates: each side follows each other side equally often (a turn right after another
+            # process's may meet its pool threads still spinning, or its data in the caches)
+            k = cycle % len(started)
+            cycle += 1
+            for s in started[k:] + started[:k]:
                 if s.alive:
                     time.sleep(SETTLE_S)
                     s.turn(timeout)

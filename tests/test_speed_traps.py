@@ -216,11 +216,13 @@ def test_a_bad_turns_variable_is_one_clear_error(monkeypatch):
 FAKE_SIDE = textwrap.dedent("""
     import json, os, sys, time
     go, done = (int(v) for v in os.environ["NNCOMPARE_TURNS"].split(","))
-    rate, crash_at = float(sys.argv[1]), int(sys.argv[2])
+    rate, crash_at, log = float(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     os.write(done, b"ready\\n")
     n = 0
     while os.read(go, 1):
         n += 1
+        with open(log, "a") as f:
+            f.write(sys.argv[1] + "\\n")
         if n == crash_at:
             os.abort()
         os.write(done, (b"-" if n == 1 else repr(rate).encode()) + b"\\n")
@@ -241,8 +243,13 @@ def test_lockstep_round_robin_gives_every_side_its_turns_and_keeps_the_others_wh
     ls = lockstep()
     script = tmp_path / "side.py"
     script.write_text(FAKE_SIDE)
-    side = lambda rate, crash: ([sys.executable, str(script), str(rate), str(crash)], dict(os.environ), "RESULT ")  # noqa: E731
+    log = tmp_path / "order.log"
+    side = lambda rate, crash: ([sys.executable, str(script), str(rate), str(crash), str(log)],  # noqa: E731
+                                dict(os.environ), "RESULT ")
     out = ls.run_round({"a": side(100.0, 0), "b": side(50.0, 0), "c": side(75.0, 3)}, turns=4, timeout=30)
+    # cycles rotate who goes first (a b c, b c a, c a b, ...); c crashes in its third turn (cycle 2, its first)
+    order = log.read_text().split()
+    assert order[:9] == ["100.0", "50.0", "75.0", "50.0", "75.0", "100.0", "75.0"] + ["100.0", "50.0"], order
     assert out["a"]["turns"] == [None, 100.0, 100.0, 100.0, 100.0] and out["a"]["turns_seen"] == 5
     assert out["b"]["turns"] == [None, 50.0, 50.0, 50.0, 50.0]
     assert out["c"]["turns"] == [None, 75.0] and "exited before its turns ended" in out["c"]["error"]
