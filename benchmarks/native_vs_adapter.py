@@ -132,13 +132,12 @@ def main() -> int:
         best = min((v for v in (pd, pt) if v), default=None)
         if best is not None:
             worst.append((best, model, batch, backend))
-        noisy = sum(bool(x.get("noisy") or x.get("train_noisy")) for side in r.values() for x in side)
         path = next((x.get("path") for x in r["adapter"] if "path" in x), "")
         rows.append((model, batch, backend, path,
                      *(f"{v:,.0f}" if v else "-" for v in (nd, nt, ad)),
                      *(f"{v:.3f}" if v else "-" for v in (pd, pt)),
                      f"{best:.3f}" if best is not None else "ERROR: " + (errors[0][:80] if errors else "?"),
-                     len(r["adapter"]), noisy or ""))
+                     len(r["adapter"])))
         for e in errors:
             notes.append(f"{model} b{batch} {backend}: {e[:200]}")
     print(f"cpu, tool threads {args.threads}; {args.rounds} rounds of three fresh processes taking {args.turns} "
@@ -146,7 +145,7 @@ def main() -> int:
           + (" (--quick: a smoke run, the numbers mean nothing)" if args.quick else ""))
     print(tabulate(rows, headers=("Model", "Batch", "Framework", "Adapter path", "Native, default env",
                                   "Native, tool env", "Adapter", "Adapter / native default",
-                                  "Adapter / native tool", "Adapter / best native", "Rounds", "Noisy runs"),
+                                  "Adapter / native tool", "Adapter / best native", "Rounds"),
                    disable_numparse=True))
     for note in notes:
         print(f"note: {note}")
