@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -38,3 +39,9 @@ def require(backend: str) -> None:
 def framework(request) -> str:
     require(request.param)
     return request.param
+
+
+def interruptible() -> None:
+    """preexec_fn for a child a test sends SIGINT: a shell's background job (`pytest &`) ignores SIGINT, the
+    child would inherit that, and Python installs no KeyboardInterrupt handler for an ignored signal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

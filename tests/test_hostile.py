@@ -11,7 +11,7 @@ import pytest
 
 from nncompare import runner
 
-from .conftest import ROOT
+from .conftest import ROOT, interruptible
 
 FAST = ["--steps", "1", "--repeats", "1", "--warmup", "0", "--quiet", "--backends", "numpy", "--threads", "1"]
 
@@ -84,8 +84,8 @@ def test_an_interrupt_before_the_first_cell_leaves_earlier_results_alone(tmp_pat
     log = tmp_path / "cells.log"
     proc = subprocess.Popen([sys.executable, "compare.py", "run", "--models", "perceptron", *FAST, "--json",
                              str(path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, NNCOMPARE_CELL_LOG=str(log),
-                                     NNCOMPARE_FAULT="numpy:perceptron:hang"))
+                            preexec_fn=interruptible, env=dict(os.environ, NNCOMPARE_CELL_LOG=str(log),
+                                                               NNCOMPARE_FAULT="numpy:perceptron:hang"))
     end = time.time() + 120
     while not (log.exists() and "measure perceptron" in log.read_text()):
         assert proc.poll() is None and time.time() < end, proc.communicate()

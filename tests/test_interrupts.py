@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import ROOT, interruptible
 
 FAST = ["--steps", "1", "--repeats", "1", "--warmup", "0", "--quiet", "--backends", "numpy", "--threads", "1"]
 
@@ -51,7 +51,7 @@ def journal_lines(path: Path) -> int:
 def start(tmp_path, *args, env=None):
     log = tmp_path / "started.log"
     proc = subprocess.Popen([sys.executable, "compare.py", "run", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=interruptible,
                             env=dict(os.environ, NNCOMPARE_CELL_LOG=str(log), **(env or {})))
     return proc, log
 

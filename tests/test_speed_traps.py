@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import itertools
 import os
 import re
@@ -145,11 +146,28 @@ def read_line(fd: int, timeout: float = 10.0) -> str:
     return text.decode().strip()
 
 
-def test_under_turns_each_repeat_waits_for_its_turn_and_the_driver_ends_the_timing(monkeypatch):
+@contextlib.contextmanager
+def turns_driver(monkeypatch, side):
+    """Run `side` in a thread as a lockstep process would be run; yields (GO write end, DONE read end) once the
+    side has said it is ready; on leaving, ends the turns (closes GO) and waits for the side."""
     go_r, go_w = os.pipe()
     done_r, done_w = os.pipe()
     monkeypatch.setenv(bench.TURNS_VARIABLE, f"{go_r},{done_w}")
     monkeypatch.setattr(bench, "_TURNS", None)
+    t = threading.Thread(target=side)
+    t.start()
+    try:
+        assert read_line(done_r) == "ready"
+        yield go_w, done_r
+    finally:
+        os.close(go_w)
+        t.join(10)
+        for fd in (go_r, done_r, done_w):
+            os.close(fd)
+    assert not t.is_alive()
+
+
+def test_under_turns_each_repeat_waits_for_its_turn_and_the_driver_ends_the_timing(monkeypatch):
     calls, results = [], {}
 
     def run(steps):
@@ -161,20 +179,13 @@ def test_under_turns_each_repeat_waits_for_its_turn_and_the_driver_ends_the_timi
         results["train"] = timed_repeats(run, 1, 10, min_repeats=1, budget_s=0.0)
         results["infer"] = timed_repeats(run, 1, 10, min_repeats=2, budget_s=0.0)  # after the turns: on its own
 
-    t = threading.Thread(target=side)
-    t.start()
-    try:
-        assert read_line(done_r) == "ready"
-        answers = []
+    answers = []
+    with turns_driver(monkeypatch, side) as (go, done):
         for _ in range(4):
             time.sleep(0.05)
             assert len(calls) == len(answers)  # nothing runs until its turn
-            os.write(go_w, b"g")
-            answers.append(float(read_line(done_r)))
-    finally:
-        os.close(go_w)
-        t.join(10)
-    assert not t.is_alive()
+            os.write(go, b"g")
+            answers.append(float(read_line(done)))
     assert results["train"]["runs"] == answers and results["train"]["repeats"] == 4
     assert all(100 < a < 10 / 0.06 + 1 for a in answers)  # 10 samples per 0.06 s repeat
     assert results["infer"]["repeats"] == 2 and len(calls) == 6
@@ -182,27 +193,17 @@ def test_under_turns_each_repeat_waits_for_its_turn_and_the_driver_ends_the_timi
 
 
 def test_turns_report_a_too_short_repeat_as_dropped_and_raise_its_steps(monkeypatch):
-    go_r, go_w = os.pipe()
-    done_r, done_w = os.pipe()
-    monkeypatch.setenv(bench.TURNS_VARIABLE, f"{go_r},{done_w}")
-    monkeypatch.setattr(bench, "_TURNS", None)
     steps_seen, out = [], {}
 
     def run(steps):
         steps_seen.append(steps)
         time.sleep(0.001 if steps == 1 else 0.06)  # the first repeat is far too short, the next long enough
 
-    t = threading.Thread(target=lambda: out.update(timed_repeats(run, 1, 8, min_repeats=1, budget_s=0.0)))
-    t.start()
-    try:
-        assert read_line(done_r) == "ready"
-        os.write(go_w, b"g")
-        assert read_line(done_r) == "-"  # 1 ms: too short to count
-        os.write(go_w, b"g")
-        assert float(read_line(done_r)) > 0
-    finally:
-        os.close(go_w)
-        t.join(10)
+    with turns_driver(monkeypatch, lambda: out.update(timed_repeats(run, 1, 8, min_repeats=1, budget_s=0.0))) as (go, done):
+        os.write(go, b"g")
+        assert read_line(done) == "-"  # 1 ms: too short to count
+        os.write(go, b"g")
+        assert float(read_line(done)) > 0
     assert steps_seen[1] > 1 and out["repeats"] == 1
 
 
