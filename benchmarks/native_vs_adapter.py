@@ -10,7 +10,7 @@ native is the lower of the two; the worst cell is printed last. The samples/s co
 of each side's median over the turns where all three timed a repeat.
 
     python benchmarks/native_vs_adapter.py [--backends torch mxnet] [--models lenet5] [--batch-sizes 128]
-                                           [--rounds 3] [--turns 20] [--threads N] [--json out.json] [--quick]
+                                           [--rounds 10] [--turns 10] [--threads N] [--json out.json] [--quick]
 """
 from __future__ import annotations
 
@@ -91,8 +91,9 @@ def main() -> int:
     p.add_argument("--backends", nargs="+", help=f"default: the installed ones of {', '.join(CANDIDATES)}")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 128])
-    p.add_argument("--rounds", type=int, default=3, help="rounds per cell, each with three fresh processes")
-    p.add_argument("--turns", type=int, default=20, help="timed repeats per process in a round, taken in turns")
+    p.add_argument("--rounds", type=int, default=10,
+                   help="rounds per cell, each with three fresh processes (their spread, not the turns, limits precision)")
+    p.add_argument("--turns", type=int, default=10, help="timed repeats per process in a round, taken in turns")
     p.add_argument("--steps", type=int, default=2,
                    help="minimum steps per timed repeat (raised to fill 50 ms where steps are short)")
     p.add_argument("--repeats", type=int, default=5, help="minimum timed repeats per process")
