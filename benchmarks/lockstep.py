@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import time
 
+TURNS_VARIABLE = "NNCOMPARE_TURNS"
 SETTLE_S = 0.005  # between turns: the last process's spinning pool threads go to sleep first
 
 
@@ -30,7 +31,7 @@ class Side:
         go_r, self.go = os.pipe()
         self.done, done_w = os.pipe()
         self.out, self.err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(cmd, env={**env, "NNCOMPARE_TURNS": f"{go_r},{done_w}"}, pass_fds=(go_r, done_w),
+        self.proc = subprocess.Popen(cmd, env={**env, TURNS_VARIABLE: f"{go_r},{done_w}"}, pass_fds=(go_r, done_w),
                                      stdin=subprocess.DEVNULL, stdout=self.out, stderr=self.err,
                                      start_new_session=True)
         os.close(go_r)
@@ -106,16 +107,14 @@ class Side:
                 break
         if self.error is None and "error" in result:
             self.error = str(result["error"])
+        last = next((l.strip()[:160] for l in reversed(err.splitlines()) if l.strip()), "")
         if self.error is None and not result:
-            lines = [l for l in err.splitlines() if l.strip()]
-            self.error = f"exit code {self.proc.returncode}" + (f": {lines[-1].strip()[:160]}" if lines else "")
+            self.error = f"exit code {self.proc.returncode}" + (f": {last}" if last else "")
         if self.error is not None and self.proc.returncode:
             rc = self.proc.returncode
             self.error += f" (killed by signal {-rc})" if rc < 0 else f" (exit code {rc})"
-        if self.error is not None:
-            lines = [l for l in err.splitlines() if l.strip()]
-            if lines and lines[-1].strip()[:160] not in self.error:
-                self.error += f" (stderr: {lines[-1].strip()[:160]})"
+        if self.error is not None and last and last not in self.error:
+            self.error += f" (stderr: {last})"
         return {**result, "turns": self.turns, **({"error": self.error} if self.error else {})}
 
 
@@ -144,7 +143,12 @@ def run_round(sides: dict[str, tuple[list[str], dict[str, str], str]], turns: in
                 s.proc.wait()
 
 
+def median(values: list[float | None]) -> float | None:
+    """Median of the values that are there (a dropped turn or a failed round is None)."""
+    values = [v for v in values if v]
+    return statistics.median(values) if values else None
+
+
 def paired(a: list[float | None], b: list[float | None]) -> float | None:
     """Median over turns of a / b, each turn's two repeats a fraction of a second apart."""
-    ratios = [x / y for x, y in zip(a, b) if x and y]
-    return statistics.median(ratios) if ratios else None
+    return median([x / y for x, y in zip(a, b) if x and y])

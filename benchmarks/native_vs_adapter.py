@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lockstep import paired, run_round  # noqa: E402
+from lockstep import median, paired, run_round  # noqa: E402
 
 NATIVE = Path(__file__).resolve().parent / "native_loops.py"
 MODELS = ("mlp", "lenet5", "cifar_cnn")
@@ -46,16 +46,15 @@ def sides(backend: str, model: str, batch: int, args) -> dict[str, tuple[list[st
     from nncompare.backends import SGD
     from nncompare.backends.bench import thread_env
     from nncompare.models import zoo
-    from nncompare.runner import RESULT_MARK, Task, cell_env
+    from nncompare.runner import RESULT_MARK, Task, cell_command, cell_env
     native = [sys.executable, str(NATIVE), backend, model, str(batch), "--steps", str(args.steps),
               "--repeats", str(args.repeats)]
     opt = SGD(lr=0.01, momentum=0.9)
     task = Task("measure", device="cpu", threads=args.threads, backend=backend, model_name=model,
                 spec=zoo.get(model).to_dict(), batch_size=batch, optimizer={"type": "sgd", "args": vars(opt)},
                 steps=args.steps, repeats=args.repeats, warmup=2)
-    cell = [sys.executable, "-m", "nncompare.cli", "_cell", task.to_json()]
     return {"native_default": (native, default_env(), ""),
-            "adapter": (cell, cell_env(args.threads, backend, {"NNCOMPARE_TIME_BUDGET": "0"}), RESULT_MARK),
+            "adapter": (cell_command(task), cell_env(args.threads, backend, {"NNCOMPARE_TIME_BUDGET": "0"}), RESULT_MARK),
             "native_tool": (native, dict(default_env(), **thread_env(args.threads, backend)), "")}
 
 
@@ -79,11 +78,6 @@ def common_medians(round_: dict[str, dict]) -> dict[str, float]:
     live = {side: r["turns"] for side, r in round_.items() if "error" not in r}
     both = [i for i in range(min(map(len, live.values()), default=0)) if all(t[i] for t in live.values())]
     return {side: statistics.median(t[i] for i in both) for side, t in live.items()} if both else {}
-
-
-def median(values: list[float | None]) -> float | None:
-    values = [v for v in values if v]
-    return statistics.median(values) if values else None
 
 
 def main() -> int:
@@ -159,6 +153,7 @@ def main() -> int:
     ratio, model, batch, backend = min(worst)
     print(f"worst adapter / best native: {ratio:.3f} ({backend}, {model}, batch {batch})")
     return 1 if len(worst) < len(runs) else 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lockstep import paired, run_round  # noqa: E402
+from lockstep import median, paired, run_round  # noqa: E402
 
 NATIVE = Path(__file__).resolve().parent / "native_loops.py"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
@@ -43,11 +42,6 @@ def experiments(n: int) -> dict[str, tuple[str, str, list[tuple[str, dict[str, s
             ("default (no variable)", {}, []),
             (f"OMP_NUM_THREADS={n}", omp, [])]),
     }
-
-
-def median(values: list[float | None]) -> float | None:
-    values = [v for v in values if v]
-    return statistics.median(values) if values else None
 
 
 def main() -> int:
@@ -85,6 +79,7 @@ def main() -> int:
         print(f"  {label:34} median {median(meds):10,.0f}   rounds {', '.join(f'{v:,.0f}' for v in meds if v)}"
               + (f"   x{ratio:.3f} per turn" if ratio else ""))
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

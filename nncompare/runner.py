@@ -241,11 +241,16 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def cell_command(task: Task) -> list[str]:
+    """The command line of a cell process (also what benchmarks/native_vs_adapter.py starts)."""
+    return [sys.executable, "-m", "nncompare.cli", "_cell", task.to_json()]
+
+
 def run_subprocess(task: Task, timeout: float, verbose: bool = False, env: dict[str, str] | None = None) -> dict:
     """Run one task in a fresh interpreter; a crash, hang or bad exit becomes {"error": reason}. The cell runs
     in its own process group (a terminal's Ctrl-C reaches only us) and is killed, with anything it started,
     whenever we leave early: timeout, Ctrl-C, SIGTERM."""
-    cmd = [sys.executable, "-m", "nncompare.cli", "_cell", task.to_json()]
+    cmd = cell_command(task)
     started = time.time()
     info = lambda: {**node_info(), "cell_start": started, "cell_end": time.time()}  # noqa: E731
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None if verbose else subprocess.PIPE, text=True,
