@@ -10,6 +10,7 @@ Never imports nncompare.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import select
@@ -152,3 +153,14 @@ def median(values: list[float | None]) -> float | None:
 def paired(a: list[float | None], b: list[float | None]) -> float | None:
     """Median over turns of a / b, each turn's two repeats a fraction of a second apart."""
     return median([x / y for x, y in zip(a, b) if x and y])
+
+
+def positive(text: str) -> int:
+    """argparse type: a whole number >= 1 (0 rounds or turns would time nothing and print an empty verdict)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value

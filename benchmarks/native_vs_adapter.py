@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lockstep import median, paired, run_round  # noqa: E402
+from lockstep import median, paired, positive, run_round  # noqa: E402
 
 NATIVE = Path(__file__).resolve().parent / "native_loops.py"
 MODELS = ("mlp", "lenet5", "cifar_cnn")
@@ -85,9 +85,9 @@ def main() -> int:
     p.add_argument("--backends", nargs="+", help=f"default: the installed ones of {', '.join(CANDIDATES)}")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 128])
-    p.add_argument("--rounds", type=int, default=10,
+    p.add_argument("--rounds", type=positive, default=10,
                    help="rounds per cell, each with three fresh processes (their spread, not the turns, limits precision)")
-    p.add_argument("--turns", type=int, default=10, help="timed repeats per process in a round, taken in turns")
+    p.add_argument("--turns", type=positive, default=10, help="timed repeats per process in a round, taken in turns")
     p.add_argument("--steps", type=int, default=2,
                    help="minimum steps per timed repeat (raised to fill 50 ms where steps are short)")
     p.add_argument("--repeats", type=int, default=5, help="minimum timed repeats per process")

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lockstep import median, paired, run_round  # noqa: E402
+from lockstep import median, paired, positive, run_round  # noqa: E402
 
 NATIVE = Path(__file__).resolve().parent / "native_loops.py"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
@@ -50,8 +50,8 @@ def main() -> int:
     p.add_argument("--list", action="store_true")
     p.add_argument("--model", default="lenet5", choices=("mlp", "lenet5", "cifar_cnn"))
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=3, help="rounds, each with a fresh process per variant")
-    p.add_argument("--turns", type=int, default=20, help="timed repeats per process in a round, taken in turns")
+    p.add_argument("--rounds", type=positive, default=3, help="rounds, each with a fresh process per variant")
+    p.add_argument("--turns", type=positive, default=20, help="timed repeats per process in a round, taken in turns")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = p.parse_args()
     table = experiments(args.threads)

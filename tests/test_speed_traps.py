@@ -360,6 +360,15 @@ def test_benchmark_quick_runs_end_to_end():
 
 
 
+@pytest.mark.parametrize("script, args", [("native_vs_adapter.py", ["--turns", "0"]),
+                                          ("native_vs_adapter.py", ["--rounds", "-1"]),
+                                          ("settings_ab.py", ["torch-threads", "--rounds", "x"])])
+def test_benchmarks_refuse_zero_or_bad_rounds_and_turns_in_one_line(script, args):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].endswith(f"expected a whole number >= 1, got {args[-1]!r}")
+
 def test_settings_ab_runs_each_variant_in_lockstep_and_prints_its_ratio_to_the_first():
     require("torch")
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "settings_ab.py"), "torch-threads", "--model", "mlp",
