@@ -291,13 +291,15 @@ class Adapter(ABC):
                 getattr(wrapped, "__func__", wrapped)._guarded = True
                 setattr(cls, method, wrapped)
 
-    def __init__(self, spec: ModelSpec, device: str = "cpu", compile: bool = False):
+    def __init__(self, spec: ModelSpec, device: str = "cpu", compile: bool = False, native_init: bool = True):
+        """native_init=False: weights are loaded right after, so the framework may skip its own initialisers."""
         if not isinstance(spec, ModelSpec):
             raise BackendError(f"spec: must be a ModelSpec (nncompare.models), got {type(spec).__name__}")
         parse_device(device)
         self.spec = spec
         self.device = device
         self.compile = _check_bool("compile", compile)
+        self.native_init = native_init
         self.optimizer: Optimizer | None = None
         self.native: Any = None
         self._build()
@@ -320,7 +322,7 @@ class Adapter(ABC):
         if weights is not None and not isinstance(weights, Mapping):  # before the (slow) build
             raise BackendError(f"weights: must be a dict of canonical key -> array (as get_weights() returns), "
                                f"got {type(weights).__name__}")
-        net = cls(spec, device, compile)
+        net = cls(spec, device, compile, native_init=weights is None and init == "native")
         if weights is not None or init == "canonical":
             net.set_weights(init_weights(spec, seed) if weights is None else weights)
         if spec.trainable_keys():  # frameworks refuse an optimizer over no parameters

@@ -144,6 +144,43 @@ def check(backend: str) -> dict:
             return {"message": str(e)}
         return {"message": None}
     extras["second_engine"] = _guarded(second_engine)
+
+    def initialisers():  # Keras' random initialisers run only where their weights are kept (init="native")
+        import keras
+        calls = []
+        original = keras.initializers.GlorotUniform.__call__
+        keras.initializers.GlorotUniform.__call__ = lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+        try:
+            cls.build(zoo.get("lenet5"))
+            canonical = len(calls)
+            cls.build(zoo.get("lenet5"), init="native")
+        finally:
+            keras.initializers.GlorotUniform.__call__ = original
+        return {"canonical": canonical, "native": len(calls) - canonical}
+    extras["initialisers"] = _guarded(initialisers)
+
+    def compiles():  # XLA compiles of a training step and of inference, after the first of each
+        if backend != "keras-jax":
+            return {"skip": f"{backend} compiles nothing"}
+        import jax
+        events = []
+        jax.monitoring.register_event_duration_secs_listener(
+            lambda name, *a, **k: events.append(1) if name == "/jax/core/compile/backend_compile_duration" else None)
+        spec = zoo.get("digits_cnn")
+        x, y = sample_batch(spec, 8)
+        out = {}
+        for data in ("host", "resident"):  # numpy batches (train_step), device arrays (what timing feeds)
+            net = cls.build(spec, optimizer=SGD(0.05, 0.9))
+            step = (lambda: net.train_step(x, y)) if data == "host" else (
+                lambda batch=net.to_device(x, y): float(net._train_batch(*batch)))
+            start = len(events)
+            step()
+            first = len(events)
+            for _ in range(3):
+                step()
+            out[data] = {"first_step": first - start, "later_steps": len(events) - first}
+        return out
+    extras["compiles"] = _guarded(compiles)
     return result
 
 

@@ -110,6 +110,22 @@ def test_same_average_pooling_excludes_padded_cells_even_where_keras_own_layer_d
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_keras_random_initialisers_run_only_where_their_weights_are_kept(results, engine):
+    r = results(engine)["extras"]["initialisers"]
+    assert "error" not in r, r.get("error")
+    assert r["canonical"] == 0 and r["native"] > 0, r  # canonical weights overwrite them at once
+
+
+def test_jax_training_step_compiles_once(results):
+    # the state read from the Keras variables was uncommitted, the step's outputs committed: a second compile
+    r = results("keras-jax")["extras"]["compiles"]
+    assert "error" not in r, r.get("error")
+    for data in ("host", "resident"):
+        assert r[data]["first_step"] >= 1, r  # the listener sees compiles at all
+        assert r[data]["later_steps"] == 0, r
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_unsupported_device_names_what_the_engine_sees(results, engine):
     message = results(engine)["extras"]["bad_device"]["message"]
     assert message is not None and "gpu:7" in message and "cpu" in message
