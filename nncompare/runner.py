@@ -1,14 +1,18 @@
-"""Cells: one fresh interpreter per (model, backend, device, batch) task, devices, and whole-or-nothing files."""
+"""Cells: (model, backend, device, batch) tasks run in fresh interpreters (one per framework for its CPU timing
+cells), devices, and whole-or-nothing files."""
 from __future__ import annotations
 
 import csv
 import dataclasses
+import gc
 import hashlib
 import importlib.util
+import collections
 import io
 import json
 import math
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -16,6 +20,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -241,37 +246,101 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def cell_command(task: Task) -> list[str]:
-    """The command line of a cell process (also what benchmarks/native_vs_adapter.py starts)."""
-    return [sys.executable, "-m", "nncompare.cli", "_cell", task.to_json()]
+def cell_command(tasks: Task | list[Task]) -> list[str]:
+    """The command line of a cell process running `tasks` in turn (one Task: what the benchmarks start)."""
+    text = tasks.to_json() if isinstance(tasks, Task) else json.dumps([dataclasses.asdict(t) for t in tasks])
+    return [sys.executable, "-m", "nncompare.cli", "_cell", text]
 
 
-def run_subprocess(task: Task, timeout: float, verbose: bool = False, env: dict[str, str] | None = None) -> dict:
-    """Run one task in a fresh interpreter; a crash, hang or bad exit becomes {"error": reason}. The cell runs
-    in its own process group (a terminal's Ctrl-C reaches only us) and is killed, with anything it started,
-    whenever we leave early: timeout, Ctrl-C, SIGTERM."""
-    cmd = cell_command(task)
-    started = time.time()
-    info = lambda: {**node_info(), "cell_start": started, "cell_end": time.time()}  # noqa: E731
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None if verbose else subprocess.PIPE, text=True,
-                            env=cell_env(task.threads, task.backend, env), stdin=subprocess.DEVNULL, start_new_session=True)
+def process_groups(tasks: list[Task]) -> list[list[int]]:
+    """Indices of the tasks that share one cell process, in run order. A framework's CPU timing cells at one
+    thread count share one (its import and one-time set-up, seconds each, are paid once: docs/design.md "Cells");
+    every other task runs alone. A GPU cell runs alone because not every framework can reset its peak device
+    memory."""
+    shared: dict[tuple, list[int]] = {}
+    groups: list[list[int]] = []
+    for i, t in enumerate(tasks):
+        if t.kind == "measure" and t.device == "cpu":
+            key = (t.backend, t.threads, t.compile)
+            if key in shared:
+                shared[key].append(i)
+                continue
+            shared[key] = [i]
+            groups.append(shared[key])
+        else:
+            groups.append([i])
+    return groups
+
+
+def _reader(stream, out: queue.Queue) -> None:
+    for line in stream:
+        out.put(line)
+    out.put(None)
+
+
+def _one_process(tasks: list[Task], timeout: float, verbose: bool, env: dict[str, str] | None,
+                 report: Callable[[int, dict], None]) -> int:
+    """Start one cell process for `tasks` and report each result as its line arrives. Returns how many tasks
+    it settled: all of them, or up to and including the one that crashed, hung or exited early."""
+    proc = subprocess.Popen(cell_command(tasks), stdout=subprocess.PIPE, stderr=None if verbose else subprocess.PIPE,
+                            text=True, env=cell_env(tasks[0].threads, tasks[0].backend, env),
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+    stderr_tail: collections.deque = collections.deque(maxlen=50)
+    threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True).start()
+    drain = threading.Thread(target=lambda: stderr_tail.extend(proc.stderr), daemon=True)
+    if not verbose:
+        drain.start()
+    n, started = 0, time.time()
+
+    def info() -> dict:
+        return {**node_info(), "cell_start": started, "cell_end": time.time()}
     try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        return {"error": f"timed out after {timeout:g} s", **info()}
+        while n < len(tasks):
+            try:
+                line = lines.get(timeout=max(0.0, started + timeout - time.time()))
+            except queue.Empty:
+                _kill_group(proc)
+                report(n, {"error": f"timed out after {timeout:g} s", **info()})
+                return n + 1
+            if line is None:  # the process closed its output before its last result: it died
+                proc.wait()
+                if drain.is_alive():
+                    drain.join(timeout=5)
+                tail = [l for l in stderr_tail if l.strip()]
+                if proc.returncode < 0:
+                    reason = f"killed by signal {-proc.returncode}" + (" (out of memory?)" if proc.returncode == -9 else "")
+                else:
+                    reason = f"exit code {proc.returncode}"
+                report(n, {"error": f"{reason}: {tail[-1].strip()}" if tail else reason, **info()})
+                return n + 1
+            if line.startswith(RESULT_MARK):
+                report(n, {**info(), **json.loads(line[len(RESULT_MARK):])})
+                n += 1
+                started = time.time()
+        proc.wait()
     except BaseException:
         _kill_group(proc)
         raise
-    for line in reversed(stdout.splitlines()):
-        if line.startswith(RESULT_MARK):
-            return {**info(), **json.loads(line[len(RESULT_MARK):])}
-    lines = [l for l in (stderr or "").splitlines() if l.strip()]
-    if proc.returncode < 0:
-        reason = f"killed by signal {-proc.returncode}" + (" (out of memory?)" if proc.returncode == -9 else "")
-    else:
-        reason = f"exit code {proc.returncode}"
-    return {"error": f"{reason}: {lines[-1].strip()}" if lines else reason, **info()}
+    return n
+
+
+def run_cells(tasks: list[Task], timeout: float, done: Callable[[int, dict], None], verbose: bool = False,
+              env: dict[str, str] | None = None) -> None:
+    """Run `tasks` in turn in one fresh interpreter, calling done(index, result) as each finishes. A crash,
+    hang (`timeout` seconds for one cell) or bad exit becomes that cell's {"error": reason}, and the cells after
+    it go on in a new interpreter. The process runs in its own process group (a terminal's Ctrl-C reaches only
+    us) and is killed, with anything it started, whenever we leave early: timeout, Ctrl-C, SIGTERM."""
+    first = 0
+    while first < len(tasks):
+        first += _one_process(tasks[first:], timeout, verbose, env, lambda j, r: done(first + j, r))
+
+
+def run_subprocess(task: Task, timeout: float, verbose: bool = False, env: dict[str, str] | None = None) -> dict:
+    """One task in a fresh interpreter; a crash, hang or bad exit becomes {"error": reason}."""
+    out: dict[int, dict] = {}
+    run_cells([task], timeout, out.__setitem__, verbose, env)
+    return out[0]
 
 
 def _optimizer(task_opt: dict):
@@ -303,10 +372,7 @@ def _check(task: Task) -> dict:
             "tolerance": TOLERANCE}
 
 
-def cell_main(task_json: str) -> NoReturn:
-    """Entry point of a cell process: run the task, print one result line, exit at once."""
-    _die_with_parent()
-    task = Task.from_json(task_json)
+def _run_task(task: Task) -> dict:
     log = os.environ.get("NNCOMPARE_CELL_LOG")  # test hook: one line per cell started
     if log:
         with open(log, "a") as f:
@@ -319,26 +385,52 @@ def cell_main(task_json: str) -> NoReturn:
     try:
         if task.kind == "peak":
             from .backends.bench import gemm_peak
-            result = {"gemm_gflops": gemm_peak(task.device)}
-        elif task.kind == "train":
+            return {"gemm_gflops": gemm_peak(task.device)}
+        if task.kind == "train":
             from .backends.bench import train_run
-            result = train_run(task.backend, ModelSpec.from_dict(task.spec), task.dataset, task.device,
-                               task.epochs, task.batch_size, _optimizer(task.optimizer), task.threads,
-                               task.target, task.data_dir)
-        elif task.kind == "check":
-            result = _check(task)
-        else:
-            from .backends.bench import measure
-            result = measure(task.backend, ModelSpec.from_dict(task.spec), task.device, task.batch_size,
-                             task.steps, task.repeats, task.warmup, _optimizer(task.optimizer), task.threads,
-                             compile=task.compile)
+            return train_run(task.backend, ModelSpec.from_dict(task.spec), task.dataset, task.device,
+                             task.epochs, task.batch_size, _optimizer(task.optimizer), task.threads,
+                             task.target, task.data_dir)
+        if task.kind == "check":
+            return _check(task)
+        from .backends.bench import measure
+        return measure(task.backend, ModelSpec.from_dict(task.spec), task.device, task.batch_size,
+                       task.steps, task.repeats, task.warmup, _optimizer(task.optimizer), task.threads,
+                       compile=task.compile)
     except (BackendError, SpecError, DataError) as e:  # bad input found inside the cell: the CLI's exit 2
-        result = {"error": f"{type(e).__name__}: {_first_line(e)}", "bad_input": str(e)}
+        return {"error": f"{type(e).__name__}: {_first_line(e)}", "bad_input": str(e)}
     except (MemoryError, RuntimeError, ValueError, TypeError, OSError) as e:
-        result = {"error": f"{type(e).__name__}: {_first_line(e)}"}
-    print(RESULT_MARK + json.dumps(result), flush=True)
+        return {"error": f"{type(e).__name__}: {_first_line(e)}"}
+
+
+def _reset_peak_rss() -> bool:
+    """Linux: restart the process's peak resident memory (VmHWM, ru_maxrss) from its current size."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def cell_main(tasks_json: str) -> NoReturn:
+    """Entry point of a cell process: run its tasks in turn, print one result line each, exit at once. A later
+    cell of the process records `cell_in_process` > 0: its framework was already imported and set up."""
+    _die_with_parent()
+    data = json.loads(tasks_json)
+    tasks = [Task(**d) for d in (data if isinstance(data, list) else [data])]
+    for k, task in enumerate(tasks):
+        if k:
+            gc.collect()  # the previous cell's network, optimizer and batches
+        own_peak = k == 0 or _reset_peak_rss()
+        result = _run_task(task)
+        if "error" not in result and task.kind == "measure":
+            result["cell_in_process"] = k
+            if not own_peak:
+                result["host_rss_mb"] = None  # a high-water mark that includes an earlier cell's
+        print(RESULT_MARK + json.dumps(result), flush=True)
     sys.stderr.flush()
-    # The result is out: skip the interpreter's teardown, which the sweep would wait for (unloading TensorFlow,
+    # The results are out: skip the interpreter's teardown, which the sweep would wait for (unloading TensorFlow,
     # torch or JAX takes 0.3-1.4 s per cell on 2 cores).
     os._exit(0)
 
@@ -426,7 +518,7 @@ def uninterruptible():
 
 
 class LocalExecutor:
-    """Today's behaviour: one fresh subprocess per cell on this machine, one cell at a time."""
+    """Cells on this machine, one at a time, in fresh processes (a framework's CPU timing cells share one)."""
 
     name = "local"
 
@@ -445,8 +537,8 @@ class LocalExecutor:
         return out
 
     def run(self, tasks: list[Task], done: Callable[[int, dict], None]) -> None:
-        for i, task in enumerate(tasks):
-            done(i, run_subprocess(task, self.timeout, self.verbose))
+        for group in process_groups(tasks):
+            run_cells([tasks[i] for i in group], self.timeout, lambda j, r: done(group[j], r), self.verbose)
 
     def close(self) -> None:
         pass

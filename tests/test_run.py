@@ -69,16 +69,60 @@ def test_cells_write_json_and_csv_atomically(tmp_path):
     assert "digits_mlp" in out.stdout and "Train samples/s" in out.stdout
 
 
+def started_cells(log) -> dict[str, int]:
+    """model -> pid of the process that ran its cell, from NNCOMPARE_CELL_LOG."""
+    return {line.split()[1]: int(line.split()[-1]) for line in log.read_text().splitlines()
+            if line.startswith("measure ")}
+
+
 @pytest.mark.parametrize("fault", ["crash", "hang"])
 def test_a_crashing_or_hanging_cell_keeps_every_other_row(tmp_path, fault):
-    path = tmp_path / "r.json"
-    out = cli("run", "--models", "perceptron", "digits_mlp", *FAST, "--timeout", "20", "--json", str(path),
-              env={"NNCOMPARE_FAULT": f"numpy:perceptron:{fault}"})
+    path, log = tmp_path / "r.json", tmp_path / "cells.log"
+    out = cli("run", "--models", "perceptron", "digits_mlp", "residual_mlp", *FAST, "--timeout", "20",
+              "--json", str(path), env={"NNCOMPARE_FAULT": f"numpy:digits_mlp:{fault}", "NNCOMPARE_CELL_LOG": str(log)})
     assert out.returncode == 0, out.stderr
     rows = {r["model"]: r for r in json.loads(path.read_text())["rows"]}
-    assert "signal" in rows["perceptron"]["error"] if fault == "crash" else "timed out" in rows["perceptron"]["error"]
-    assert "error" not in rows["digits_mlp"] and rows["digits_mlp"]["train_samples_s"] > 0
+    assert "signal" in rows["digits_mlp"]["error"] if fault == "crash" else "timed out" in rows["digits_mlp"]["error"]
+    for model in ("perceptron", "residual_mlp"):  # the cells before and after it, in the same framework
+        assert "error" not in rows[model] and rows[model]["train_samples_s"] > 0
+    pids = started_cells(log)
+    # the framework's process ran the cells up to the failure; the rest went on in a fresh one
+    assert pids["perceptron"] == pids["digits_mlp"] != pids["residual_mlp"]
+    assert rows["perceptron"]["cell_in_process"] == 0 and rows["residual_mlp"]["cell_in_process"] == 0
     assert "ERROR" in out.stdout
+
+
+def test_a_frameworks_cpu_timing_cells_share_one_process_and_say_so(tmp_path):
+    path, log = tmp_path / "r.json", tmp_path / "cells.log"
+    out = cli("run", "--models", "perceptron", "digits_mlp", *FAST, "--batch-sizes", "8", "16", "--json", str(path),
+              env={"NNCOMPARE_CELL_LOG": str(log)})
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["model"], r["batch_size"], r["cell_in_process"]) for r in rows] == [
+        ("perceptron", 8, 0), ("perceptron", 16, 1), ("digits_mlp", 8, 2), ("digits_mlp", 16, 3)]
+    assert len(set(started_cells(log).values())) == 1
+    assert all(r["host_rss_mb"] > 0 and r["cell_end"] >= r["cell_start"] for r in rows)
+    assert [r["cell_start"] for r in rows] == sorted(r["cell_start"] for r in rows)
+
+
+def test_process_groups_share_only_cpu_timing_cells_of_one_framework_and_thread_count():
+    def task(backend, device="cpu", threads=2, kind="measure", compile=False):
+        return runner.Task(kind, device=device, threads=threads, backend=backend, compile=compile)
+    tasks = [task("torch"), task("mxnet"), task("torch", threads=1), task("torch"), task("torch", device="gpu:0"),
+             task("torch", device="gpu:0"), task("torch", kind="check"), task("torch", kind="check"),
+             task("mxnet"), task("torch", compile=True)]
+    assert runner.process_groups(tasks) == [[0, 3], [1, 8], [2], [4], [5], [6], [7], [9]]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak memory is reset through /proc (Linux)")
+def test_peak_memory_restarts_for_each_cell_of_a_shared_process():
+    import numpy as np
+    import resource
+    block = np.ones(300 * 2**20 // 8)  # 300 MB touched
+    del block
+    high = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert runner._reset_peak_rss()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < high - 200 * 1024  # KiB
 
 
 def test_write_atomic_leaves_the_old_file_when_writing_fails(tmp_path):
