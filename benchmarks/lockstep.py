@@ -119,10 +119,16 @@ class Side:
         return {**result, "turns": self.turns, **({"error": self.error} if self.error else {})}
 
 
-def run_round(sides: dict[str, tuple[list[str], dict[str, str], str]], turns: int, timeout: float) -> dict[str, dict]:
+def run_round(sides: dict[str, tuple[list[str], dict[str, str], str]], turns: int, timeout: float,
+              start: int = 0) -> dict[str, dict]:
     """Start every side ({name: (command, environment, result-line prefix)}), wait until all are ready, then
-    take turns until each live side has `turns` timed repeats (dropped short ones do not count)."""
-    started = [Side(name, cmd, env, prefix) for name, (cmd, env, prefix) in sides.items()]
+    take turns until each live side has `turns` timed repeats (dropped short ones do not count). The sides
+    start in their order rotated by `start` (pass the round's index), so over rounds each side is started
+    first, second... equally often: the processes of a round build at the same time, and a side always started
+    in one place must not carry whatever that place costs (none was found: docs/performance.md)."""
+    names = list(sides)
+    k = start % len(names) if names else 0
+    started = [Side(name, *sides[name]) for name in names[k:] + names[:k]]
     try:
         for s in started:
             s.ready(timeout)

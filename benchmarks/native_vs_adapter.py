@@ -107,8 +107,9 @@ def main() -> int:
             for backend in backends:
                 key = (model, batch, backend)
                 runs[key] = {side: [] for side in SIDES}
-                for _ in range(args.rounds):
-                    for side, run in run_round(sides(backend, model, batch, args), args.turns, args.timeout).items():
+                for i in range(args.rounds):
+                    for side, run in run_round(sides(backend, model, batch, args), args.turns, args.timeout,
+                                               start=i).items():
                         runs[key][side].append(run)
                     print(".", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)

@@ -64,7 +64,7 @@ def main() -> int:
     base.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sides = {label: ([sys.executable, str(NATIVE), framework, args.model, str(args.batch), *extra], {**base, **env}, "")
              for label, env, extra in variants}
-    rounds = [run_round(sides, args.turns, timeout=600) for _ in range(args.rounds)]
+    rounds = [run_round(sides, args.turns, timeout=600, start=i) for i in range(args.rounds)]
     first = variants[0][0]
     print(f"{what}: {framework} {args.model} batch {args.batch}, {args.rounds} rounds of {args.turns} turns in "
           "lockstep, training samples/s")

@@ -257,6 +257,11 @@ def test_lockstep_round_robin_gives_every_side_its_turns_and_keeps_the_others_wh
     assert "signal 6" in out["c"]["error"]
     assert ls.paired(out["b"]["turns"], out["a"]["turns"]) == pytest.approx(0.5)
 
+    log.unlink()  # a later round starts (and takes its first turns) in an order rotated by its index
+    out = ls.run_round({"a": side(100.0, 0), "b": side(50.0, 0), "c": side(75.0, 0)}, turns=2, timeout=30, start=4)
+    assert log.read_text().split()[:6] == ["50.0", "75.0", "100.0", "75.0", "100.0", "50.0"]
+    assert [out[k]["turns"] for k in "abc"] == [[None, 100.0, 100.0], [None, 50.0, 50.0], [None, 75.0, 75.0]]
+
 
 def test_lockstep_side_that_never_gets_ready_is_an_error_not_a_hang(tmp_path):
     ls = lockstep()
