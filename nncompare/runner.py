@@ -283,7 +283,7 @@ def _one_process(tasks: list[Task], timeout: float, verbose: bool, env: dict[str
     """Start one cell process for `tasks` and report each result as its line arrives. Returns how many tasks
     it settled: all of them, or up to and including the one that crashed, hung or exited early."""
     proc = subprocess.Popen(cell_command(tasks), stdout=subprocess.PIPE, stderr=None if verbose else subprocess.PIPE,
-                            text=True, env=cell_env(tasks[0].threads, tasks[0].backend, env),
+                            text=True, errors="replace", env=cell_env(tasks[0].threads, tasks[0].backend, env),
                             stdin=subprocess.DEVNULL, start_new_session=True)
     lines: queue.Queue = queue.Queue()
     stderr_tail: collections.deque = collections.deque(maxlen=50)
