@@ -101,7 +101,9 @@ def test_a_frameworks_cpu_timing_cells_share_one_process_and_say_so(tmp_path):
     assert [(r["model"], r["batch_size"], r["cell_in_process"]) for r in rows] == [
         ("perceptron", 8, 0), ("perceptron", 16, 1), ("digits_mlp", 8, 2), ("digits_mlp", 16, 3)]
     assert len(set(started_cells(log).values())) == 1
-    assert all(r["host_rss_mb"] > 0 and r["cell_end"] >= r["cell_start"] for r in rows)
+    assert rows[0]["host_rss_mb"] > 0 and all(r["cell_end"] >= r["cell_start"] for r in rows)
+    # a later cell's peak is its own where the kernel can reset it (tested below), else not reported
+    assert all(r["host_rss_mb"] is None or r["host_rss_mb"] > 0 for r in rows)
     assert [r["cell_start"] for r in rows] == sorted(r["cell_start"] for r in rows)
 
 
@@ -118,6 +120,8 @@ def test_process_groups_share_only_cpu_timing_cells_of_one_framework_and_thread_
 def test_peak_memory_restarts_for_each_cell_of_a_shared_process():
     import numpy as np
     import resource
+    if not runner._reset_peak_rss():
+        pytest.skip("this kernel does not let a process reset its peak memory (/proc/self/clear_refs)")
     block = np.ones(300 * 2**20 // 8)  # 300 MB touched
     del block
     high = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
