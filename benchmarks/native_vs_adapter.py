@@ -54,7 +54,7 @@ def sides(backend: str, model: str, batch: int, args) -> dict[str, tuple[list[st
                 spec=zoo.get(model).to_dict(), batch_size=batch, optimizer={"type": "sgd", "args": vars(opt)},
                 steps=args.steps, repeats=args.repeats, warmup=2)
     return {"native_default": (native, default_env(), ""),
-            "adapter": (cell_command(task), cell_env(args.threads, backend, {"NNCOMPARE_TIME_BUDGET": "0"}), RESULT_MARK),
+            "adapter": (cell_command([task]), cell_env(args.threads, backend, {"NNCOMPARE_TIME_BUDGET": "0"}), RESULT_MARK),
             "native_tool": (native, dict(default_env(), **thread_env(args.threads, backend)), "")}
 
 

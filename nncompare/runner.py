@@ -2,12 +2,12 @@
 cells), devices, and whole-or-nothing files."""
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import gc
 import hashlib
 import importlib.util
-import collections
 import io
 import json
 import math
@@ -246,15 +246,14 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def cell_command(tasks: Task | list[Task]) -> list[str]:
-    """The command line of a cell process running `tasks` in turn (one Task: what the benchmarks start)."""
-    text = tasks.to_json() if isinstance(tasks, Task) else json.dumps([dataclasses.asdict(t) for t in tasks])
-    return [sys.executable, "-m", "nncompare.cli", "_cell", text]
+def cell_command(tasks: list[Task]) -> list[str]:
+    """The command line of a cell process running `tasks` in turn (also what the benchmarks start)."""
+    return [sys.executable, "-m", "nncompare.cli", "_cell", json.dumps([dataclasses.asdict(t) for t in tasks])]
 
 
 def process_groups(tasks: list[Task]) -> list[list[int]]:
     """Indices of the tasks that share one cell process, in run order. A framework's CPU timing cells at one
-    thread count share one (its import and one-time set-up, seconds each, are paid once: docs/design.md "Cells");
+    thread count share one (its import and one-time set-up, seconds each, are paid once: docs/design.md "Timing");
     every other task runs alone. A GPU cell runs alone because not every framework can reset its peak device
     memory."""
     shared: dict[tuple, list[int]] = {}
@@ -417,8 +416,7 @@ def cell_main(tasks_json: str) -> NoReturn:
     """Entry point of a cell process: run its tasks in turn, print one result line each, exit at once. A later
     cell of the process records `cell_in_process` > 0: its framework was already imported and set up."""
     _die_with_parent()
-    data = json.loads(tasks_json)
-    tasks = [Task(**d) for d in (data if isinstance(data, list) else [data])]
+    tasks = [Task(**d) for d in json.loads(tasks_json)]
     for k, task in enumerate(tasks):
         if k:
             gc.collect()  # the previous cell's network, optimizer and batches
