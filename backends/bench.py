@@ -17,8 +17,14 @@ from ..models import ModelSpec
 
 from .base import Optimizer, parse_device
 
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
-                    "TF_NUM_INTEROP_THREADS", "MXNET_CPU_WORKER_NTHREADS", "MXNET_OMP_MAX_THREADS")
+# glibc malloc thresholds (mallopt(3)); fixed, they also stop glibc from moving them as it sees large frees.
+# Left dynamic, a process whose allocation history kept them low page-faults its step buffers in afresh on
+# every training step: 0 to 2,800 faults per step between two processes running the same loop, up to 8 ms
+# a step (docs/performance.md "Allocator"). glibc's ceiling for the mmap threshold is 32 MiB on 64-bit.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
+# Everything a cell's environment sets for its framework; inherited values are dropped first.
+TOOL_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
+                  "TF_NUM_INTEROP_THREADS", "MXNET_CPU_WORKER_NTHREADS", "MXNET_OMP_MAX_THREADS", *ALLOCATOR_ENV)
 # Noise control: repeats continue until the last SETTLE_K agree within SPREAD_BOUND, or the budget runs out.
 SETTLE_K = 5
 SPREAD_BOUND = 0.03
@@ -47,15 +53,16 @@ def _framework(backend: str | None) -> str | None:
     return {"keras": "tensorflow"}.get(backend, backend)
 
 
-def thread_env(threads: int, backend: str | None = None) -> dict[str, str]:
-    """The thread variables of `backend`'s cell, chosen per framework by measurement; set before it loads.
+def tool_env(threads: int, backend: str | None = None) -> dict[str, str]:
+    """The thread and allocator variables of `backend`'s cell, chosen per framework by measurement; set before
+    the process starts (glibc reads the allocator's at start-up, the frameworks theirs when they load).
 
     MXNet keeps MXNET_CPU_WORKER_NTHREADS at its default (one engine worker) and gives that worker `threads`
     OpenMP threads: one worker per core, each with a core-wide OpenMP pool, oversubscribes (trap 13).
     backend=None gives the variables that are right for every framework at once.
     """
     n = str(threads)
-    env = {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n}
+    env = {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, **ALLOCATOR_ENV}
     fw = _framework(backend)
     if fw in (None, "tensorflow"):
         env["TF_NUM_INTRAOP_THREADS"] = n
@@ -242,13 +249,14 @@ def measure(backend: str, spec: ModelSpec, device: str, batch_size: int, steps: 
         pool = [tuple(net.to_device(x, y)) for x, y in pool]
         placed = "resident"
 
-    last = {"loss": float("nan")}
+    last = {"loss": float("nan"), "steps": 0}
 
     def train(n: int) -> None:
         for i in range(n):
             handle = net._train_batch(*pool[i % len(pool)])
         last["loss"] = float(handle)  # fetching the last loss waits for queued steps (MXNet engine, CUDA)
         net.sync()
+        last["steps"] += n
 
     t0 = time.perf_counter()
     train(1)  # trace / compile / allocate: reported apart
@@ -256,8 +264,11 @@ def measure(backend: str, spec: ModelSpec, device: str, batch_size: int, steps: 
     if warmup:
         train(warmup)
     # the same number of steps in every framework (repeats vary with noise): comparable across rows
-    loss = last["loss"]
+    loss, last["steps"] = last["loss"], 0
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     tr = timed_repeats(train, steps, batch_size, repeats, budget_s * 2 / 3)
+    # pages the allocator handed back to the OS and faulted in again: ~0 once step buffers are reused
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / max(last["steps"], 1)
 
     host_x = [x for x, _ in batch_pool(spec, batch_size, seed=seed)]
 
@@ -268,7 +279,7 @@ def measure(backend: str, spec: ModelSpec, device: str, batch_size: int, steps: 
     infer(1 + warmup)  # the inference path may compile on first use
     inf = timed_repeats(infer, steps, batch_size, repeats, budget_s / 3)
 
-    settings = {"threads": threads, **{v: os.environ[v] for v in THREAD_VARIABLES if v in os.environ},
+    settings = {"threads": threads, **{v: os.environ[v] for v in TOOL_VARIABLES if v in os.environ},
                 **_framework_settings(net, backend), "data": placed, "infer_data": "host",
                 "process_threads": _process_threads()}
     train_sps = tr["samples_s"]
@@ -277,6 +288,7 @@ def measure(backend: str, spec: ModelSpec, device: str, batch_size: int, steps: 
         "import_s": import_s, "build_s": build_s, "first_step_s": first_step_s,
         "train_samples_s": train_sps, "train_spread": tr["spread"], "train_runs": tr["runs"],
         "train_repeats": tr["repeats"], "train_steps": tr["steps"], "train_noisy": tr["noisy"],
+        "train_page_faults_per_step": faults,
         "infer_samples_s": inf["samples_s"], "infer_spread": inf["spread"], "infer_repeats": inf["repeats"],
         "infer_steps": inf["steps"], "infer_noisy": inf["noisy"],
         "noisy": tr["noisy"] or inf["noisy"], "data": placed, "settings": settings,

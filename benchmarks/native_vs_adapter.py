@@ -2,7 +2,7 @@
 """Adapter against hand-written loops: `compare.py run`'s cell for each (framework, model, batch) against the
 framework's idiomatic training loop (benchmarks/native_loops.py, which never imports nncompare), each in its
 own fresh process: the native loop twice, under the framework's default environment (no thread variables) and
-under the tool's (thread_env), and the cell exactly as compare.py starts it. Each round starts the three
+under the tool's (tool_env), and the cell exactly as compare.py starts it. Each round starts the three
 afresh and times them in lockstep (benchmarks/lockstep.py): they take turns on the cores, one timed repeat
 each, so the machine's drift (up to 2x over seconds on a shared host) hits all three alike. Per native
 environment, adapter / native is the median over rounds of each round's median per-turn ratio; adapter / best
@@ -34,8 +34,8 @@ SIDES = ("native_default", "adapter", "native_tool")
 
 def default_env() -> dict[str, str]:
     """The caller's environment without any thread variable: each framework sizes its own pools."""
-    from nncompare.backends.bench import THREAD_VARIABLES
-    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
+    from nncompare.backends.bench import TOOL_VARIABLES
+    env = {k: v for k, v in os.environ.items() if k not in TOOL_VARIABLES}
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return env
 
@@ -44,7 +44,7 @@ def sides(backend: str, model: str, batch: int, args) -> dict[str, tuple[list[st
     """The three processes of a round: (command, environment, result-line prefix). The cell is started as
     runner.run_subprocess starts it; its inference, timed after the turns, gets the minimum repeats."""
     from nncompare.backends import SGD
-    from nncompare.backends.bench import thread_env
+    from nncompare.backends.bench import tool_env
     from nncompare.models import zoo
     from nncompare.runner import RESULT_MARK, Task, cell_command, cell_env
     native = [sys.executable, str(NATIVE), backend, model, str(batch), "--steps", str(args.steps),
@@ -55,7 +55,7 @@ def sides(backend: str, model: str, batch: int, args) -> dict[str, tuple[list[st
                 steps=args.steps, repeats=args.repeats, warmup=2)
     return {"native_default": (native, default_env(), ""),
             "adapter": (cell_command([task]), cell_env(args.threads, backend, {"NNCOMPARE_TIME_BUDGET": "0"}), RESULT_MARK),
-            "native_tool": (native, dict(default_env(), **thread_env(args.threads, backend)), "")}
+            "native_tool": (native, dict(default_env(), **tool_env(args.threads, backend)), "")}
 
 
 def backends_to_run(requested: list[str] | None) -> tuple[list[str], list[str]]:

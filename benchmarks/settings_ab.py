@@ -3,7 +3,7 @@
 benchmarks/native_loops.py: each variant in its own fresh process, all of a round's processes timed in
 lockstep (benchmarks/lockstep.py: turns on the cores, one repeat each, so the host's drift cancels). Prints
 each variant's median samples/s and its median per-turn ratio to the first variant. These are the
-measurements docs/performance.md quotes to justify each choice in nncompare.backends.bench.thread_env.
+measurements docs/performance.md quotes to justify each choice in nncompare.backends.bench.tool_env.
 
     python benchmarks/settings_ab.py EXPERIMENT [--model lenet5] [--batch 128] [--rounds 3] [--turns 20]
                                      [--threads N]

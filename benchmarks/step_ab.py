@@ -30,9 +30,9 @@ def main() -> int:
     args = p.parse_args()
 
     from nncompare.backends import SGD, get_adapter
-    from nncompare.backends.bench import thread_env
+    from nncompare.backends.bench import tool_env
     from nncompare.models import zoo
-    os.environ.update(thread_env(args.threads, args.framework))  # before the framework loads, as a cell does
+    os.environ.update(tool_env(args.threads, args.framework))  # before the framework loads, as a cell does
     cls = get_adapter(args.framework)  # sets KERAS_BACKEND for the Keras engines, then imports the framework
     cls.set_threads(args.threads)
     import native_loops

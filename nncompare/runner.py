@@ -220,9 +220,9 @@ class Task:
 def cell_env(threads: int, backend: str = "", extra: dict[str, str] | None = None) -> dict[str, str]:
     """The cell's environment: the thread variables chosen for its framework (inherited ones dropped), then
     `extra` (forwarded settings, test hooks)."""
-    from .backends.bench import THREAD_VARIABLES, thread_env
-    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
-    env.update(thread_env(threads, backend or None), **(extra or {}))
+    from .backends.bench import TOOL_VARIABLES, tool_env
+    env = {k: v for k, v in os.environ.items() if k not in TOOL_VARIABLES}
+    env.update(tool_env(threads, backend or None), **(extra or {}))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), env.get("PYTHONPATH")]))
     return env

@@ -1,7 +1,8 @@
 """Speed traps and the timing rules (no timing assertions: what is checked is what the cells do).
 
-- thread_env per framework: MXNet keeps one engine worker (trap 13); each cell's thread configuration is
-  proven from inside the cell process and carried by its result row.
+- tool_env per framework: MXNet keeps one engine worker (trap 13); each cell's thread configuration is
+  proven from inside the cell process and carried by its result row; fixed malloc thresholds stop step
+  buffers from being page-faulted in afresh every step, and the row counts those faults.
 - measure: repeats until the spread settles or the budget runs out; separate per-batch arrays, never
   slices of one big array in the timed loop (trap 14); resident vs host data recorded.
 - benchmarks/native_vs_adapter.py runs end to end (--quick), and its native loops never import nncompare.
@@ -13,6 +14,7 @@ import ast
 import contextlib
 import itertools
 import os
+import platform
 import re
 import select
 import subprocess
@@ -26,7 +28,7 @@ import numpy as np
 import pytest
 
 from nncompare.backends import SGD, bench, get_adapter
-from nncompare.backends.bench import THREAD_VARIABLES, measure, thread_env, timed_repeats
+from nncompare.backends.bench import ALLOCATOR_ENV, TOOL_VARIABLES, measure, tool_env, timed_repeats
 from nncompare.models import zoo
 from nncompare.runner import Task, run_subprocess
 
@@ -35,9 +37,9 @@ from .conftest import FRAMEWORKS, ROOT, require
 QUICK = {"NNCOMPARE_TIME_BUDGET": "0"}  # exactly the minimum steps and repeats
 
 
-# --- thread_env ----------------------------------------------------------------------------------------
+# --- tool_env ----------------------------------------------------------------------------------------
 def test_trap13_mxnet_keeps_one_engine_worker_with_n_openmp_threads():
-    env = thread_env(4, "mxnet")
+    env = tool_env(4, "mxnet")
     assert "MXNET_CPU_WORKER_NTHREADS" not in env  # MXNet's default: one worker
     assert env["OMP_NUM_THREADS"] == env["MXNET_OMP_MAX_THREADS"] == "4"
     assert not any(v.startswith("TF_") for v in env)
@@ -50,10 +52,11 @@ def test_trap13_mxnet_keeps_one_engine_worker_with_n_openmp_threads():
     (None, ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "MXNET_OMP_MAX_THREADS"), ("MXNET_CPU_WORKER_NTHREADS",)),
 ])
 def test_thread_env_is_chosen_per_framework(backend, present, absent):
-    env = thread_env(3, backend)
-    assert set(env) <= set(THREAD_VARIABLES)
+    env = tool_env(3, backend)
+    assert set(env) <= set(TOOL_VARIABLES)
     assert all(env[v] == "3" for v in present)
     assert not any(v in env for v in absent)
+    assert all(env[v] == value for v, value in ALLOCATOR_ENV.items())  # every framework: measured neutral or better
 
 
 @pytest.mark.parametrize("backend", FRAMEWORKS)
@@ -87,6 +90,22 @@ def test_mxnet_second_engine_worker_shows_as_threads_in_the_cell():
     two = run_subprocess(task, timeout=300, env={**QUICK, "MXNET_CPU_WORKER_NTHREADS": "2"})
     assert one["settings"]["mxnet.cpu_workers"] == 1 and two["settings"]["mxnet.cpu_workers"] == 2
     assert two["settings"]["process_threads"] > one["settings"]["process_threads"]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator variables are glibc's")
+def test_fixed_malloc_thresholds_stop_step_buffers_faulting_in_every_step():
+    """glibc's own starting thresholds, fixed (128 KiB), map and unmap every larger step buffer: hundreds of
+    page faults a step. The cell's thresholds keep them for reuse, and the row counts the faults."""
+    require("torch")
+    task = Task("measure", threads=1, backend="torch", model_name="lenet5", spec=zoo.get("lenet5").to_dict(),
+                batch_size=64, optimizer={"type": "sgd", "args": {"lr": 0.01, "momentum": 0.9}},
+                steps=3, repeats=2, warmup=2)
+    tool = run_subprocess(task, timeout=300, env=QUICK)
+    small = run_subprocess(task, timeout=300, env={**QUICK, **dict.fromkeys(ALLOCATOR_ENV, "131072")})
+    assert "error" not in tool and "error" not in small, (tool, small)
+    assert all(tool["settings"][v] == value for v, value in ALLOCATOR_ENV.items())
+    faults = tool["train_page_faults_per_step"], small["train_page_faults_per_step"]
+    assert faults[1] > 500 and faults[0] * 10 < faults[1], faults  # a few steps: first-touch growth remains
 
 
 # --- noise control -------------------------------------------------------------------------------------

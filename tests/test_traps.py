@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from nncompare.backends import Adam, BackendError, SGD, get_adapter
-from nncompare.backends.bench import thread_env
+from nncompare.backends.bench import tool_env
 from nncompare.backends.check import TOLERANCE, dict_diff, sample_batch, scaled_diff
 from nncompare.models import (Activation, AvgPool2D, BatchNorm, Conv2D, Dense, Flatten, MaxPool2D, ModelSpec,
                              init_weights, zoo)
@@ -107,7 +107,7 @@ def test_trap8_adam_epsilon_is_added_after_bias_correction(backend):
 
 
 def test_trap10_every_framework_gets_the_same_thread_count():
-    env = thread_env(3)
+    env = tool_env(3)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "MXNET_OMP_MAX_THREADS"):
         assert env[var] == "3"
     assert "MXNET_CPU_WORKER_NTHREADS" not in env  # trap 13: one engine worker, N OpenMP threads
