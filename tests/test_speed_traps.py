@@ -51,7 +51,7 @@ def test_trap13_mxnet_keeps_one_engine_worker_with_n_openmp_threads():
     ("keras-torch", ("OMP_NUM_THREADS",), ("TF_NUM_INTRAOP_THREADS",)),
     (None, ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "MXNET_OMP_MAX_THREADS"), ("MXNET_CPU_WORKER_NTHREADS",)),
 ])
-def test_thread_env_is_chosen_per_framework(backend, present, absent):
+def test_tool_env_is_chosen_per_framework(backend, present, absent):
     env = tool_env(3, backend)
     assert set(env) <= set(TOOL_VARIABLES)
     assert all(env[v] == "3" for v in present)
