@@ -5,8 +5,8 @@ reference benchmarks/native_vs_adapter.py holds nncompare's adapters against. Ne
     python benchmarks/native_loops.py FRAMEWORK MODEL BATCH [--steps 10] [--repeats 5] [--budget 3]
 
 FRAMEWORK: torch, keras (TensorFlow), keras-jax, keras-torch, mxnet. Each run is one fresh process; it
-prints one JSON line: training samples/s (median of the settled repeats), spread, repeats, and what the
-framework reports about its thread pools. Data is in memory as separate per-batch native tensors; SGD with
+prints one JSON line: training samples/s (median of the settled repeats), spread, repeats, page faults
+per timed step, and what the framework reports about its thread pools. Data is in memory as separate per-batch native tensors; SGD with
 momentum 0.9; softmax cross-entropy from logits.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import statistics
 import sys
 import time
@@ -264,6 +265,7 @@ def time_loop(step, fetch, batch: int, steps: int, repeats: int, budget: float, 
     text = os.environ.pop("NNCOMPARE_TURNS", None)
     turns = Turns(text) if text else None
     values: list[float] = []
+    faults, ran = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, 0
     start = time.perf_counter()
     while True:
         if turns is not None and not turns.wait():
@@ -271,6 +273,7 @@ def time_loop(step, fetch, batch: int, steps: int, repeats: int, budget: float, 
         t0 = time.perf_counter()
         for i in range(steps):
             loss = step(i)
+        ran += steps
         fetch(loss)  # the last loss on the host: every queued step is done (MXNet's engine is asynchronous)
         seconds = time.perf_counter() - t0
         short = seconds < min_repeat_s and (turns is not None or time.perf_counter() - start < budget)
@@ -285,8 +288,9 @@ def time_loop(step, fetch, batch: int, steps: int, repeats: int, budget: float, 
                                                           or time.perf_counter() - start >= budget):
             break
     window = values[-k:] or [math.nan]
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / max(ran, 1)
     return {"train_samples_s": statistics.median(window), "spread": spread(window), "repeats": len(values),
-            "steps": steps, "noisy": spread(window) > bound}
+            "steps": steps, "noisy": spread(window) > bound, "page_faults_per_step": faults}
 
 
 def main() -> int:
@@ -311,7 +315,8 @@ def main() -> int:
     result = time_loop(step, fetch, args.batch, args.steps, args.repeats, args.budget)
     env = {v: os.environ[v] for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
                                       "TF_NUM_INTEROP_THREADS", "MXNET_CPU_WORKER_NTHREADS",
-                                      "MXNET_OMP_MAX_THREADS") if v in os.environ}
+                                      "MXNET_OMP_MAX_THREADS", "MALLOC_MMAP_THRESHOLD_",
+                                      "MALLOC_TRIM_THRESHOLD_") if v in os.environ}
     print(json.dumps({**result, "version": version, "settings": {**env, **settings}}))
     return 0
 
