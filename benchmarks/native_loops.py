@@ -6,8 +6,8 @@ reference benchmarks/native_vs_adapter.py holds nncompare's adapters against. Ne
 
 FRAMEWORK: torch, keras (TensorFlow), keras-jax, keras-torch, mxnet. Each run is one fresh process; it
 prints one JSON line: training samples/s (median of the settled repeats), spread, repeats, page faults
-per timed step, and what the framework reports about its thread pools. Data is in memory as separate per-batch native tensors; SGD with
-momentum 0.9; softmax cross-entropy from logits.
+per timed step, and what the framework reports about its thread pools. Data is in memory as separate
+per-batch native tensors; SGD with momentum 0.9; softmax cross-entropy from logits.
 """
 from __future__ import annotations
 
@@ -273,9 +273,9 @@ def time_loop(step, fetch, batch: int, steps: int, repeats: int, budget: float, 
         t0 = time.perf_counter()
         for i in range(steps):
             loss = step(i)
-        ran += steps
         fetch(loss)  # the last loss on the host: every queued step is done (MXNet's engine is asynchronous)
         seconds = time.perf_counter() - t0
+        ran += steps
         short = seconds < min_repeat_s and (turns is not None or time.perf_counter() - start < budget)
         if turns is not None:
             turns.say("-" if short else repr(steps * batch / seconds))
