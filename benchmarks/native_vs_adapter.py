@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Adapter against hand-written loops: `compare.py run`'s cell for each (framework, model, batch) against the
 framework's idiomatic training loop (benchmarks/native_loops.py, which never imports nncompare), each in its
-own fresh process: the native loop twice, under the framework's default environment (no thread variables) and
-under the tool's (tool_env), and the cell exactly as compare.py starts it. Each round starts the three
-afresh and times them in lockstep (benchmarks/lockstep.py): they take turns on the cores, one timed repeat
-each, so the machine's drift (up to 2x over seconds on a shared host) hits all three alike. Per native
+own fresh process: the native loop twice, under the framework's default environment (no thread or allocator
+variables) and under the tool's (tool_env), and the cell exactly as compare.py starts it. Each round starts
+the three afresh and times them in lockstep (benchmarks/lockstep.py): they take turns on the cores, one timed
+repeat each, so the machine's drift (up to 2x over seconds on a shared host) hits all three alike. Per native
 environment, adapter / native is the median over rounds of each round's median per-turn ratio; adapter / best
 native is the lower of the two; the worst cell is printed last. The samples/s columns are medians over rounds
 of each side's median over the turns where all three timed a repeat.
@@ -33,7 +33,8 @@ SIDES = ("native_default", "adapter", "native_tool")
 
 
 def default_env() -> dict[str, str]:
-    """The caller's environment without any thread variable: each framework sizes its own pools."""
+    """The caller's environment without the tool's thread and allocator variables: each framework (and glibc)
+    keeps its own defaults."""
     from nncompare.backends.bench import TOOL_VARIABLES
     env = {k: v for k, v in os.environ.items() if k not in TOOL_VARIABLES}
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -218,7 +218,7 @@ class Task:
 
 
 def cell_env(threads: int, backend: str = "", extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The cell's environment: the thread variables chosen for its framework (inherited ones dropped), then
+    """The cell's environment: the thread and allocator variables chosen for its framework (inherited ones dropped), then
     `extra` (forwarded settings, test hooks)."""
     from .backends.bench import TOOL_VARIABLES, tool_env
     env = {k: v for k, v in os.environ.items() if k not in TOOL_VARIABLES}

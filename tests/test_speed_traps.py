@@ -37,7 +37,7 @@ from .conftest import FRAMEWORKS, ROOT, require
 QUICK = {"NNCOMPARE_TIME_BUDGET": "0"}  # exactly the minimum steps and repeats
 
 
-# --- tool_env ----------------------------------------------------------------------------------------
+# --- tool_env ------------------------------------------------------------------------------------------
 def test_trap13_mxnet_keeps_one_engine_worker_with_n_openmp_threads():
     env = tool_env(4, "mxnet")
     assert "MXNET_CPU_WORKER_NTHREADS" not in env  # MXNet's default: one worker
