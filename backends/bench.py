@@ -57,8 +57,8 @@ def tool_env(threads: int, backend: str | None = None) -> dict[str, str]:
     """The thread and allocator variables of `backend`'s cell, chosen per framework by measurement; set before
     the process starts (glibc reads the allocator's at start-up, the frameworks theirs when they load).
 
-    MXNet keeps MXNET_CPU_WORKER_NTHREADS at its default (one engine worker) and gives that worker `threads`
-    OpenMP threads: one worker per core, each with a core-wide OpenMP pool, oversubscribes (trap 13).
+    MXNet keeps MXNET_CPU_WORKER_NTHREADS at its default (one engine worker) and gives that worker up to
+    `threads` OpenMP threads: one worker per core, each with a core-wide OpenMP pool, oversubscribes (trap 13).
     backend=None gives the variables that are right for every framework at once.
     """
     n = str(threads)
@@ -71,6 +71,10 @@ def tool_env(threads: int, backend: str | None = None) -> dict[str, str]:
         env["TF_NUM_INTEROP_THREADS"] = n
     if fw in (None, "mxnet"):
         env["MXNET_OMP_MAX_THREADS"] = n
+    if fw == "mxnet":
+        # unset, MXNet's operators follow the engine worker's OpenMP count, which the cell can then choose
+        # by measurement (thread_choices); set, MXNet fixes every operator's count as it loads
+        del env["OMP_NUM_THREADS"]
     return env
 
 
@@ -110,6 +114,32 @@ class Turns:
 
 TURNS_VARIABLE = "NNCOMPARE_TURNS"
 _TURNS: Turns | None = None
+
+
+def choose_threads(net: Any, train: Callable[[int], None], choices: list[int], steps: int, batch_size: int,
+                   rounds: int = 2) -> tuple[int, dict[int, float]]:
+    """Of `choices` (the asked-for count first), the operator thread count that trains fastest here, and each
+    one's median samples/s: repeats in mirrored order (ABBA) so drift cancels; the asked-for count unless
+    another beats it by more than SPREAD_BOUND. Under Turns each repeat takes a turn and reports '-'."""
+    turns = Turns.from_env()
+    rates: dict[int, list[float]] = {k: [] for k in choices}
+    for r in range(rounds):
+        for k in choices if r % 2 == 0 else choices[::-1]:
+            net.use_threads(k)
+            train(1)  # the first step after a change starts or parks OpenMP threads: untimed
+            if turns is not None and not turns.wait():
+                turns = None
+            t0 = time.perf_counter()
+            train(steps)
+            seconds = time.perf_counter() - t0
+            if turns is not None:
+                turns.report(None)
+            rates[k].append(steps * batch_size / max(seconds, 1e-9))
+    medians = {k: statistics.median(v) for k, v in rates.items()}
+    best = max(choices, key=medians.__getitem__)
+    chosen = choices[0] if medians[choices[0]] >= medians[best] * (1 - SPREAD_BOUND) else best
+    net.use_threads(chosen)
+    return chosen, medians
 
 
 def _spread(values: list[float]) -> float:
@@ -261,12 +291,28 @@ def measure(backend: str, spec: ModelSpec, device: str, batch_size: int, steps: 
     t0 = time.perf_counter()
     train(1)  # trace / compile / allocate: reported apart
     first_step_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
     if warmup:
         train(warmup)
+    step_s = (time.perf_counter() - t0) / warmup if warmup else first_step_s
     # the same number of steps in every framework (repeats vary with noise): comparable across rows
-    loss, last["steps"] = last["loss"], 0
+    loss = last["loss"]
+
+    t0 = time.perf_counter()
+    offered = getattr(net, "thread_choices", None)
+    choices = offered(threads) if callable(offered) else []
+    probe: dict[int, float] = {}
+    if len(choices) > 1:  # a framework whose best thread count depends on the model (docs/performance.md)
+        if budget_s or Turns.from_env() is not None:
+            chosen, probe = choose_threads(net, train, choices, batch_size=batch_size, rounds=4,
+                                           steps=max(steps, math.ceil(1.2 * MIN_REPEAT_S / max(step_s, 1e-9))))
+        else:  # budget 0: exactly the minimums
+            chosen, probe = choose_threads(net, train, choices, steps, batch_size, rounds=1)
+    probe_s = time.perf_counter() - t0
+
+    last["steps"] = 0
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    tr = timed_repeats(train, steps, batch_size, repeats, budget_s * 2 / 3)
+    tr = timed_repeats(train, steps, batch_size, repeats, max(budget_s * 2 / 3 - probe_s, 0))
     # pages the allocator handed back to the OS and faulted in again: ~0 once step buffers are reused
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / max(last["steps"], 1)
 
@@ -281,6 +327,8 @@ def measure(backend: str, spec: ModelSpec, device: str, batch_size: int, steps: 
 
     settings = {"threads": threads, **{v: os.environ[v] for v in TOOL_VARIABLES if v in os.environ},
                 **_framework_settings(net, backend), "data": placed, "infer_data": "host",
+                **({"operator_threads": chosen, "operator_threads_probe": {str(k): v for k, v in probe.items()}}
+                   if probe else {}),
                 "process_threads": _process_threads()}
     train_sps = tr["samples_s"]
     return {

@@ -2,11 +2,33 @@
 gluon.Trainer SGD/Adam. Layer kinds map to Gluon blocks through CONVERTERS."""
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import platform
 
 import numpy as np
+
+
+def _env_int(var: str) -> int | None:
+    value = os.environ.get(var, "").strip()
+    return int(value) if value.isdigit() else None
+
+
+def _omp_cap() -> int:
+    """MXNet's cap on any operator's OpenMP threads (src/engine/openmp.cc): MXNET_OMP_MAX_THREADS, else
+    OMP_NUM_THREADS, else half the cores on x86 (it assumes hyperthreads: 1 on a 2-core machine)."""
+    procs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cap = _env_int("MXNET_OMP_MAX_THREADS") or _env_int("OMP_NUM_THREADS")
+    if cap is not None:
+        return cap
+    return max(procs >> 1, 1) if platform.machine() in ("x86_64", "AMD64", "i386", "i686") else procs
+
+
+# MXNet reads its thread variables once, as it loads (src/engine/openmp.cc): OMP_NUM_THREADS set fixes every
+# operator's OpenMP count for the process; unset, each operator follows its engine worker's own OpenMP setting.
+_OMP_FIXED = bool(os.environ.get("OMP_NUM_THREADS"))
+_OMP_CAP = _omp_cap()
 
 # MXNet 1.x uses np.bool, which NumPy 1.24 removed (NumPy 2 brings it back): restore it before importing MXNet.
 if "bool" not in vars(np):
@@ -259,22 +281,40 @@ CONVERTERS = {
 }
 
 
-def _env_int(var: str) -> int | None:
-    value = os.environ.get(var, "").strip()
-    return int(value) if value.isdigit() else None
+_SYNC_FUNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
 
 
-def _omp_threads() -> int:
-    """The OpenMP threads each MXNet operator uses, by MXNet's rule (src/engine/openmp.cc): with no thread
-    variables, half the cores on x86 (it assumes hyperthreads: 1 on a 2-core machine), else OMP_NUM_THREADS,
-    with MXNET_OMP_MAX_THREADS as a cap (omp_get_max_threads() in Python's thread does not show this)."""
-    procs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    omp, cap = _env_int("OMP_NUM_THREADS"), _env_int("MXNET_OMP_MAX_THREADS")
-    if omp is not None:
-        return omp if cap is None else cap
-    if cap is not None:
-        return min(procs, cap)
-    return max(procs >> 1, 1) if platform.machine() in ("x86_64", "AMD64", "i386", "i686") else procs
+class _Context(ctypes.Structure):
+    """mxnet::Context as the C API takes it; dev_type 1 is the CPU."""
+    _fields_ = [("dev_type", ctypes.c_int), ("dev_id", ctypes.c_int)]
+
+
+def _on_cpu_worker(fn):
+    """fn() run on the engine's CPU worker, the thread that runs every CPU operator, and its result: OpenMP
+    settings are per thread, so the worker's can only be set and read there."""
+    out = []
+
+    def call(_run_ctx, _param):
+        try:
+            out.append((True, fn()))
+        except Exception as e:  # an exception cannot cross the C callback: carried back instead
+            out.append((False, e))
+    callback = _SYNC_FUNC(call)
+    mx.base.check_call(mx.base._LIB.MXEnginePushSync(callback, None, None, ctypes.byref(_Context(1, 0)),
+                                                     None, 0, None, 0, None, 0, None))
+    mx.nd.waitall()
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value
+
+
+def _libgomp():
+    """The OpenMP runtime MXNet's Linux wheels link, or None elsewhere: only to read the worker's count."""
+    try:
+        return ctypes.CDLL("libgomp.so.1")
+    except OSError:
+        return None
 
 
 class MXNetAdapter(Adapter):
@@ -296,7 +336,34 @@ class MXNetAdapter(Adapter):
         """The performance settings in effect, recorded with each timing."""
         return {"hybridize": dict(HYBRIDIZE), "engine": os.environ.get("MXNET_ENGINE_TYPE", "ThreadedEnginePerDevice"),
                 "cpu_worker_threads": _env_int("MXNET_CPU_WORKER_NTHREADS") or 1,
-                "omp_threads": _omp_threads(), "kvstore": None}
+                "omp_threads": self.omp_threads, "omp_threads_fixed_at_load": _OMP_FIXED, "kvstore": None}
+
+    @property
+    def omp_threads(self) -> int | None:
+        """The OpenMP threads each CPU operator uses, read from the engine worker where MXNet follows it
+        (None where the OpenMP runtime cannot be asked); omp_get_max_threads() in Python's thread says nothing."""
+        if _OMP_FIXED:
+            return _OMP_CAP
+        gomp = _libgomp()
+        return None if gomp is None else min(_on_cpu_worker(gomp.omp_get_max_threads), _OMP_CAP)
+
+    def thread_choices(self, threads: int) -> list[int]:
+        """OpenMP counts this network's operators can switch between in place, the asked-for one first
+        (threads, threads // 2, ..., 1, at most MXNet's cap); none on GPU or where OMP_NUM_THREADS was set
+        as MXNet loaded. For small steps MXNet's own default (half the cores) can beat all of them."""
+        top = min(threads, _OMP_CAP)
+        if self.ctx.device_type != "cpu" or _OMP_FIXED or top < 2:
+            return []
+        choices = [top]
+        while choices[-1] > 1:
+            choices.append(choices[-1] // 2)
+        return choices
+
+    def use_threads(self, n: int) -> None:
+        """Run every later CPU operator with n OpenMP threads (up to MXNet's cap): set on the engine worker."""
+        if not (isinstance(n, int) and n >= 1):
+            raise ValueError(f"threads: must be an integer >= 1, got {n!r}")
+        _on_cpu_worker(lambda: mx.base.check_call(mx.base._LIB.MXSetNumOMPThreads(ctypes.c_int(n))))
 
     @property
     def device_name(self) -> str:
@@ -321,6 +388,9 @@ class MXNetAdapter(Adapter):
         self.native.hybridize(**HYBRIDIZE)
         self._train_net = _WithLoss(self.native, _MeanLoss(binary=self.spec.num_classes == 1))
         self._train_net.hybridize(**HYBRIDIZE)
+        if self.ctx.device_type == "cpu" and not _OMP_FIXED:
+            # the worker starts with min(cores, cap) threads: a cap above the core count is asked for
+            self.use_threads(_OMP_CAP)
 
     # --- weights ---------------------------------------------------------------------------------
     def get_weights(self):

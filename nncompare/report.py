@@ -57,6 +57,13 @@ def machine(row: dict) -> str:
     return row.get("host") or "?"
 
 
+def operator_threads_note(row: dict) -> str:
+    """', 1 of 2 threads' where the cell measured fewer operator threads to be faster than the ones asked for
+    (MXNet: its best count depends on the model), else ''."""
+    used = (row.get("settings") or {}).get("operator_threads")
+    return f", {used} of {row['threads']} threads" if used is not None and used != row.get("threads") else ""
+
+
 def render_table(rows: list[dict], baseline: str, markdown: bool = False, show_machine: bool | None = None) -> str:
     """One line per row; a Machine column when rows come from several hosts, and a column for every setting
     that differs between rows."""
@@ -80,7 +87,7 @@ def render_table(rows: list[dict], baseline: str, markdown: bool = False, show_m
         version = r["backend"] + (f" {r['version'].split(' / ')[0].split()[-1]}" if r.get("version") else "")
         device = r["device"] + (f" ({r['device_name']})" if show_machine and r.get("device_name") else "")
         table.append(head + (
-            r["model"], version, device, r["batch_size"], r.get("path", "-"),
+            r["model"], version, device, r["batch_size"], r.get("path", "-") + operator_threads_note(r),
             _f(r.get("first_step_s"), ".2f"),
             f"{r['train_samples_s']:,.0f} ±{100 * (r.get('train_spread') or 0):.0f}%",
             _f(r.get("infer_samples_s"), ",.0f"),
@@ -125,8 +132,10 @@ def render_scaling(rows: list[dict], markdown: bool = False) -> str:
                       and by_t[t].get("train_samples_s")), None)
         for t in threads:
             sps = by_t.get(t, {}).get("train_samples_s")
+            note = operator_threads_note(by_t[t])[2:] if t in by_t else ""
             cells.append("-" if t not in by_t else "ERROR" if sps is None
-                         else f"{sps:,.0f}" + (f" (x{sps / first:.2f})" if first and len(threads) > 1 else ""))
+                         else f"{sps:,.0f}" + (f" (x{sps / first:.2f})" if first and len(threads) > 1 else "")
+                         + (f" [{note}]" if note else ""))
         table.append((key[0],) * show_machine + (key[1],) * show_source + key[2:] + tuple(cells))
     headers = ("Machine",) * show_machine + ("File",) * show_source + ("Model", "Framework", "Device", "Batch",
                                               *(f"{t} thread{'s' * (t > 1)}" for t in threads))

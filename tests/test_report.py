@@ -123,3 +123,18 @@ def test_check_table_names_a_difference_within_the_oracles_kink_jitter_and_still
     assert "ok; grads 5.1e-03 within the oracle's own 1.3e-02 under 1e-6 input noise (a ReLU kink)" in mxnet
     for line in (torch, keras):
         assert "DIFFERS: grads (first at s2b2_conv2/kernel)" in line and "within" not in line
+
+
+def test_tables_say_where_a_cell_ran_fewer_operator_threads_than_asked_for():
+    """MXNet's cell keeps the operator thread count it measured fastest: a row that used fewer than its
+    `threads` says so in the run table's path and in the thread-scaling table."""
+    rows = [row("mxnet", 900.0, threads=1, settings={"operator_threads": 1}),
+            row("mxnet", 1000.0, threads=2, settings={"operator_threads": 1}),
+            row("mxnet", 1500.0, threads=4, settings={"operator_threads": 4}),
+            row("torch", 800.0, threads=2)]
+    table = report.render_table(rows, "torch").splitlines()
+    assert [l for l in table if "1 of 2 threads" in l] == [l for l in table if " 1,000 " in l]
+    assert sum("threads" in l for l in table[2:]) == 1  # the others ran what they were asked for
+    scaling = report.render_scaling(rows)
+    (mx,) = [l for l in scaling.splitlines() if " mxnet " in l]
+    assert "1,000 (x1.11) [1 of 2 threads]" in mx and "1,500 (x1.67)" in mx and "[4 of" not in mx

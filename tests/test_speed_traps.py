@@ -2,7 +2,8 @@
 
 - tool_env per framework: MXNet keeps one engine worker (trap 13); each cell's thread configuration is
   proven from inside the cell process and carried by its result row; fixed malloc thresholds stop step
-  buffers from being page-faulted in afresh every step, and the row counts those faults.
+  buffers from being page-faulted in afresh every step, and the row counts those faults. MXNet's operator
+  threads are set and read on its engine worker, and its cell keeps the count it measured fastest.
 - measure: repeats until the spread settles or the budget runs out; separate per-batch arrays, never
   slices of one big array in the timed loop (trap 14); resident vs host data recorded.
 - benchmarks/native_vs_adapter.py runs end to end (--quick), and its native loops never import nncompare.
@@ -41,7 +42,9 @@ QUICK = {"NNCOMPARE_TIME_BUDGET": "0"}  # exactly the minimum steps and repeats
 def test_trap13_mxnet_keeps_one_engine_worker_with_n_openmp_threads():
     env = tool_env(4, "mxnet")
     assert "MXNET_CPU_WORKER_NTHREADS" not in env  # MXNet's default: one worker
-    assert env["OMP_NUM_THREADS"] == env["MXNET_OMP_MAX_THREADS"] == "4"
+    assert env["MXNET_OMP_MAX_THREADS"] == env["OPENBLAS_NUM_THREADS"] == "4"
+    # set at load, OMP_NUM_THREADS would fix every operator's count: the cell could not choose it
+    assert "OMP_NUM_THREADS" not in env
     assert not any(v.startswith("TF_") for v in env)
 
 
@@ -69,15 +72,101 @@ def test_cell_reports_its_thread_configuration_from_inside(backend):
     row = run_subprocess(task, timeout=300, env=QUICK)
     assert "error" not in row, row
     s = row["settings"]
-    assert s["threads"] == 1 and s["OMP_NUM_THREADS"] == "1" and s["data"] in ("host", "resident")
+    assert s["threads"] == 1 and s["data"] in ("host", "resident")
     assert s["process_threads"] >= 1
     if backend == "torch":
-        assert s["torch.get_num_threads"] == 1
+        assert s["torch.get_num_threads"] == 1 and s["OMP_NUM_THREADS"] == "1"
     elif backend == "keras":
-        assert s["tf.intra_op_parallelism_threads"] == 1
+        assert s["tf.intra_op_parallelism_threads"] == 1 and s["OMP_NUM_THREADS"] == "1"
     else:
         assert s["mxnet.cpu_workers"] == 1 and s["MXNET_OMP_MAX_THREADS"] == "1"
-        assert "MXNET_CPU_WORKER_NTHREADS" not in s
+        assert "MXNET_CPU_WORKER_NTHREADS" not in s and "OMP_NUM_THREADS" not in s
+        assert s["adapter.omp_threads"] == 1  # asked of the engine worker itself
+        assert "operator_threads" not in s  # one thread: nothing to choose
+
+
+MXNET_THREADS = """
+import json
+from nncompare.backends import SGD, bench, get_adapter
+from nncompare.models import zoo
+spec = zoo.get("mlp")
+net = get_adapter("mxnet").build(spec, optimizer=SGD(lr=0.01, momentum=0.9))
+out = {"choices": net.thread_choices(2), "start": net.omp_threads, "fixed": net.settings["omp_threads_fixed_at_load"]}
+if out["choices"]:
+    x, y = bench.batch_pool(spec, 16, n=1)[0]
+    for n in (1, 2, 1):
+        net.use_threads(n)
+        float(net._train_batch(*net.to_device(x, y)))
+        out.setdefault("seen", []).append(net.omp_threads)
+    try:
+        net.use_threads(0)
+    except ValueError as e:
+        out["error"] = str(e)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("omp_at_load", [False, True])
+def test_mxnet_operator_threads_are_set_and_read_on_the_engine_worker(omp_at_load):
+    """MXNet keeps OpenMP settings per thread, so the count every CPU operator uses is set and read back on
+    the engine's worker thread; with OMP_NUM_THREADS set as MXNet loads, the count is fixed and none is offered."""
+    require("mxnet")
+    env = {k: v for k, v in os.environ.items() if k not in TOOL_VARIABLES}
+    env.update(MXNET_OMP_MAX_THREADS="2", PYTHONPATH=str(ROOT), **({"OMP_NUM_THREADS": "2"} if omp_at_load else {}))
+    out = subprocess.run([sys.executable, "-c", MXNET_THREADS], capture_output=True, text=True, timeout=300,
+                         env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = __import__("json").loads(out.stdout.splitlines()[-1])
+    assert seen["start"] == 2 and seen["fixed"] is omp_at_load
+    if omp_at_load:
+        assert seen["choices"] == [] and "seen" not in seen
+    else:
+        assert seen["choices"] == [2, 1] and seen["seen"] == [1, 2, 1]
+        assert "threads: must be an integer >= 1" in seen["error"]
+
+
+def test_mxnet_cell_chooses_its_operator_threads_and_the_row_says_which():
+    """Two threads asked for: the cell times 2 and 1 OpenMP threads and keeps one; the engine worker, asked
+    after the timing, runs the kept count."""
+    require("mxnet")
+    task = Task("measure", threads=2, backend="mxnet", model_name="mlp", spec=zoo.get("mlp").to_dict(),
+                batch_size=8, optimizer={"type": "sgd", "args": {"lr": 0.01, "momentum": 0.9}},
+                steps=1, repeats=1, warmup=0)
+    row = run_subprocess(task, timeout=300, env=QUICK)
+    assert "error" not in row, row
+    s = row["settings"]
+    assert set(s["operator_threads_probe"]) == {"2", "1"} and all(v > 0 for v in s["operator_threads_probe"].values())
+    assert s["operator_threads"] in (1, 2) and s["adapter.omp_threads"] == s["operator_threads"]
+
+
+class _FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+@pytest.mark.parametrize("cost, chosen", [({4: 1.0, 2: 0.5, 1: 0.8}, 2), ({4: 1.0, 2: 0.99, 1: 0.98}, 4)])
+def test_choose_threads_keeps_the_asked_for_count_unless_another_is_clearly_faster(monkeypatch, cost, chosen):
+    """Seconds per step by thread count on a fake clock: the fastest wins when it beats the asked-for count
+    (first) by more than SPREAD_BOUND; repeats run in mirrored order; the kept count is set last."""
+    clock = _FakeClock()
+    monkeypatch.setattr(bench, "time", clock)
+    monkeypatch.delenv(bench.TURNS_VARIABLE, raising=False)
+    used = []
+
+    class Net:
+        def use_threads(self, n):
+            used.append(n)
+
+    def train(n):
+        clock.now += n * cost[used[-1]]
+
+    got, medians = bench.choose_threads(Net(), train, [4, 2, 1], steps=5, batch_size=10, rounds=2)
+    assert got == chosen and used[-1] == chosen
+    assert used[:-1] == [4, 2, 1, 1, 2, 4]
+    assert medians == pytest.approx({k: 10 / c for k, c in cost.items()})
 
 
 def test_mxnet_second_engine_worker_shows_as_threads_in_the_cell():
