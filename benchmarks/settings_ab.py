@@ -21,7 +21,8 @@ from lockstep import median, paired, positive, run_round  # noqa: E402
 
 NATIVE = Path(__file__).resolve().parent / "native_loops.py"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
-                    "TF_NUM_INTEROP_THREADS", "MXNET_CPU_WORKER_NTHREADS", "MXNET_OMP_MAX_THREADS")
+                    "TF_NUM_INTEROP_THREADS", "MXNET_CPU_WORKER_NTHREADS", "MXNET_OMP_MAX_THREADS",
+                    "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def experiments(n: int) -> dict[str, tuple[str, str, list[tuple[str, dict[str, str], list[str]]]]]:
@@ -32,6 +33,11 @@ def experiments(n: int) -> dict[str, tuple[str, str, list[tuple[str, dict[str, s
         "mxnet-workers": ("mxnet", "MXNet engine workers (MXNET_CPU_WORKER_NTHREADS) with N OpenMP threads", [
             ("1 worker (default)", {**omp, "MXNET_OMP_MAX_THREADS": t}, []),
             (f"{n} workers", {**omp, "MXNET_OMP_MAX_THREADS": t, "MXNET_CPU_WORKER_NTHREADS": t}, [])]),
+        "mxnet-omp-wait": ("mxnet", "MXNet OpenMP threads and how idle OpenMP threads wait (libgomp)", [
+            ("MXNet default (no variables)", {}, []),
+            (f"{n} threads, libgomp default wait", {**omp, "MXNET_OMP_MAX_THREADS": t}, []),
+            (f"{n} threads, OMP_WAIT_POLICY=PASSIVE", {**omp, "MXNET_OMP_MAX_THREADS": t, "OMP_WAIT_POLICY": "PASSIVE"}, []),
+            (f"{n} threads, GOMP_SPINCOUNT=10000", {**omp, "MXNET_OMP_MAX_THREADS": t, "GOMP_SPINCOUNT": "10000"}, [])]),
         "mxnet-slicing": ("mxnet", "MXNet batches: separate NDArrays vs slices of one big NDArray in record", [
             ("separate per-batch NDArrays", {**omp, "MXNET_OMP_MAX_THREADS": t}, []),
             ("sliced inside autograd.record", {**omp, "MXNET_OMP_MAX_THREADS": t}, ["--sliced"])]),
