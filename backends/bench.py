@@ -28,6 +28,7 @@ TOOL_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", 
 # Noise control: repeats continue until the last SETTLE_K agree within SPREAD_BOUND, or the budget runs out.
 SETTLE_K = 5
 SPREAD_BOUND = 0.03
+PROBE_ROUNDS = 6  # choose_threads: 4 rounds kept mxnet mlp b32's faster count in 4 runs of 6, 6 rounds in 7 of 8
 TIME_BUDGET_S = 2.0  # per cell after warm-up: keeps `python compare.py` (12 cells) within a minute on 2 cores
 MIN_REPEAT_S = 0.05  # a repeat shorter than this is mostly timer and scheduler jitter: steps are raised to fit
 
@@ -117,9 +118,9 @@ _TURNS: Turns | None = None
 
 
 def choose_threads(net: Any, train: Callable[[int], None], choices: list[int], steps: int, batch_size: int,
-                   rounds: int = 2) -> tuple[int, dict[int, float]]:
+                   rounds: int = PROBE_ROUNDS) -> tuple[int, dict[int, float]]:
     """Of `choices` (the asked-for count first), the operator thread count that trains fastest here, and each
-    one's median samples/s: repeats in mirrored order (ABBA) so drift cancels; the asked-for count unless
+    one's median samples/s: repeats in mirrored order (AB BA ...) so drift cancels; the asked-for count unless
     another beats it by more than SPREAD_BOUND. Under Turns each repeat takes a turn and reports '-'."""
     turns = Turns.from_env()
     rates: dict[int, list[float]] = {k: [] for k in choices}
@@ -254,8 +255,10 @@ def measure(backend: str, spec: ModelSpec, device: str, batch_size: int, steps: 
     """Build, time the first step apart, warm up, then time training and inference samples/s: `steps` and
     `repeats` are minimums, repeats go on until the spread settles or `budget_s` (split 2:1 between training
     and inference; default $NNCOMPARE_TIME_BUDGET, else TIME_BUDGET_S; 0 = exactly the minimums) is spent.
-    data="resident" feeds the adapter's own device tensors where it offers
-    `to_device`, else host NumPy arrays every step (data="host", what a data loader does); the row says which."""
+    Where the adapter offers thread_choices (MXNet), the operator thread count is chosen first by timing each
+    (choose_threads), inside the training budget. data="resident" feeds the adapter's own device tensors
+    where it offers `to_device`, else host NumPy arrays every step (data="host", what a data loader does);
+    the row says which."""
     if data not in ("host", "resident"):
         raise ValueError(f"data must be 'host' or 'resident', got {data!r}")
     if budget_s is None:
@@ -304,7 +307,7 @@ def measure(backend: str, spec: ModelSpec, device: str, batch_size: int, steps: 
     probe: dict[int, float] = {}
     if len(choices) > 1:  # a framework whose best thread count depends on the model (docs/performance.md)
         if budget_s or Turns.from_env() is not None:
-            chosen, probe = choose_threads(net, train, choices, batch_size=batch_size, rounds=4,
+            chosen, probe = choose_threads(net, train, choices, batch_size=batch_size,
                                            steps=max(steps, math.ceil(1.2 * MIN_REPEAT_S / max(step_s, 1e-9))))
         else:  # budget 0: exactly the minimums
             chosen, probe = choose_threads(net, train, choices, steps, batch_size, rounds=1)

@@ -361,7 +361,7 @@ class MXNetAdapter(Adapter):
 
     def use_threads(self, n: int) -> None:
         """Run every later CPU operator with n OpenMP threads (up to MXNet's cap): set on the engine worker."""
-        if not (isinstance(n, int) and n >= 1):
+        if isinstance(n, bool) or not (isinstance(n, int) and n >= 1):
             raise ValueError(f"threads: must be an integer >= 1, got {n!r}")
         _on_cpu_worker(lambda: mx.base.check_call(mx.base._LIB.MXSetNumOMPThreads(ctypes.c_int(n))))
 
