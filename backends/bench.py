@@ -309,11 +309,10 @@ def measure(backend: str, spec: ModelSpec, device: str, batch_size: int, steps: 
     choices = offered(threads) if callable(offered) else []
     probe: dict[int, float] = {}
     if len(choices) > 1:  # a framework whose best thread count depends on the model (docs/performance.md)
-        if budget_s or Turns.from_env() is not None:
-            chosen, probe = choose_threads(net, train, choices, batch_size=batch_size,
-                                           steps=max(steps, math.ceil(1.2 * MIN_REPEAT_S / max(step_s, 1e-9))))
-        else:  # budget 0: exactly the minimums
-            chosen, probe = choose_threads(net, train, choices, steps, batch_size, rounds=1)
+        full = budget_s or Turns.from_env() is not None  # else budget 0: exactly the minimums
+        chosen, probe = choose_threads(
+            net, train, choices, batch_size=batch_size, rounds=PROBE_ROUNDS if full else 1,
+            steps=max(steps, math.ceil(1.2 * MIN_REPEAT_S / max(step_s, 1e-9))) if full else steps)
     probe_s = time.perf_counter() - t0
 
     last["steps"] = 0

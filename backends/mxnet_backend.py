@@ -41,7 +41,7 @@ from mxnet.gluon import nn  # noqa: E402
 from ..models.spec import (INPUT, Activation, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense,  # noqa: E402
                            Dropout, Flatten, GlobalAveragePooling2D, MaxPool2D, parse_activation)
 
-from .base import Adam, Adapter, BackendError, SGD, as_inputs, gpu_index  # noqa: E402
+from .base import Adam, Adapter, BackendError, SGD, _check_int, as_inputs, gpu_index  # noqa: E402
 
 HYBRIDIZE = {"static_alloc": True, "static_shape": True}  # static_shape still re-plans for other batch sizes
 
@@ -361,8 +361,7 @@ class MXNetAdapter(Adapter):
 
     def use_threads(self, n: int) -> None:
         """Run every later CPU operator with n OpenMP threads (up to MXNet's cap): set on the engine worker."""
-        if isinstance(n, bool) or not (isinstance(n, int) and n >= 1):
-            raise ValueError(f"threads: must be an integer >= 1, got {n!r}")
+        n = _check_int("threads", n, 1)
         _on_cpu_worker(lambda: mx.base.check_call(mx.base._LIB.MXSetNumOMPThreads(ctypes.c_int(n))))
 
     @property

@@ -58,10 +58,10 @@ def machine(row: dict) -> str:
 
 
 def operator_threads_note(row: dict) -> str:
-    """', 1 of 2 threads' where the cell measured fewer operator threads to be faster than the ones asked for
+    """'1 of 2 threads' where the cell measured fewer operator threads to be faster than the ones asked for
     (MXNet: its best count depends on the model), else ''."""
     used = (row.get("settings") or {}).get("operator_threads")
-    return f", {used} of {row['threads']} threads" if used is not None and used != row.get("threads") else ""
+    return f"{used} of {row['threads']} threads" if used is not None and used != row.get("threads") else ""
 
 
 def render_table(rows: list[dict], baseline: str, markdown: bool = False, show_machine: bool | None = None) -> str:
@@ -87,7 +87,7 @@ def render_table(rows: list[dict], baseline: str, markdown: bool = False, show_m
         version = r["backend"] + (f" {r['version'].split(' / ')[0].split()[-1]}" if r.get("version") else "")
         device = r["device"] + (f" ({r['device_name']})" if show_machine and r.get("device_name") else "")
         table.append(head + (
-            r["model"], version, device, r["batch_size"], r.get("path", "-") + operator_threads_note(r),
+            r["model"], version, device, r["batch_size"], ", ".join(filter(None, (r.get("path", "-"), operator_threads_note(r)))),
             _f(r.get("first_step_s"), ".2f"),
             f"{r['train_samples_s']:,.0f} ±{100 * (r.get('train_spread') or 0):.0f}%",
             _f(r.get("infer_samples_s"), ",.0f"),
@@ -132,7 +132,7 @@ def render_scaling(rows: list[dict], markdown: bool = False) -> str:
                       and by_t[t].get("train_samples_s")), None)
         for t in threads:
             sps = by_t.get(t, {}).get("train_samples_s")
-            note = operator_threads_note(by_t[t])[2:] if t in by_t else ""
+            note = operator_threads_note(by_t[t]) if t in by_t else ""
             cells.append("-" if t not in by_t else "ERROR" if sps is None
                          else f"{sps:,.0f}" + (f" (x{sps / first:.2f})" if first and len(threads) > 1 else "")
                          + (f" [{note}]" if note else ""))

@@ -87,7 +87,7 @@ def test_cell_reports_its_thread_configuration_from_inside(backend):
 
 MXNET_THREADS = """
 import json
-from nncompare.backends import SGD, bench, get_adapter
+from nncompare.backends import SGD, BackendError, bench, get_adapter
 from nncompare.models import zoo
 spec = zoo.get("mlp")
 net = get_adapter("mxnet").build(spec, optimizer=SGD(lr=0.01, momentum=0.9))
@@ -100,7 +100,7 @@ if out["choices"]:
         out.setdefault("seen", []).append(net.omp_threads)
     try:
         net.use_threads(0)
-    except ValueError as e:
+    except BackendError as e:
         out["error"] = str(e)
 print(json.dumps(out))
 """
