@@ -462,6 +462,21 @@ def test_native_loops_never_import_nncompare():
     assert imported and not any((m or "").split(".")[0] == "nncompare" for m in imported)
 
 
+def test_native_mxnet_repeat_ends_when_every_queued_step_is_done(monkeypatch):
+    """MXNet's engine runs a step's backward and update after its loss is ready: the reference loop must wait
+    for all of it (mx.nd.waitall), or its repeats leave work to spill into the next process's turn."""
+    require("mxnet")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import native_loops
+    step, fetch, *_ = native_loops.mxnet_loop("mlp", 8)
+    import mxnet as mx
+    calls, real = [], mx.nd.waitall
+    monkeypatch.setattr(mx.nd, "waitall", lambda: (calls.append("waitall"), real())[1])
+    loss = step(0)
+    value = fetch(loss)
+    assert calls == ["waitall"] and np.isfinite(value) and value > 0
+
+
 def test_benchmark_quick_runs_end_to_end():
     require("torch")
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "native_vs_adapter.py"), "--quick",
