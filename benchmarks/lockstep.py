@@ -21,7 +21,22 @@ import tempfile
 import time
 
 TURNS_VARIABLE = "NNCOMPARE_TURNS"
-SETTLE_S = 0.005  # between turns: the last process's spinning pool threads go to sleep first
+# After a process answers, the next turn waits until it is idle: OpenMP pool threads spin for some
+# milliseconds after their last parallel region (libgomp: ~8 ms a thread here), and spinning on a core the
+# next process needs slows that process's repeat. Idle: under IDLE_SHARE of one core used over IDLE_WINDOW_S.
+IDLE_WINDOW_S = 0.002
+IDLE_SHARE = 0.05
+SETTLE_MAX_S = 0.25  # a process busy for longer between its turns is not waited for: see spill()
+# CPU a process uses after answering its turn, as a share of its turns' CPU: pool threads spinning down
+# use a few per cent (libgomp at 2 threads: ~7 %); beyond this, work was still queued when it answered (MXNet's
+# engine runs a step's backward and update after its loss is ready: ~13 %), so its repeats were timed short.
+SPILL_BOUND = 0.10
+
+
+def spill(runs: list[dict]) -> float | None:
+    """Share of a side's CPU time (over its rounds) that it used after answering its turns rather than in them."""
+    cpu_in = sum(r.get("cpu_in_turns_s", 0) for r in runs)
+    return sum(r.get("cpu_after_turns_s", 0) for r in runs) / cpu_in if cpu_in > 0 else None
 
 
 class Side:
@@ -29,6 +44,8 @@ class Side:
 
     def __init__(self, name: str, cmd: list[str], env: dict[str, str], result_prefix: str = ""):
         self.name, self.prefix, self.error, self.turns, self.buf = name, result_prefix, None, [], b""
+        self.cpu_in = self.cpu_out = 0.0  # CPU seconds the process used in its turns / after answering them
+        self._cpu_at_answer: float | None = None
         go_r, self.go = os.pipe()
         self.done, done_w = os.pipe()
         self.out, self.err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
@@ -68,13 +85,48 @@ class Side:
         except (OSError, TimeoutError, EOFError, ValueError) as e:
             self._fail(e)
 
+    def cpu(self) -> float | None:
+        """CPU seconds every thread of the process has run so far (/proc schedstat, nanoseconds); None once
+        it is gone."""
+        total = 0
+        try:
+            for tid in os.listdir(f"/proc/{self.proc.pid}/task"):
+                try:
+                    with open(f"/proc/{self.proc.pid}/task/{tid}/schedstat") as f:
+                        total += int(f.read().split()[0])
+                except (OSError, ValueError, IndexError):
+                    pass  # a thread that just ended
+        except OSError:
+            return None
+        return total / 1e9
+
+    def settle(self) -> None:
+        """Wait (up to SETTLE_MAX_S) until the process is idle."""
+        deadline = time.monotonic() + SETTLE_MAX_S
+        last = self.cpu()
+        while last is not None and time.monotonic() < deadline:
+            time.sleep(IDLE_WINDOW_S)
+            now = self.cpu()
+            if now is None or now - last < IDLE_SHARE * IDLE_WINDOW_S:
+                return
+            last = now
+
     def turn(self, timeout: float) -> None:
         try:
+            before = self.cpu()
+            if before is not None and self._cpu_at_answer is not None:
+                self.cpu_out += before - self._cpu_at_answer
             os.write(self.go, b"g")
             line = self._line(timeout)
+            after = self.cpu()
+            if before is not None and after is not None:
+                self.cpu_in += after - before
+            self._cpu_at_answer = after
             self.turns.append(None if line == "-" else float(line))
         except (OSError, TimeoutError, EOFError, ValueError) as e:
             self._fail(e)
+        else:
+            self.settle()
 
     def values(self) -> list[float]:
         return [v for v in self.turns if v is not None]
@@ -116,7 +168,8 @@ class Side:
             self.error += f" (killed by signal {-rc})" if rc < 0 else f" (exit code {rc})"
         if self.error is not None and last and last not in self.error:
             self.error += f" (stderr: {last})"
-        return {**result, "turns": self.turns, **({"error": self.error} if self.error else {})}
+        return {**result, "turns": self.turns, "cpu_in_turns_s": round(self.cpu_in, 3),
+                "cpu_after_turns_s": round(self.cpu_out, 3), **({"error": self.error} if self.error else {})}
 
 
 def run_round(sides: dict[str, tuple[list[str], dict[str, str], str]], turns: int, timeout: float,
@@ -140,7 +193,6 @@ def run_round(sides: dict[str, tuple[list[str], dict[str, str], str]], turns: in
             cycle += 1
             for s in started[k:] + started[:k]:
                 if s.alive:
-                    time.sleep(SETTLE_S)
                     s.turn(timeout)
         return {s.name: s.finish(timeout) for s in started}
     finally:
