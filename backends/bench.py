@@ -29,9 +29,6 @@ TOOL_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", 
 SETTLE_K = 5
 SPREAD_BOUND = 0.03
 PROBE_ROUNDS = 6  # choose_threads: 4 rounds kept mxnet mlp b32's faster count in 4 runs of 6, 6 rounds in 7 of 8
-# choose_threads: another count must beat the asked-for one by this much. The probe's medians scatter by about
-# as much here: mxnet cifar_cnn b32 kept 1 thread on a 5 % lead in 2 rounds of 12 and ran 0.83-0.86 there.
-PROBE_MARGIN = 0.10
 TIME_BUDGET_S = 2.0  # per cell after warm-up: keeps `python compare.py` (12 cells) within a minute on 2 cores
 MIN_REPEAT_S = 0.05  # a repeat shorter than this is mostly timer and scheduler jitter: steps are raised to fit
 
@@ -121,27 +118,36 @@ _TURNS: Turns | None = None
 
 
 def choose_threads(net: Any, train: Callable[[int], None], choices: list[int], steps: int, batch_size: int,
-                   rounds: int = PROBE_ROUNDS) -> tuple[int, dict[int, float]]:
+                   rounds: int = PROBE_ROUNDS, min_repeat_s: float = MIN_REPEAT_S) -> tuple[int, dict[int, float]]:
     """Of `choices` (the asked-for count first), the operator thread count that trains fastest here, and each
-    one's median samples/s: repeats in mirrored order (AB BA ...) so drift cancels; the asked-for count unless
-    another beats it by more than PROBE_MARGIN. Under Turns each repeat takes a turn and reports '-'."""
+    one's median samples/s: repeats in mirrored order (AB BA ...) so drift cancels; a tie keeps the asked-for
+    count. A repeat shorter than `min_repeat_s` raises the steps and starts the probe over. Under Turns each
+    repeat takes a turn and reports '-'."""
     turns = Turns.from_env()
     rates: dict[int, list[float]] = {k: [] for k in choices}
-    for r in range(rounds):
+    r = 0
+    while r < rounds:
         for k in choices if r % 2 == 0 else choices[::-1]:
-            net.use_threads(k)
-            train(1)  # the first step after a change starts or parks OpenMP threads: untimed
             if turns is not None and not turns.wait():
                 turns = None
+            # inside the turn: work between turns would run in another process's timed repeat
+            net.use_threads(k)
+            train(1)  # the first step after a change starts or parks OpenMP threads: untimed
             t0 = time.perf_counter()
             train(steps)
             seconds = time.perf_counter() - t0
             if turns is not None:
                 turns.report(None)
+            if seconds < min_repeat_s:
+                # a few milliseconds time the switch and the wake-up, not the count: steps sized from a warm-up
+                # slowed by other processes starting gave mxnet mlp b32 repeats of 2 steps, ~6 ms
+                steps = math.ceil(steps * 1.2 * min_repeat_s / max(seconds, 1e-9))
+                rates, r = {k: [] for k in choices}, -1
+                break
             rates[k].append(steps * batch_size / max(seconds, 1e-9))
+        r += 1
     medians = {k: statistics.median(v) for k, v in rates.items()}
-    best = max(choices, key=medians.__getitem__)
-    chosen = best if medians[best] > medians[choices[0]] * (1 + PROBE_MARGIN) else choices[0]
+    chosen = max(choices, key=medians.__getitem__)  # the first of equals: the asked-for count
     net.use_threads(chosen)
     return chosen, medians
 
@@ -312,7 +318,8 @@ def measure(backend: str, spec: ModelSpec, device: str, batch_size: int, steps: 
         full = budget_s or Turns.from_env() is not None  # else budget 0: exactly the minimums
         chosen, probe = choose_threads(
             net, train, choices, batch_size=batch_size, rounds=PROBE_ROUNDS if full else 1,
-            steps=max(steps, math.ceil(1.2 * MIN_REPEAT_S / max(step_s, 1e-9))) if full else steps)
+            steps=max(steps, math.ceil(1.2 * MIN_REPEAT_S / max(step_s, 1e-9))) if full else steps,
+            min_repeat_s=MIN_REPEAT_S if full else 0.0)
     probe_s = time.perf_counter() - t0
 
     last["steps"] = 0

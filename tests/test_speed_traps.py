@@ -147,11 +147,11 @@ class _FakeClock:
         return self.now
 
 
-@pytest.mark.parametrize("cost, chosen", [({4: 1.0, 2: 0.5, 1: 0.8}, 2), ({4: 1.0, 2: 0.95, 1: 0.93}, 4)])
-def test_choose_threads_keeps_the_asked_for_count_unless_another_is_clearly_faster(monkeypatch, cost, chosen):
-    """Seconds per step by thread count on a fake clock: the fastest wins when it beats the asked-for count
-    (first) by more than PROBE_MARGIN (not on a 7 % lead); repeats run in mirrored order; the kept count is
-    set last."""
+@pytest.mark.parametrize("cost, chosen", [({4: 1.0, 2: 0.5, 1: 0.8}, 2), ({4: 1.0, 2: 0.95, 1: 0.93}, 1),
+                                          ({4: 0.9, 2: 0.9, 1: 1.0}, 4)])
+def test_choose_threads_takes_the_fastest_count_and_keeps_the_asked_for_one_on_a_tie(monkeypatch, cost, chosen):
+    """Seconds per step by thread count on a fake clock: the fastest median wins, a tie keeps the asked-for
+    count (first); repeats run in mirrored order; the kept count is set last."""
     clock = _FakeClock()
     monkeypatch.setattr(bench, "time", clock)
     monkeypatch.delenv(bench.TURNS_VARIABLE, raising=False)
@@ -168,6 +168,34 @@ def test_choose_threads_keeps_the_asked_for_count_unless_another_is_clearly_fast
     assert got == chosen and used[-1] == chosen
     assert used[:-1] == [4, 2, 1, 1, 2, 4]
     assert medians == pytest.approx({k: 10 / c for k, c in cost.items()})
+
+
+def test_choose_threads_raises_short_repeats_and_starts_over(monkeypatch):
+    """A repeat under MIN_REPEAT_S times the switch, not the count: the steps go up and the probe starts
+    over, so every median comes from repeats of the raised length; with min_repeat_s=0 (budget 0) it never
+    raises."""
+    clock = _FakeClock()
+    monkeypatch.setattr(bench, "time", clock)
+    monkeypatch.delenv(bench.TURNS_VARIABLE, raising=False)
+    used, timed = [], []
+
+    class Net:
+        def use_threads(self, n):
+            used.append(n)
+
+    def train(n):
+        clock.now += n * {2: 0.004, 1: 0.003}[used[-1]]
+        if n > 1:
+            timed.append(n)
+
+    got, medians = bench.choose_threads(Net(), train, [2, 1], steps=2, batch_size=10, rounds=2)
+    # 2 steps of 4 ms = 8 ms < 50 ms: 2 * 1.2 * 0.05 / 0.008 -> 15 steps; 15 of 3 ms at 1 thread, 45 ms,
+    # -> 20; then two full mirrored rounds of 20
+    assert timed == [2, 15, 15, 20, 20, 20, 20] and used[:-1] == [2, 2, 1, 2, 1, 1, 2]
+    assert got == 1 and medians == pytest.approx({2: 2500, 1: 10 / 0.003})
+    timed.clear()
+    bench.choose_threads(Net(), train, [2, 1], steps=2, batch_size=10, rounds=1, min_repeat_s=0.0)
+    assert timed == [2, 2]
 
 
 def test_mxnet_second_engine_worker_shows_as_threads_in_the_cell():
@@ -380,6 +408,36 @@ def test_lockstep_side_that_never_gets_ready_is_an_error_not_a_hang(tmp_path):
     out = ls.run_round({"mute": ([sys.executable, str(script)], dict(os.environ), "")}, turns=2, timeout=1)
     assert time.monotonic() - started < 20
     assert out["mute"]["error"].startswith("no answer in 1 s")
+
+SPILLING_SIDE = textwrap.dedent("""
+    import os, sys, time
+    go, done = (int(v) for v in os.environ["NNCOMPARE_TURNS"].split(","))
+    after = float(sys.argv[1])  # seconds of work left running once the turn is answered
+    def spin(s):
+        end = time.thread_time() + s
+        while time.thread_time() < end:
+            pass
+    os.write(done, b"ready\\n")
+    while os.read(go, 1):
+        spin(0.05)
+        os.write(done, b"1000.0\\n")
+        spin(after)
+    print('RESULT {}')
+""")
+
+
+def test_lockstep_counts_the_cpu_time_a_side_uses_between_its_turns(tmp_path):
+    """A process that answers before its work is done (MXNet's loss is ready before the step's update) is
+    timed short and slows the next turn: lockstep measures that, and the benchmarks name the side."""
+    ls = lockstep()
+    script = tmp_path / "spill.py"
+    script.write_text(SPILLING_SIDE)
+    side = lambda after: ([sys.executable, str(script), str(after)], dict(os.environ), "RESULT ")  # noqa: E731
+    out = ls.run_round({"clean": side(0), "spills": side(0.05)}, turns=8, timeout=30)
+    assert out["clean"]["turns"] == out["spills"]["turns"] == [1000.0] * 8
+    assert out["clean"]["cpu_in_turns_s"] >= 0.3 and out["spills"]["cpu_in_turns_s"] >= 0.3
+    assert ls.spill([out["clean"]]) < ls.SPILL_BOUND < 0.5 < ls.spill([out["spills"]])
+
 
 # --- measure's data: separate per-batch arrays, resident or host ----------------------------------------
 class FakeLoss:
