@@ -15,14 +15,18 @@ def _env_int(var: str) -> int | None:
     return int(value) if value.isdigit() else None
 
 
-def _omp_cap() -> int:
-    """MXNet's cap on any operator's OpenMP threads (src/engine/openmp.cc): MXNET_OMP_MAX_THREADS, else
-    OMP_NUM_THREADS, else half the cores on x86 (it assumes hyperthreads: 1 on a 2-core machine)."""
+def _own_default() -> int:
+    """The OpenMP count MXNet gives operators with no thread variables set (src/engine/openmp.cc): half the
+    cores on x86, where it assumes hyperthreads (1 on a 2-core machine), else all of them."""
     procs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    cap = _env_int("MXNET_OMP_MAX_THREADS") or _env_int("OMP_NUM_THREADS")
-    if cap is not None:
-        return cap
     return max(procs >> 1, 1) if platform.machine() in ("x86_64", "AMD64", "i386", "i686") else procs
+
+
+def _omp_cap() -> int:
+    """MXNet's cap on any operator's OpenMP threads: MXNET_OMP_MAX_THREADS, else OMP_NUM_THREADS, else its
+    own default."""
+    cap = _env_int("MXNET_OMP_MAX_THREADS") or _env_int("OMP_NUM_THREADS")
+    return _own_default() if cap is None else cap
 
 
 # MXNet reads its thread variables once, as it loads (src/engine/openmp.cc): OMP_NUM_THREADS set fixes every
@@ -348,16 +352,17 @@ class MXNetAdapter(Adapter):
         return None if gomp is None else min(_on_cpu_worker(gomp.omp_get_max_threads), _OMP_CAP)
 
     def thread_choices(self, threads: int) -> list[int]:
-        """OpenMP counts this network's operators can switch between in place, the asked-for one first
-        (threads, threads // 2, ..., 1, at most MXNet's cap); none on GPU or where OMP_NUM_THREADS was set
-        as MXNet loaded. For small steps MXNet's own default (half the cores) can beat all of them."""
+        """OpenMP counts this network's operators can switch between in place: threads, threads // 2, ..., 1
+        (at most MXNet's cap), the one nearest MXNet's own default first, so that a near tie keeps MXNet's
+        choice; none on GPU or where OMP_NUM_THREADS was set as MXNet loaded."""
         top = min(threads, _OMP_CAP)
         if self.ctx.device_type != "cpu" or _OMP_FIXED or top < 2:
             return []
         choices = [top]
         while choices[-1] > 1:
             choices.append(choices[-1] // 2)
-        return choices
+        own = min(choices, key=lambda c: (abs(c - _own_default()), c))
+        return [own] + [c for c in choices if c != own]
 
     def use_threads(self, n: int) -> None:
         """Run every later CPU operator with n OpenMP threads (up to MXNet's cap): set on the engine worker."""

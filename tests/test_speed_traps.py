@@ -91,7 +91,8 @@ from nncompare.backends import SGD, BackendError, bench, get_adapter
 from nncompare.models import zoo
 spec = zoo.get("mlp")
 net = get_adapter("mxnet").build(spec, optimizer=SGD(lr=0.01, momentum=0.9))
-out = {"choices": net.thread_choices(2), "start": net.omp_threads, "fixed": net.settings["omp_threads_fixed_at_load"]}
+out = {"choices": net.thread_choices(2), "start": net.omp_threads, "fixed": net.settings["omp_threads_fixed_at_load"],
+       "own": __import__("nncompare.backends.mxnet_backend", fromlist=["_own_default"])._own_default()}
 if out["choices"]:
     x, y = bench.batch_pool(spec, 16, n=1)[0]
     for n in (1, 2, 1):
@@ -121,7 +122,9 @@ def test_mxnet_operator_threads_are_set_and_read_on_the_engine_worker(omp_at_loa
     if omp_at_load:
         assert seen["choices"] == [] and "seen" not in seen
     else:
-        assert seen["choices"] == [2, 1] and seen["seen"] == [1, 2, 1]
+        # MXNet's own default (half the cores on x86) is offered first: a near tie keeps it
+        assert sorted(seen["choices"]) == [1, 2] and seen["choices"][0] == min(seen["own"], 2)
+        assert seen["seen"] == [1, 2, 1]
         assert "threads: must be an integer >= 1" in seen["error"]
 
 
@@ -147,11 +150,13 @@ class _FakeClock:
         return self.now
 
 
-@pytest.mark.parametrize("cost, chosen", [({4: 1.0, 2: 0.5, 1: 0.8}, 2), ({4: 1.0, 2: 0.95, 1: 0.93}, 1),
-                                          ({4: 0.9, 2: 0.9, 1: 1.0}, 4)])
-def test_choose_threads_takes_the_fastest_count_and_keeps_the_asked_for_one_on_a_tie(monkeypatch, cost, chosen):
-    """Seconds per step by thread count on a fake clock: the fastest median wins, a tie keeps the asked-for
-    count (first); repeats run in mirrored order; the kept count is set last."""
+@pytest.mark.parametrize("cost, chosen", [({4: 1.0, 2: 0.5, 1: 0.8}, 2), ({4: 1.0, 2: 0.98, 1: 0.97}, 4),
+                                          ({4: 1.0, 2: 0.95, 1: 0.93}, 1)])
+def test_choose_threads_keeps_the_first_count_unless_another_is_faster_by_more_than_the_tie(monkeypatch, cost,
+                                                                                             chosen):
+    """Seconds per step by thread count on a fake clock: the first offered count (the framework's own choice)
+    stays on a 3 % lead (PROBE_TIE is 5 %), the fastest wins on a 7.5 % one; repeats run in mirrored order;
+    the kept count is set last."""
     clock = _FakeClock()
     monkeypatch.setattr(bench, "time", clock)
     monkeypatch.delenv(bench.TURNS_VARIABLE, raising=False)
