@@ -29,7 +29,7 @@ TOOL_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", 
 SETTLE_K = 5
 SPREAD_BOUND = 0.03
 PROBE_ROUNDS = 6  # choose_threads: 4 rounds kept mxnet mlp b32's faster count in 4 runs of 6, 6 rounds in 7 of 8
-TIME_BUDGET_S = 2.0  # per cell after warm-up: keeps `python compare.py` (12 cells) within a minute on 2 cores
+TIME_BUDGET_S = 1.7  # per cell after warm-up: keeps `python compare.py` (12 cells) within a minute on 2 cores (56-64 s at 2.0)
 # choose_threads: another count must beat the first offered (the framework's own choice) by more than this.
 # mxnet mlp b32: in 2 rounds of 6 the probe had 1 and 2 threads within 2 % while fresh 1-thread processes beat
 # 2-thread ones by 1.25x in the same rounds; 2 threads beat 1 by 9-30 % on every convnet cell.
