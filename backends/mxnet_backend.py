@@ -26,12 +26,13 @@ def _omp_cap() -> int:
     """MXNet's cap on any operator's OpenMP threads: MXNET_OMP_MAX_THREADS, else OMP_NUM_THREADS, else its
     own default."""
     cap = _env_int("MXNET_OMP_MAX_THREADS") or _env_int("OMP_NUM_THREADS")
-    return _own_default() if cap is None else cap
+    return _OWN_DEFAULT if cap is None else cap
 
 
 # MXNet reads its thread variables once, as it loads (src/engine/openmp.cc): OMP_NUM_THREADS set fixes every
 # operator's OpenMP count for the process; unset, each operator follows its engine worker's own OpenMP setting.
 _OMP_FIXED = bool(os.environ.get("OMP_NUM_THREADS"))
+_OWN_DEFAULT = _own_default()
 _OMP_CAP = _omp_cap()
 
 # MXNet 1.x uses np.bool, which NumPy 1.24 removed (NumPy 2 brings it back): restore it before importing MXNet.
@@ -361,7 +362,7 @@ class MXNetAdapter(Adapter):
         choices = [top]
         while choices[-1] > 1:
             choices.append(choices[-1] // 2)
-        own = min(choices, key=lambda c: (abs(c - _own_default()), c))
+        own = min(choices, key=lambda c: (abs(c - _OWN_DEFAULT), c))
         return [own] + [c for c in choices if c != own]
 
     def use_threads(self, n: int) -> None:

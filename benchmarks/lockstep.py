@@ -39,6 +39,15 @@ def spill(runs: list[dict]) -> float | None:
     return sum(r.get("cpu_after_turns_s", 0) for r in runs) / cpu_in if cpu_in > 0 else None
 
 
+def spill_note(runs: list[dict]) -> str | None:
+    """What the benchmarks print about a side whose spill() is over SPILL_BOUND, else None."""
+    share = spill(runs)
+    if share is None or share <= SPILL_BOUND:
+        return None
+    return (f"used {share:.0%} of its turns' CPU time after answering them: work still queued when a repeat "
+            "ends times it short")
+
+
 class Side:
     """One process of a lockstep round."""
 

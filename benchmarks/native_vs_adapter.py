@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lockstep import SPILL_BOUND, median, paired, positive, run_round, spill  # noqa: E402
+from lockstep import median, paired, positive, run_round, spill_note  # noqa: E402
 
 NATIVE = Path(__file__).resolve().parent / "native_loops.py"
 MODELS = ("mlp", "lenet5", "cifar_cnn")
@@ -138,10 +138,8 @@ def main() -> int:
         for e in errors:
             notes.append(f"{model} b{batch} {backend}: {e[:200]}")
         for side in SIDES:
-            share = spill(r[side])
-            if share is not None and share > SPILL_BOUND:
-                notes.append(f"{model} b{batch} {backend}: {side} used {share:.0%} of its turns' CPU time after "
-                             "answering them: work still queued when a repeat ends times it short")
+            if note := spill_note(r[side]):
+                notes.append(f"{model} b{batch} {backend}: {side} {note}")
     print(f"cpu, tool threads {args.threads}; {args.rounds} rounds of three fresh processes taking {args.turns} "
           "timed turns each, medians"
           + (" (--quick: a smoke run, the numbers mean nothing)" if args.quick else ""))

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lockstep import SPILL_BOUND, median, paired, positive, run_round, spill  # noqa: E402
+from lockstep import median, paired, positive, run_round, spill_note  # noqa: E402
 
 NATIVE = Path(__file__).resolve().parent / "native_loops.py"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
@@ -84,10 +84,8 @@ def main() -> int:
             continue
         print(f"  {label:34} median {median(meds):10,.0f}   rounds {', '.join(f'{v:,.0f}' for v in meds if v)}"
               + (f"   x{ratio:.3f} per turn" if ratio else ""))
-        share = spill([r[label] for r in rounds])
-        if share is not None and share > SPILL_BOUND:
-            print(f"  {'':34} note: used {share:.0%} of its turns' CPU time after answering them (work still "
-                  "queued when a repeat ends times it short)")
+        if note := spill_note([r[label] for r in rounds]):
+            print(f"  {'':34} note: {note}")
     return 0
 
 

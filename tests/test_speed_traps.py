@@ -92,7 +92,7 @@ from nncompare.models import zoo
 spec = zoo.get("mlp")
 net = get_adapter("mxnet").build(spec, optimizer=SGD(lr=0.01, momentum=0.9))
 out = {"choices": net.thread_choices(2), "start": net.omp_threads, "fixed": net.settings["omp_threads_fixed_at_load"],
-       "own": __import__("nncompare.backends.mxnet_backend", fromlist=["_own_default"])._own_default()}
+       "own": __import__("nncompare.backends.mxnet_backend", fromlist=["_OWN_DEFAULT"])._OWN_DEFAULT}
 if out["choices"]:
     x, y = bench.batch_pool(spec, 16, n=1)[0]
     for n in (1, 2, 1):
@@ -414,6 +414,7 @@ def test_lockstep_side_that_never_gets_ready_is_an_error_not_a_hang(tmp_path):
     assert time.monotonic() - started < 20
     assert out["mute"]["error"].startswith("no answer in 1 s")
 
+
 SPILLING_SIDE = textwrap.dedent("""
     import os, sys, time
     go, done = (int(v) for v in os.environ["NNCOMPARE_TURNS"].split(","))
@@ -442,6 +443,7 @@ def test_lockstep_counts_the_cpu_time_a_side_uses_between_its_turns(tmp_path):
     assert out["clean"]["turns"] == out["spills"]["turns"] == [1000.0] * 8
     assert out["clean"]["cpu_in_turns_s"] >= 0.3 and out["spills"]["cpu_in_turns_s"] >= 0.3
     assert ls.spill([out["clean"]]) < ls.SPILL_BOUND < 0.5 < ls.spill([out["spills"]])
+    assert ls.spill_note([out["clean"]]) is None and "used " in ls.spill_note([out["spills"]])
 
 
 # --- measure's data: separate per-batch arrays, resident or host ----------------------------------------
