@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import os
+import re
 import socket
 import sys
 import time
@@ -19,27 +20,40 @@ from .backends import COMPILERS, BackendError, available_backends, check_backend
 from .backends.base import cpu_name
 from .models import ModelSpec, SpecError, resolve, zoo
 from .models.data import NAMES as DATASETS, DataError
-from .report import add_ratios, compile_notes, render_check, render_scaling, render_table, render_training
-from .runner import (Journal, Task, UsageError, canonical_device, cell_main, check_outputs,
-                     check_plot, gpu_names, Interrupted, interruptible, make_executor, rows_to_csv, strict_json,
-                     sweep, uninterruptible, write_atomic)
+from .report import add_ratios, compile_notes, escape, render_check, render_scaling, render_table, render_training
+from .runner import (Journal, Task, UsageError, canonical_device, cell_main, check_input, check_outputs,
+                     check_plot, gpu_names, Interrupted, interruptible, make_executor, read_results, rows_to_csv,
+                     short, strict_json, sweep, uninterruptible, write_atomic)
 
 FRAMEWORKS = ("keras", "keras-jax", "keras-torch", "torch", "mxnet")
 
 
 # --- option types ----------------------------------------------------------------------------------
+MAX_COUNT = 10 ** 12  # no count (batch, steps, repeats, epochs) anywhere near this fits in a run
+MAX_THREADS = 4096  # more threads than any machine has cores: an error row later, refused here instead
+
+
+def whole_number(text: str, least: int, most: int = MAX_COUNT, what: str = "a positive integer") -> int:
+    """Every integer option the same way: plain decimal digits (surrounding blanks ignored, leading zeros fine),
+    within [least, most]; the echo of a bad value is cut short."""
+    digits = text.strip()
+    if not re.fullmatch(r"[0-9]+", digits, re.ASCII):
+        raise argparse.ArgumentTypeError(f"must be {what} (decimal digits), got {short(text, 40)}")
+    if len(digits.lstrip("0")) > len(str(most)) or not least <= int(digits) <= most:
+        raise argparse.ArgumentTypeError(f"must be {what} from {least} to {most:,}, got {short(text, 40)}")
+    return int(digits)
+
+
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+    return whole_number(text, 1)
 
 
 def nonnegative_int(text: str) -> int:
-    return 0 if text.strip() == "0" else positive_int(text)
+    return whole_number(text, 0, what="an integer >= 0")
+
+
+def thread_count(text: str) -> int:
+    return whole_number(text, 1, MAX_THREADS, "a thread count")
 
 
 def positive_float(text: str) -> float:
@@ -47,9 +61,9 @@ def positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {short(text, 40)}") from None
     if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {short(text, 40)}")
     return value
 
 
@@ -59,7 +73,18 @@ MAX_TIMEOUT_S = 1e7  # ~115 days; the OS clocks that wait on a cell overflow a l
 def timeout_seconds(text: str) -> float:
     value = positive_float(text)
     if value > MAX_TIMEOUT_S:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_TIMEOUT_S:g} seconds, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_TIMEOUT_S:g} seconds, got {short(text, 40)}")
+    return value
+
+
+def accuracy(text: str) -> float:
+    """A test accuracy in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:  # nan fails too
+        raise argparse.ArgumentTypeError(f"must be an accuracy in (0, 1], got {short(text, 40)}")
     return value
 
 
@@ -85,10 +110,17 @@ def distinct(arguments: list[str]) -> list[str]:
     return list(seen.values())
 
 
+def load_spec(argument: str) -> ModelSpec:
+    """A zoo model or a spec file; a file that is not a regular one (a FIFO would block the read) is refused."""
+    if argument not in zoo.names() and os.path.lexists(argument):
+        check_input(argument, "spec file")
+    return resolve(argument)
+
+
 def load_models(arguments: list[str]) -> list[tuple[str, ModelSpec, str | None]]:
     """(label, spec, file) per distinct model argument; specs sharing a name are labelled with their file, so
     ratios and plots never mix two different models."""
-    loaded = [(a, resolve(a)) for a in distinct(arguments)]
+    loaded = [(a, load_spec(a)) for a in distinct(arguments)]
     counts: dict[str, int] = {}
     for _, s in loaded:
         counts[s.name] = counts.get(s.name, 0) + 1
@@ -97,7 +129,8 @@ def load_models(arguments: list[str]) -> list[tuple[str, ModelSpec, str | None]]
 
 
 def plan_outputs(args, inputs: list[str], rows_key: str) -> tuple[Journal | None, dict[str, dict]]:
-    """Validate every output before any work; open the journal; the finished rows --resume starts from."""
+    """Validate every output before any work; open and lock the journal; the finished rows --resume starts from
+    (only rows that pass the checks `report` makes: any other runs again)."""
     base = args.json or args.csv
     journal = Journal(base + ".journal") if base else None
     check_outputs({"--json": args.json, "--csv": args.csv, "--plot": args.plot,
@@ -105,21 +138,34 @@ def plan_outputs(args, inputs: list[str], rows_key: str) -> tuple[Journal | None
     check_plot(args.plot)
     if args.resume and not journal:
         raise UsageError("--resume needs the --json or --csv path of the run to continue")
-    finished: dict[str, dict] = {}
-    if journal and args.resume:
-        if args.json and os.path.exists(args.json):
-            try:
-                with open(args.json, encoding="utf-8") as f:
-                    finished = {r["cell"]: r for r in json.load(f).get(rows_key, []) if "cell" in r}
-            except (OSError, ValueError, AttributeError, TypeError, KeyError):
-                raise UsageError(f"--resume: {args.json!r} is not a results file of this command") from None
-        finished.update(journal.read())
-    elif journal and journal.read():
-        raise UsageError(f"{journal.path!r} holds the finished cells of an interrupted run: continue it with "
-                         "--resume, or delete the file")
-    if journal:
-        journal.fresh = not args.resume
-    return journal, finished
+    if not journal:
+        return None, {}
+    journal.open()  # refused here while another run writes the same results
+    args.open_journal = journal  # main() closes it however the command ends: an empty one is removed
+    try:
+        finished: dict[str, dict] = {}
+        if args.resume:
+            if args.json and os.path.exists(args.json):
+                payload = read_results(args.json, "--resume results file")
+                rows = payload.get(rows_key) if isinstance(payload, dict) else None
+                if not isinstance(rows, list):
+                    raise UsageError(f"--resume: {short(args.json)} is not a results file of this command")
+                finished = {r["cell"]: r for r in rows if isinstance(r, dict) and isinstance(r.get("cell"), str)}
+            finished.update(journal.read())
+        elif journal.read():
+            raise UsageError(f"{short(journal.path)} holds the finished cells of an interrupted run: continue it "
+                             "with --resume, or delete the file")
+    except BaseException:
+        journal.close()
+        raise
+    problem = run_row_problem if rows_key == "rows" else train_row_problem
+    bad = {k: p for k, p in ((k, problem(r)) for k, r in finished.items()) if p}
+    if bad:
+        n = len(bad)
+        print(f"note: --resume: {n} finished row{'s' * (n > 1)} of {short(base)} not valid ({next(iter(bad.values()))}"
+              f"{', ...' * (n > 1)}): {'their cells run' if n > 1 else 'its cell runs'} again", file=sys.stderr)
+    journal.fresh = not args.resume
+    return journal, {k: r for k, r in finished.items() if k not in bad}
 
 
 def check_resume(args, finished: dict[str, dict], tasks: list[Task], executor) -> None:
@@ -257,18 +303,39 @@ def cmd_run(args) -> int:
     if len(threads) > 1:
         print("\n" + render_scaling(rows))
     for note in compile_notes(rows):
-        print("note: " + note)
+        print("note: " + escape(note))
     if args.compile and set(backends) - set(COMPILERS):
         print(f"note: {', '.join(b for b in backends if b not in COMPILERS)}: no compiler apart from the default "
               "path (Gluon is always hybridized, keras-jax always XLA; numpy, keras-torch: none)")
-    print(f"\n{args.repeats} repeats x {args.steps} steps after {args.warmup} warm-up; optimizer {args.optimizer} "
+    print(f"\n{timed_counts(rows, args)}; optimizer {args.optimizer} "
           f"lr {optimizer.lr:g}; threads {', '.join(map(str, threads))}" + "".join(
               f"; {d} GEMM peak {v:.0f} GFLOP/s" + (f" ({h})" if len({h for h, _ in peaks}) > 1 else "")
               for (h, d), v in peaks.items() if v))
     exit_code = finish(args, journal, failures, code, len(rows), len(tasks))
     if exit_code is not None:
         return exit_code
-    return 1 if any("error" in r for r in rows) and args.strict else 0
+    errors = sum("error" in r for r in rows)
+    return 1 if errors and (args.strict or errors == len(rows)) else 0
+
+
+def _span(values: list[int]) -> str:
+    low, high = min(values), max(values)
+    return f"{low:,}" if low == high else f"{low:,}-{high:,}"
+
+
+def timed_counts(rows: list[dict], args) -> str:
+    """What the rows really timed: --repeats and --steps are minimums that the time budget extends (a repeat too
+    short to time grows its steps), so the counts come from the rows, not from the command line."""
+    done = [r for r in rows if "error" not in r and isinstance(r.get("train_repeats"), int)
+            and isinstance(r.get("train_steps"), int)]
+    loss = f"loss after the first step and {args.warmup} warm-up step{'s' * (args.warmup != 1)}"
+    if not done:
+        return f"asked for {args.repeats} repeats x {args.steps} steps after {args.warmup} warm-up; {loss}"
+    repeats, steps = [r["train_repeats"] for r in done], [r["train_steps"] for r in done]
+    extended = max(repeats) > args.repeats or max(steps) > args.steps
+    return (f"timed {_span(repeats)} repeats x {_span(steps)} steps{' per row' * (len(done) > 1)} after "
+            f"{args.warmup} warm-up" + (f" (--repeats {args.repeats} and --steps {args.steps} are minimums: the time "
+                                        "budget extends them)" if extended else "") + f"; {loss}")
 
 
 # --- train -----------------------------------------------------------------------------------------
@@ -279,8 +346,8 @@ def cmd_train(args) -> int:
         spec = spec.without_dropout()
     backends = checked_backends(args, default_backends())
     devices = list(dict.fromkeys(canonical_device(d) for d in (args.devices or ["cpu"])))
-    if args.target is not None and not 0 < args.target <= 1:
-        raise UsageError(f"--target must be an accuracy in (0, 1], got {args.target}")
+    if args.data_dir is not None and not args.data_dir.strip():
+        raise UsageError("--data-dir is empty (omit it for the default folder)")
     optimizer = make_optimizer(args.optimizer, args.lr)
     journal, finished = plan_outputs(args, [spec_file] if spec_file else [], "results")
     data = load(args.dataset, spec, args.data_dir)  # fails here, before any training, if the files are missing
@@ -358,59 +425,123 @@ def cmd_check(args) -> int:
 
 # --- report ----------------------------------------------------------------------------------------
 def load_results(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            payload = json.load(f)
-    except OSError as e:
-        raise UsageError(f"cannot read {path!r}: {e.strerror}") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path!r} is not JSON: {e}") from None
-    def usable(r) -> bool:
-        return (isinstance(r, dict) and {"model", "backend", "device", "batch_size", "threads"} <= r.keys()
-                and ("error" in r or "train_samples_s" in r))
-    if not isinstance(payload, dict) or not isinstance(payload.get("rows"), list) or not all(
-            usable(r) for r in payload["rows"]):
-        raise UsageError(f"{path!r} is not a results file of `compare.py run --json`")
+    payload = read_results(path)
+    if not isinstance(payload, dict) or not isinstance(payload.get("rows"), list):
+        raise UsageError(f"{short(path)} is not a results file of `compare.py run --json`")
     for i, r in enumerate(payload["rows"]):
-        for key, value in r.items():
-            problem = _field_problem(key, value)
-            if problem:
-                raise UsageError(f"{path!r}, row {i} ({r.get('model')!s:.40} {r.get('backend')!s:.20}), field {key!r}: "
-                                 f"expected {problem}, got {json.dumps(value)[:60]}")
+        problem = run_row_problem(r)
+        if problem:
+            raise UsageError(f"{short(path)}, row {i}{_row_name(r)}: {problem}")
+    for key in ("host", "host_cpu"):
+        if not isinstance(payload.get(key), (str, type(None))):
+            raise UsageError(f"{short(path)}: {key!r} must be a string, got {_echo(payload[key])}")
     return payload
+
+
+def _row_name(r) -> str:
+    if not isinstance(r, dict):
+        return ""
+    return f" ({escape(str(r.get('model')))[:40]} {escape(str(r.get('backend')))[:20]})"
+
+
+def _echo(value) -> str:
+    """A bad value as it reads in the file, cut short (a container is described, never dumped whole)."""
+    if isinstance(value, (list, dict)) and len(value) > 8:
+        return f"{'an object' if isinstance(value, dict) else 'a list'} of {len(value):,} items"
+    try:
+        text = json.dumps(value)
+    except (ValueError, RecursionError):
+        text = repr(value)
+    return text[:60] + ("..." if len(text) > 60 else "")
 
 
 def _is_number(v) -> bool:
     """A finite JSON number (Python's json reads NaN and 1e400 as floats; runs never write them)."""
-    return isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and math.isfinite(v)
+    return (isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2 ** 63
+            or isinstance(v, float) and math.isfinite(v))
 
 
 def _is_whole(v, least: int) -> bool:
     return _is_number(v) and (isinstance(v, int) or v.is_integer()) and v >= least
 
 
-# The row fields `report` reads, by kind; a results file edited by hand is checked against these.
+def _at_least_0(v) -> bool:
+    return _is_number(v) and v >= 0
+
+
+def _numbers(v) -> bool:
+    return isinstance(v, list) and all(x is None or _is_number(x) for x in v)
+
+
+# The row fields `report` (and --resume) read, by kind; a results file edited by hand is checked against these.
 _ROW_FIELDS = {
     **dict.fromkeys(("model", "backend", "device"), ("a string", lambda v: isinstance(v, str) and v != "")),
     **dict.fromkeys(("batch_size", "threads"), ("a whole number >= 1", lambda v: _is_whole(v, 1))),
     **dict.fromkeys(("steps", "repeats", "warmup"),
                     ("a whole number >= 0 or null", lambda v: v is None or _is_whole(v, 0))),
-    "train_samples_s": ("a number", _is_number),
+    "train_samples_s": ("a number >= 0", _at_least_0),
     **dict.fromkeys(("first_step_s", "train_spread", "infer_samples_s", "infer_spread", "host_rss_mb",
-                     "device_mem_mb", "train_gflops", "peak_pct", "loss", "lr", "gemm_peak_gflops"),
-                    ("a number or null", lambda v: v is None or _is_number(v))),
+                     "device_mem_mb", "train_gflops", "peak_pct", "gemm_peak_gflops"),
+                    ("a number >= 0 or null", lambda v: v is None or _at_least_0(v))),
+    **dict.fromkeys(("loss", "lr"), ("a number or null", lambda v: v is None or _is_number(v))),
+    **dict.fromkeys(("train_repeats", "train_steps"), ("a whole number >= 1", lambda v: _is_whole(v, 1))),
     "error": ("a string", lambda v: isinstance(v, str)),
-    **dict.fromkeys(("version", "path", "device_name", "cpu_name", "host", "optimizer"),
+    **dict.fromkeys(("version", "path", "device_name", "cpu_name", "host", "optimizer", "source"),
                     ("a string or null", lambda v: v is None or isinstance(v, str))),
     "compile": ("true or false", lambda v: isinstance(v, bool)),
     "settings": ("an object", lambda v: isinstance(v, dict)),
 }
 
 
-def _field_problem(key: str, value) -> str | None:
+def _field_problem(key: str, value, fields: dict = _ROW_FIELDS) -> str | None:
     """What a row field should be, if `value` is not that (None for fields report does not read)."""
-    kind = _ROW_FIELDS.get(key)
+    kind = fields.get(key)
     return kind[0] if kind and not kind[1](value) else None
+
+
+def _row_problem(r, fields: dict, needed: tuple[str, ...], result: str) -> str | None:
+    if not isinstance(r, dict):
+        return "not an object"
+    for key in needed:
+        if key not in r:
+            return f"no field {key!r}"
+    if "error" not in r and result not in r:
+        return f"neither 'error' nor {result!r}"
+    for key, value in r.items():
+        problem = _field_problem(key, value, fields)
+        if problem:
+            return f"field {escape(key)[:40]!r}: expected {problem}, got {_echo(value)}"
+    return None
+
+
+def run_row_problem(r) -> str | None:
+    """Why `r` is not a usable row of `run --json` (None when it is)."""
+    return _row_problem(r, _ROW_FIELDS, ("model", "backend", "device", "batch_size", "threads"), "train_samples_s")
+
+
+_CURVES = ("train_loss", "test_loss", "test_accuracy", "epoch_s")
+_TRAIN_FIELDS = {
+    **{k: v for k, v in _ROW_FIELDS.items() if k in ("model", "backend", "device", "batch_size", "threads", "lr",
+                                                      "error", "version", "path", "device_name", "optimizer")},
+    "epochs": ("a whole number >= 1", lambda v: _is_whole(v, 1)),
+    **dict.fromkeys(_CURVES, ("a list of numbers", _numbers)),
+    **dict.fromkeys(("final_accuracy", "time_to_target_s"), ("a number or null", lambda v: v is None or _is_number(v))),
+    "train_s": ("a number >= 0", _at_least_0),
+    "epochs_to_target": ("a whole number >= 1 or null", lambda v: v is None or _is_whole(v, 1)),
+}
+
+
+def train_row_problem(r) -> str | None:
+    """Why `r` is not a usable result of `train --json` (None when it is)."""
+    problem = _row_problem(r, _TRAIN_FIELDS, ("backend", "device"), "train_loss")
+    if problem or "error" in r:
+        return problem
+    for key in (*_CURVES, "train_s"):
+        if key not in r:
+            return f"no field {key!r}"
+    if len({len(r[k]) for k in _CURVES}) > 1 or not r["train_loss"]:
+        return "its per-epoch lists are empty or of different lengths"
+    return None
 
 
 def cmd_report(args) -> int:
@@ -419,11 +550,13 @@ def cmd_report(args) -> int:
     rows, notes = [], []
     for path in distinct(args.files):
         payload = load_results(path)
-        host = payload.get("host") or f"{payload.get('host_cpu', '?')} ({os.path.basename(path)})"
+        host = payload.get("host") or f"{payload.get('host_cpu') or '?'} ({os.path.basename(path)})"
         for r in payload["rows"]:
             rows.append({"host": host, "source": path, **{k: v for k, v in r.items() if k != "vs_baseline"}})
         if payload.get("partial"):
-            notes.append(f"{path} is partial: {len(payload['rows'])} of {payload.get('cells', '?')} cells")
+            cells = payload.get("cells")
+            notes.append(f"{path} is partial: {len(payload['rows'])} of "
+                         f"{cells if _is_whole(cells, 0) else '?'} cells")
     add_ratios(rows, args.baseline)
     print(render_table(rows, args.baseline, markdown=args.markdown, show_machine=True))
     if len({r.get("threads") for r in rows}) > 1:
@@ -431,10 +564,10 @@ def cmd_report(args) -> int:
     machines = {}
     for r in rows:
         machines.setdefault(r["host"], set()).add(r.get("cpu_name") if r["device"] == "cpu" else r.get("device_name"))
-    print("\n" + "; ".join(f"{h}: {', '.join(sorted(filter(None, n))) or '?'}" for h, n in machines.items())
-          + f". Ratios (x {args.baseline}) compare rows of one machine, device and settings only.")
+    print("\n" + escape("; ".join(f"{h}: {', '.join(sorted(filter(None, n))) or '?'}" for h, n in machines.items())
+                        + f". Ratios (x {args.baseline}) compare rows of one machine, device and settings only."))
     for n in compile_notes(rows) + notes:
-        print("note: " + n)
+        print("note: " + escape(n))
     from . import plots
     failures = write_outputs([(args.plot, lambda p: plots.throughput_chart(rows, p))])
     for f in failures:
@@ -459,7 +592,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_summary(args) -> int:
-    print(resolve(args.model).summary())
+    print(load_spec(args.model).summary())
     return 0
 
 
@@ -469,7 +602,7 @@ def executor_options() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="local: one cell at a time on this machine (default); ray: cells as Ray tasks")
     p.add_argument("--address", help="Ray cluster to join (auto, ray://host:port; default: start a local one)")
-    p.add_argument("--concurrency", type=positive_int, default=1,
+    p.add_argument("--concurrency", type=lambda t: whole_number(t, 1, MAX_THREADS, "a number of cells"), default=1,
                    help="timing cells allowed at once on one Ray node (default 1: parallel timing corrupts numbers)")
     p.add_argument("--verbose", action="store_true", help="show the frameworks' start-up output")
     return p
@@ -505,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=positive_int, default=10, help="timed training steps per repeat")
     sp.add_argument("--repeats", type=positive_int, default=3, help="timed repeats (median and spread)")
     sp.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed steps after the first step")
-    sp.add_argument("--threads", nargs="+", type=positive_int, default=[os.cpu_count() or 1], metavar="N",
+    sp.add_argument("--threads", nargs="+", type=thread_count, default=[os.cpu_count() or 1], metavar="N",
                     help="CPU threads for every framework (default: all cores); several values: a scaling table")
     sp.add_argument("--compile", action="store_true",
                     help="also the compiled paths, beside eager: Keras with XLA, torch.compile (Gluon is always hybridized)")
@@ -531,11 +664,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dataset", default="digits", choices=DATASETS, help="default: digits (bundled, no download)")
     sp.add_argument("--epochs", type=positive_int, default=10)
     sp.add_argument("--batch-size", type=positive_int, default=32)
-    sp.add_argument("--target", type=float, default=0.95, help="test accuracy whose time-to-reach is reported")
+    sp.add_argument("--target", type=accuracy, default=0.95, help="test accuracy whose time-to-reach is reported")
     sp.add_argument("--no-dropout", action="store_true", help="set every dropout rate to 0 (comparable curves)")
     sp.add_argument("--data-dir", help="folder holding the dataset files (default: $NNCOMPARE_DATA or "
                                        "~/.cache/nncompare)")
-    sp.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
+    sp.add_argument("--threads", type=thread_count, default=os.cpu_count() or 1)
     sp.add_argument("--timeout", type=timeout_seconds, default=1800)
     sp.add_argument("--plot", metavar="FILE", help="loss and accuracy curves of every framework")
     sp.set_defaults(func=cmd_train, optimizer="adam")
@@ -589,6 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["run", *argv]
     real, sys.stdout = sys.stdout, _Stdout(sys.stdout)
+    args = None
     try:
         args = parser.parse_args(argv)
         code = args.func(args)
@@ -599,6 +733,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         code = 130
     finally:  # also on SystemExit (--help): argparse prints too
+        journal = getattr(args, "open_journal", None)
+        if journal is not None:
+            journal.close()
         sys.stdout.flush()
         out, sys.stdout = sys.stdout, real
         if out.error is not None:

@@ -15,6 +15,20 @@ def _pyplot():
     return plt
 
 
+def _text(value, limit: int = 60) -> str:
+    """A label from a results file as plain text: control characters escaped, `$` not read as mathtext (a model
+    named `$\\x$` would otherwise fail the whole chart), cut to `limit` characters."""
+    from .report import escape
+    text = escape(str(value))
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return text.replace("$", r"\$")
+
+
+def _values(values: list) -> list[float]:
+    """Per-epoch values with a diverged run's nulls as NaN (a gap in the line)."""
+    return [float("nan") if v is None else v for v in values]
+
+
 def _save(fig, path: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format=os.path.splitext(path)[1][1:].lower(), dpi=110)
@@ -27,17 +41,17 @@ def training_curves(results: list[dict], path: str, title: str = "") -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "x")]  # equal curves overlap: keep each visible
     for i, r in enumerate(r for r in results if "error" not in r):
-        label = f"{r['backend']} ({r['device']})"
+        label = _text(f"{r['backend']} ({r['device']})")
         epochs = range(1, len(r["train_loss"]) + 1)
         line, marker = styles[i % len(styles)]
         for ax, key in zip(axes, ("train_loss", "test_loss", "test_accuracy")):
-            ax.plot(epochs, r[key], linestyle=line, marker=marker, markersize=5, label=label, alpha=0.8)
+            ax.plot(epochs, _values(r[key]), linestyle=line, marker=marker, markersize=5, label=label, alpha=0.8)
     for ax, name in zip(axes, ("train loss", "test loss", "test accuracy")):
         ax.set_xlabel("epoch")
         ax.set_title(name)
         ax.grid(alpha=0.3)
     axes[2].legend()
-    fig.suptitle(title)
+    fig.suptitle(_text(title, 120))
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
@@ -68,8 +82,8 @@ def throughput_chart(rows: list[dict], path: str) -> None:
                 xs.append(g + (i - (len(backends) - 1) / 2) * width)
                 hs.append(r["train_samples_s"])
                 errs.append((r.get("train_spread") or 0) * r["train_samples_s"])
-        ax.bar(xs, hs, width, yerr=errs, capsize=3, label=b)
-    ax.set_xticks(range(len(groups)), ["\n".join(map(str, g[:-3])) + f"\n{g[-3]}, batch {g[-2]}, {g[-1]} thr"
+        ax.bar(xs, hs, width, yerr=errs, capsize=3, label=_text(b))
+    ax.set_xticks(range(len(groups)), ["\n".join(map(_text, g[:-3])) + f"\n{_text(g[-3])}, batch {g[-2]}, {g[-1]} thr"
                                        for g in groups])
     ax.set_ylabel("training samples/s (median)")
     ax.set_yscale("log")
@@ -92,7 +106,7 @@ def scaling_chart(rows: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key, points in lines.items():
         points.sort()
-        ax.plot([t for t, _ in points], [s for _, s in points], marker="o", label=" ".join(map(str, key)))
+        ax.plot([t for t, _ in points], [s for _, s in points], marker="o", label=" ".join(map(_text, key)))
     threads = sorted({r["threads"] for r in ok})
     ax.set_xscale("log", base=2)
     ax.set_xticks(threads, [str(t) for t in threads])

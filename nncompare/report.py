@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 
 from tabulate import tabulate
@@ -13,6 +14,29 @@ from .backends.check import within
 # Settings that define a timing row beside its model, framework, device and batch: two rows that differ in any
 # of them are different measurements, never one.
 SETTINGS = ("threads", "steps", "repeats", "warmup", "optimizer", "lr", "compile")
+
+
+# Control characters (a terminal's escape sequences, a newline that would forge a table line), invisible and
+# direction-changing characters: results files come from other machines, so none reaches the terminal as is.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+MAX_CELL = 200  # characters of one table cell
+
+
+def escape(text: str, markdown: bool = False) -> str:
+    """`text` safe to print: unsafe characters as Python escapes (\\x1b, \\n, \\u202e), `|` as `\\|` in a
+    Markdown table."""
+    text = _UNSAFE.sub(lambda m: repr(m.group())[1:-1], text)
+    return text.replace("|", "\\|") if markdown else text
+
+
+def _safe(table: list, markdown: bool) -> list:
+    """Every text cell of a table escaped and cut to MAX_CELL characters."""
+    def cell(v):
+        if not isinstance(v, str):
+            return v
+        v = escape(v, markdown)
+        return v if len(v) <= MAX_CELL else v[:MAX_CELL - 3] + "..."
+    return [[cell(v) for v in row] for row in table]
 
 
 def _settings_value(row: dict, key: str):
@@ -94,8 +118,9 @@ def render_table(rows: list[dict], baseline: str, markdown: bool = False, show_m
             _f(r.get("host_rss_mb"), ",.0f") + (f" / {r['device_mem_mb']:,.0f}" if r.get("device_mem_mb") is not None else ""),
             _f(r.get("train_gflops"), ".2f"), _f(r.get("peak_pct"), ".1f"), _f(r.get("loss"), ".4f"),
             _f(r.get("vs_baseline"), ".2f")) + tail)
-    headers = (*lead, *RUN_HEADERS, f"x {baseline}", *(k.replace("_", " ").capitalize() for k in extra))
-    return tabulate(table, headers=headers, disable_numparse=True, tablefmt="github" if markdown else "simple")
+    headers = (*lead, *RUN_HEADERS, f"x {escape(baseline)}", *(k.replace("_", " ").capitalize() for k in extra))
+    return tabulate(_safe(table, markdown), headers=headers, disable_numparse=True,
+                    tablefmt="github" if markdown else "simple")
 
 
 def compile_notes(rows: list[dict]) -> list[str]:
@@ -140,7 +165,8 @@ def render_scaling(rows: list[dict], markdown: bool = False) -> str:
     headers = ("Machine",) * show_machine + ("File",) * show_source + ("Model", "Framework", "Device", "Batch",
                                               *(f"{t} thread{'s' * (t > 1)}" for t in threads))
     return ("Training samples/s by thread count (x: against the fewest threads)\n"
-            + tabulate(table, headers=headers, disable_numparse=True, tablefmt="github" if markdown else "simple"))
+            + tabulate(_safe(table, markdown), headers=headers, disable_numparse=True,
+                       tablefmt="github" if markdown else "simple"))
 
 
 CHECKS = ("logits", "loss", "grads", "sgd", "adam")
@@ -162,27 +188,37 @@ def render_check(results: list[dict]) -> str:
                  for c in CHECKS if c in diffs and value(c) > tol and within(value(c), tol, jitter.get(c))]
         rows.append((r["backend"], *(f"{value(c):.1e}" if c in diffs else "-" for c in CHECKS),
                      verdict + "".join(f"; {k}" for k in kinks)))
-    return tabulate(rows, headers=("Framework", "Logits", "Loss", "Grads", "SGD weights", "Adam weights", "Verdict"),
-                    disable_numparse=True)
+    return tabulate(_safe(rows, False), headers=("Framework", "Logits", "Loss", "Grads", "SGD weights",
+                                                  "Adam weights", "Verdict"), disable_numparse=True)
 
 
 def render_training(results: list[dict], target: float | None) -> str:
+    """Per-epoch losses and accuracy of every framework, then a summary; a value a diverged run recorded as null
+    (NaN, written as strict JSON) shows as "-"."""
     ok = [r for r in results if "error" not in r]
     epochs = max((len(r["train_loss"]) for r in ok), default=0)
-    per_epoch = [[e + 1] + [f"{r['train_loss'][e]:.4f} / {r['test_loss'][e]:.4f} / {100 * r['test_accuracy'][e]:.1f}%"
-                            if e < len(r["train_loss"]) else "-" for r in ok] for e in range(epochs)]
-    heads = [f"{r['backend']} ({r['device']})" for r in ok]
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}%"
+    per_epoch = [[e + 1] + [f"{_f(r['train_loss'][e], '.4f')} / {_f(r['test_loss'][e], '.4f')} / "
+                            f"{pct(r['test_accuracy'][e])}" if e < len(r["train_loss"]) else "-" for r in ok]
+                 for e in range(epochs)]
+    heads = [escape(f"{r['backend']} ({r['device']})") for r in ok]
     summary = []
     for r in results:
         if "error" in r:
             summary.append((r["backend"], r["device"], "ERROR: " + r["error"][:80], "", "", "", ""))
             continue
-        summary.append((r["backend"], r["device"], f"{100 * r['final_accuracy']:.2f}%", f"{r['test_loss'][-1]:.4f}",
-                        f"{statistics.median(r['epoch_s']):.2f}", f"{r['train_s']:.1f}",
+        seconds = [v for v in r["epoch_s"] if v is not None]
+        summary.append((r["backend"], r["device"],
+                        "-" if r.get("final_accuracy") is None else f"{100 * r['final_accuracy']:.2f}%",
+                        _f(r["test_loss"][-1], ".4f"), f"{statistics.median(seconds):.2f}" if seconds else "-",
+                        _f(r.get("train_s"), ".1f"),
                         "-" if r.get("time_to_target_s") is None
-                        else f"{r['time_to_target_s']:.1f} s (epoch {r['epochs_to_target']})"))
+                        else f"{r['time_to_target_s']:.1f} s (epoch {r.get('epochs_to_target')})"))
     target_head = f"Time to {100 * target:g}%" if target is not None else "Time to target"
-    return (tabulate(per_epoch, headers=["Epoch", *heads], disable_numparse=True)
+    return (tabulate(_safe(per_epoch, False), headers=["Epoch", *heads], disable_numparse=True)
             + "\n(each cell: train loss / test loss / test accuracy)\n\n"
-            + tabulate(summary, headers=("Framework", "Device", "Final accuracy", "Test loss", "s/epoch (median)",
-                                         "Train s", target_head), disable_numparse=True))
+            + tabulate(_safe(summary, False), headers=("Framework", "Device", "Final accuracy", "Test loss",
+                                                       "s/epoch (median)", "Train s", target_head),
+                       disable_numparse=True))

@@ -175,3 +175,159 @@ def test_train_fails_when_every_framework_failed_and_with_strict_when_one_did(tm
     assert out.returncode == 1
     results = json.loads((tmp_path / "t.json").read_text())["results"]
     assert "error" in results[0] and results[1]["final_accuracy"] > 0.5
+
+
+def test_a_second_run_on_the_same_results_is_refused_while_the_first_holds_them(tmp_path):
+    import signal
+    import time
+    from .conftest import interruptible
+    path, log = tmp_path / "r.json", tmp_path / "cells.log"
+    first = subprocess.Popen([sys.executable, "compare.py", "run", "--models", "perceptron", *FAST, "--json", str(path)],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=interruptible, env=dict(os.environ, NNCOMPARE_CELL_LOG=str(log),
+                                                                NNCOMPARE_FAULT="numpy:perceptron:hang"))
+    try:
+        end = time.time() + 120
+        while not (log.exists() and "measure perceptron" in log.read_text()):
+            assert first.poll() is None and time.time() < end, first.communicate()
+            time.sleep(0.2)
+        second = run("run", "--models", "digits_mlp", *FAST, "--json", str(path), timeout=60)
+        one_line_exit_2(second, "another run is writing these results")
+        assert log.read_text().count("measure") == 1  # the second run started no cell
+        # the lock dies with its holder, even killed outright: a journal with no finished cell blocks nothing
+        first.send_signal(signal.SIGKILL)
+        first.communicate(timeout=60)
+        third = run("run", "--models", "perceptron", *FAST, "--json", str(path), timeout=120)
+        assert third.returncode == 0, third.stderr
+        assert json.loads(path.read_text())["rows"][0]["model"] == "perceptron"
+        assert not (tmp_path / "r.json.journal").exists()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+
+
+def test_a_journal_is_locked_by_whoever_opened_it(tmp_path):
+    path = str(tmp_path / "r.json.journal")
+    one, two = runner.Journal(path), runner.Journal(path)
+    one.open()
+    with pytest.raises(runner.UsageError, match="another run is writing these results"):
+        two.open()
+    one.append("k", {"model": "m"})
+    one.remove()  # finished: the journal goes, and with it the lock
+    two.open()
+    two.close()  # nothing was written: an empty journal is not left behind
+    assert not os.path.exists(path)
+
+
+def test_a_line_cut_short_by_a_crash_does_not_swallow_the_next_row(tmp_path):
+    path = tmp_path / "r.json.journal"
+    path.write_text(json.dumps({"cell": "a", "row": {"model": "m"}}) + '\n{"cell": "b", "row": {"mod')
+    journal = runner.Journal(str(path))
+    journal.open()
+    journal.fresh = False  # --resume
+    journal.append("c", {"model": "n"})
+    journal.close()
+    assert runner.Journal(str(path)).read() == {"a": {"model": "m"}, "c": {"model": "n"}}
+    assert path.read_text().endswith('"n"}}\n') and path.read_text().count("\n") == 2
+
+
+def test_a_journal_of_hostile_lines_keeps_its_good_ones(tmp_path):
+    path = tmp_path / "r.json.journal"
+    good = json.dumps({"cell": "k", "row": {"model": "m"}})
+    path.write_text("[" * 100_000 + "]" * 100_000 + "\n" + '{"cell": "x", "row": {"n": 1' + "0" * 400 + "}}\n"
+                    + good + "\n")
+    assert runner.Journal(str(path)).read() == {"k": {"model": "m"}}
+
+
+@pytest.mark.parametrize("length", [250, 300])
+def test_a_results_name_too_long_for_the_file_system_is_bad_input(tmp_path, length):
+    log = tmp_path / "cells.log"
+    out = run("run", "--models", "perceptron", *FAST, "--json", str(tmp_path / ("r" * (length - 5) + ".json")),
+              env={"NNCOMPARE_CELL_LOG": str(log)}, timeout=60)
+    one_line_exit_2(out, "bytes, longer than the 255 this file system allows")
+    assert not log.exists() and len(out.stderr) < 400
+
+
+def test_a_results_name_at_the_limit_is_written(tmp_path):
+    path = tmp_path / ("r" * (255 - len(".json.journal")) + ".json")  # the journal's name is the longest
+    out = run("run", "--models", "perceptron", *FAST, "--json", str(path), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(path.read_text())["rows"][0]["model"] == "perceptron"
+
+
+def test_resume_runs_again_the_cells_whose_rows_are_not_valid(tmp_path):
+    path, log = tmp_path / "r.json", tmp_path / "cells.log"
+    sizes = ["--batch-sizes", "8", "16", "32"]
+    out = run("run", "--models", "perceptron", *FAST, *sizes, "--json", str(path))
+    assert out.returncode == 0, out.stderr
+    payload = json.loads(path.read_text())
+    payload["rows"][0]["train_samples_s"] = "fast"  # would crash the table
+    payload["rows"][1]["train_samples_s"] = -1e12   # a forged number no run writes
+    path.write_text(json.dumps(payload))
+    out = run("run", "--models", "perceptron", *FAST, *sizes, "--json", str(path), "--resume",
+              env={"NNCOMPARE_CELL_LOG": str(log)})
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert "2 finished rows" in out.stderr and "their cells run again" in out.stderr
+    ran = [l.split()[3] for l in log.read_text().splitlines() if l.startswith("measure")]
+    assert ran == ["8", "16"]  # batch 32's row was kept
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["batch_size"] for r in rows] == [8, 16, 32] and all(r["train_samples_s"] > 0 for r in rows)
+    assert rows[2] == payload["rows"][2] and not (tmp_path / "r.json.journal").exists()
+
+
+def test_train_resume_reruns_a_corrupted_result_and_shows_a_diverged_one(tmp_path):
+    path, log = tmp_path / "t.json", tmp_path / "cells.log"
+    args = ["train", "--backends", "numpy", "--epochs", "2", "--quiet", "--json", str(path)]
+    assert run(*args).returncode == 0
+    payload = json.loads(path.read_text())
+    good = payload["results"][0]
+    payload["results"] = [{**good, "train_loss": [None, None], "final_accuracy": None}]  # NaN is written as null
+    path.write_text(json.dumps(payload))
+    out = run(*args, "--resume", env={"NNCOMPARE_CELL_LOG": str(log)})
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert not log.exists() and "- / " in out.stdout  # kept, shown with its gaps
+    payload["results"] = [{**good, "test_loss": [0.5]}]  # lists of different lengths
+    path.write_text(json.dumps(payload))
+    out = run(*args, "--resume", env={"NNCOMPARE_CELL_LOG": str(log)})
+    assert out.returncode == 0 and "1 finished row" in out.stderr, out.stderr
+    assert log.read_text().count("train digits_mlp numpy") == 1
+    assert json.loads(path.read_text())["results"][0]["test_loss"] == good["test_loss"]
+
+
+def test_the_footer_says_what_was_timed_and_after_how_many_steps_the_loss_is(tmp_path):
+    path = tmp_path / "r.json"
+    out = run("run", "--models", "perceptron", "digits_mlp", *FAST, "--json", str(path),
+              env={"NNCOMPARE_TIME_BUDGET": "0.3"})
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(path.read_text())["rows"]
+
+    def span(key):
+        low, high = min(r[key] for r in rows), max(r[key] for r in rows)
+        return f"{low:,}" if low == high else f"{low:,}-{high:,}"
+    assert max(r["train_steps"] for r in rows) > 1  # the budget extended the one step asked for
+    assert f"timed {span('train_repeats')} repeats x {span('train_steps')} steps per row" in out.stdout
+    assert "--repeats 1 and --steps 1 are minimums" in out.stdout
+    assert "loss after the first step and 0 warm-up steps" in out.stdout
+    assert all(r["loss_after_steps"] == 1 for r in rows)
+    assert "1 repeats x 1 steps" not in out.stdout
+
+
+def test_run_exits_1_when_every_cell_failed(tmp_path):
+    crash = {"NNCOMPARE_FAULT": "numpy:perceptron:crash"}
+    out = run("run", "--models", "perceptron", *FAST, "--json", str(tmp_path / "r.json"), env=crash)
+    assert out.returncode == 1 and "ERROR" in out.stdout and "Traceback" not in out.stderr, out.stderr
+    assert "asked for 1 repeats x 1 steps" in out.stdout  # no row says what was timed
+    both = run("run", "--models", "perceptron", "digits_mlp", *FAST, env=crash)
+    assert both.returncode == 0 and "ERROR" in both.stdout
+    assert run("run", "--models", "perceptron", "digits_mlp", *FAST, "--strict", env=crash).returncode == 1
+
+
+def test_a_journal_that_cannot_be_appended_to_loses_no_results(tmp_path, monkeypatch, capsys):
+    def full(self, key, row):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(runner.Journal, "append", full)
+    code = cli.main(["run", "--models", "perceptron", "digits_mlp", *FAST, "--json", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert code == 0 and err.count("cannot append to the journal") == 1, err
+    assert [r["model"] for r in json.loads((tmp_path / "r.json").read_text())["rows"]] == ["perceptron", "digits_mlp"]
