@@ -10,6 +10,7 @@ import hashlib
 import io
 import os
 import pickle
+import stat
 import tarfile
 import zlib
 import urllib.error
@@ -73,6 +74,8 @@ def data_dir(path: str | Path | None = None) -> Path:
     """The data folder: `path`, else $NNCOMPARE_DATA, else ~/.cache/nncompare; a DataError if it is a file."""
     if path is not None and not isinstance(path, (str, os.PathLike)):
         raise DataError(f"data folder must be a path, got {type(path).__name__} {path!r}"[:200])
+    if isinstance(path, str) and not path.strip():
+        raise DataError("data folder path is empty (pass None for the default folder)")
     folder = Path(path or os.environ.get("NNCOMPARE_DATA") or Path.home() / ".cache" / "nncompare")
     if folder.exists() and not folder.is_dir():
         raise DataError(f"data folder {folder} is not a folder (pass --data-dir a directory)")
@@ -105,9 +108,31 @@ def _remove_if_empty(top: Path | None, folder: Path) -> None:
             return
 
 
+MAX_FILE_BYTES = 128 << 20  # the largest file read here, a decompressed MNIST image set, is 47 MB
+MAX_BATCH_BYTES = 64 << 20  # a CIFAR-10 batch is 31 MB
+
+
+def open_regular(path: Path):
+    """`path` opened for reading as a binary file, refused (OSError ENXIO-like, with a clear text) unless it is a
+    regular file: a FIFO would block forever, a device like /dev/zero never ends."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(0, "not a regular file")
+    return os.fdopen(fd, "rb")
+
+
+def read_bounded(f, limit: int, path: Path) -> bytes:
+    """At most `limit` bytes of `f`, or a DataError naming the file: a bounded read, never a whole bomb."""
+    raw = f.read(limit + 1)
+    if len(raw) > limit:
+        raise DataError(f"{path}: larger than {limit:,} bytes: not a file of this dataset")
+    return raw
+
+
 def md5(path: Path) -> str:
     digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -155,12 +180,12 @@ def fetch(name: str, filename: str, checksum: str, folder: Path, mirror: str | N
 
 def read_idx(path: Path) -> np.ndarray:
     """An IDX array (gzip-compressed or not): magic 0x0000 <type 0x08 = uint8> <ndim>, big-endian dims."""
-    opener = gzip.open if path.suffix == ".gz" else open
+    zipped = path.suffix == ".gz"
     try:
-        with opener(path, "rb") as f:
-            raw = f.read()
+        with open_regular(path) as plain, (gzip.GzipFile(fileobj=plain, mode="rb") if zipped else plain) as f:
+            raw = read_bounded(f, MAX_FILE_BYTES, path)
     except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; a truncated gzip an EOFError
-        raise DataError(f"{path}: cannot read it as {'gzip' if opener is gzip.open else 'a file'} "
+        raise DataError(f"{path}: cannot read it as {'gzip' if zipped else 'a file'} "
                         f"({e.strerror if isinstance(e, OSError) and e.strerror else e})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path}: not an unsigned-byte IDX file")
@@ -226,7 +251,8 @@ class _CifarUnpickler(pickle.Unpickler):
 def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR-10 python batch as (uint8 (N, 3, 32, 32), int64 (N,)), read without executing anything."""
     try:
-        raw = path.read_bytes()
+        with open_regular(path) as f:
+            raw = read_bounded(f, MAX_BATCH_BYTES, path)
     except OSError as e:
         raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
     try:
@@ -240,12 +266,17 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         desc = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise DataError(f"{path}: b'data' must be a uint8 array of shape (N, 3072), got {desc}")
-    try:
-        y = np.asarray(labels)
-        if y.ndim != 1 or y.dtype.kind not in "iu":
-            raise ValueError
-    except (ValueError, TypeError):
-        raise DataError(f"{path}: b'labels' must be a list of integers") from None
+    # checked element by element before NumPy sees it: np.asarray of nested lists sharing one list (a few bytes
+    # of pickle) would build an array of every path through them, gigabytes
+    if isinstance(labels, np.ndarray) and labels.ndim == 1 and labels.dtype.kind in "iu":
+        y = labels
+    elif isinstance(labels, list) and all(type(v) is int or isinstance(v, np.integer) for v in labels):
+        try:
+            y = np.array(labels, dtype=np.int64)
+        except OverflowError:
+            raise DataError(f"{path}: b'labels' holds an integer too large to be a class") from None
+    else:
+        raise DataError(f"{path}: b'labels' must be a list of integers")
     x = data.reshape(-1, 3, 32, 32)
     y = y.astype(np.int64)
     _check_pair(path, x, y, 10)
@@ -256,9 +287,9 @@ def _cifar10(folder: Path, mirror: str | None) -> Dataset:
     sub = folder / "cifar10"
     batches = sub / CIFAR_FOLDER
     if not (batches / "test_batch").exists():
-        archive = fetch("cifar10", *CIFAR_ARCHIVE, sub, mirror)
+        archive = fetch("cifar10", *CIFAR_ARCHIVE, sub, mirror)  # MD5-verified: its members are the published ones
         try:
-            with tarfile.open(archive) as tar:
+            with open_regular(archive) as f, tarfile.open(fileobj=f) as tar:
                 tar.extractall(sub, filter="data")
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             raise DataError(f"{archive}: cannot extract it ({e}); delete it to download again") from None
@@ -267,8 +298,8 @@ def _cifar10(folder: Path, mirror: str | None) -> Dataset:
         xs, ys = [], []
         for n in names:
             path = batches / n
-            if not path.is_file():
-                raise DataError(f"dataset 'cifar10': {path} is missing")
+            if not path.is_file():  # a FIFO or device is refused by read_cifar_batch
+                raise DataError(f"dataset 'cifar10': {path} is missing" + " or not a regular file" * path.exists())
             x, y = read_cifar_batch(path)
             xs.append(x)
             ys.append(y)

@@ -285,3 +285,87 @@ def test_load_checks_its_arguments():
                         ({"mirror": 5}, "mirror must be a URL string, got int")):
         with pytest.raises(DataError, match=message):
             load("mnist", **kw)
+
+
+@pytest.fixture
+def unblocking():
+    """Opens each FIFO for writing after a few seconds, then closes it: code that (wrongly) opens a FIFO for
+    reading gets an empty file instead of blocking the test run forever."""
+    import os
+    import time
+    fifos = []
+
+    def release():
+        time.sleep(3)
+        for f in fifos:
+            try:
+                os.close(os.open(f, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass  # nobody is reading it: the code under test refused it
+    thread = threading.Thread(target=release, daemon=True)
+    thread.start()
+    yield fifos.append
+    thread.join()
+
+
+def test_fifos_in_place_of_data_files_are_refused_without_blocking(tmp_path, unblocking):
+    import os
+    (tmp_path / "mnist").mkdir()
+    os.mkfifo(tmp_path / "mnist" / "train-images-idx3-ubyte.gz")
+    batches = tmp_path / "cifar10" / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        os.mkfifo(batches / name)
+    for f in (tmp_path / "mnist" / "train-images-idx3-ubyte.gz", batches / "data_batch_1"):
+        unblocking(f)
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz: cannot read it .*not a regular file"):
+        load("mnist", folder=tmp_path)
+    with pytest.raises(DataError, match="data_batch_1 is missing or not a regular file"):
+        load("cifar10", folder=tmp_path)
+    for reader in (data.read_idx, data.read_cifar_batch):
+        with pytest.raises(DataError, match="not a regular file"):
+            reader(batches / "data_batch_1")
+
+
+def test_a_device_in_place_of_a_data_file_is_refused():
+    from pathlib import Path
+    for reader in (data.read_idx, data.read_cifar_batch):
+        with pytest.raises(DataError, match="/dev/zero: cannot read it.*not a regular file"):
+            reader(Path("/dev/zero"))
+
+
+def test_a_nested_list_bomb_in_cifar_labels_is_refused_before_it_grows(tmp_path):
+    """Lists sharing one list pickle in a few hundred bytes; NumPy would expand them to 2**30 int64 (8 GiB). Run
+    under a 1 GiB address-space limit, so that code which builds the array fails instead of eating the machine."""
+    import subprocess
+    import sys
+    labels = [0, 0]
+    for _ in range(29):
+        labels = [labels, labels]
+    path = _cifar(tmp_path, pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": labels}))
+    assert path.stat().st_size < 10_000
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30)); "
+            "from nncompare.models.data import load, DataError\n"
+            f"try:\n    load('cifar10', folder={str(tmp_path)!r})\n"
+            "except DataError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert f"{path}: b'labels' must be a list of integers" in out.stdout
+
+
+def test_oversized_data_files_are_refused_unread(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "MAX_BATCH_BYTES", 1000)
+    _cifar(tmp_path, pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 2]}))
+    with pytest.raises(DataError, match="data_batch_1: larger than 1,000 bytes: not a file of this dataset"):
+        load("cifar10", folder=tmp_path)
+    monkeypatch.setattr(data, "MAX_FILE_BYTES", 100)  # a gzip bomb: small file, large content
+    bomb = tmp_path / "bomb.gz"
+    with gzip.open(bomb, "wb") as f:
+        f.write(bytes([0, 0, 8, 1, 0, 0, 1, 0]) + bytes(256))
+    with pytest.raises(DataError, match="bomb.gz: larger than"):
+        data.read_idx(bomb)
+
+
+def test_an_empty_data_folder_path_is_refused():
+    with pytest.raises(DataError, match="data folder path is empty"):
+        load("mnist", folder="")
