@@ -113,8 +113,39 @@ def residual_mlp() -> ModelSpec:
     return ModelSpec("residual_mlp", (64,), tuple(layers) + (Dense(10, name="fc_out"),))
 
 
+def every_kind() -> ModelSpec:
+    """A small graph with every layer kind, activation and padding mode on odd, non-square shapes: a "same"
+    conv and average pool padded unevenly on one axis only, a floor-size valid max pool, a "same" max pool,
+    a non-square kernel and stride, int padding, flattened images that are added (a 3-input Add) and
+    concatenated with flat features, softmax over channels, BatchNorm on images and features, a softmax head.
+    It is what `compare.py check` runs to catch what the test suite catches."""
+    return ModelSpec("every_kind", (3, 11, 9), (
+        Conv2D(4, (3, 2), strides=(2, 1), padding="same", use_bias=False, name="stem"),        # (4, 6, 9)
+        BatchNorm(name="stem_bn"), Activation("leaky_relu", name="stem_act"),
+        MaxPool2D(3, strides=2, name="pool_valid"),                                             # (4, 2, 4)
+        Flatten(name="flat_pool"),                                                             # 32
+        AvgPool2D(3, strides=2, padding="same", name="pool_same", inputs=("stem_act",)),        # (4, 3, 5)
+        Conv2D(3, 3, strides=2, padding="same", activation="silu", name="conv_s2", inputs=("stem_act",)),
+        Concatenate(name="cat_img", inputs=("pool_same", "conv_s2")),                          # (7, 3, 5)
+        Activation("softmax", name="channel_softmax"),
+        MaxPool2D(2, strides=1, padding="same", name="pool_max_same"),                         # (7, 3, 5)
+        Flatten(name="flat_img"),                                                              # 105
+        Conv2D(5, (2, 3), padding=1, activation="softplus", name="conv_pad", inputs=("stem_act",)),  # (5, 7, 9)
+        Dropout(0.1, name="drop_img"), GlobalAveragePooling2D(name="gap"),                     # 5
+        Dense(32, activation="tanh", name="fc_tanh"),
+        Dense(32, activation="sigmoid", name="fc_sigmoid", inputs=("gap",)),
+        Add(name="add3", inputs=("flat_pool", "fc_tanh", "fc_sigmoid")),                       # 32
+        Activation("elu", name="add_act"),
+        Concatenate(name="cat_flat", inputs=("flat_img", "add_act")),                          # 137
+        BatchNorm(momentum=0.9, epsilon=1e-3, name="flat_bn"),
+        Dense(12, activation="gelu", name="fc_gelu"), Dropout(0.2, name="drop"),
+        Dense(8, activation="gelu_tanh", name="fc_gelu_tanh"), Activation("relu", name="relu"),
+        Dense(6, activation="leaky_relu(0.05)", name="fc_leaky"), Activation("linear", name="linear"),
+        Dense(3, activation="softmax", name="out")))
+
+
 _ZOO = {f.__name__: f for f in (perceptron, mlp, lenet5, cifar_cnn, digits_mlp, digits_cnn, resnet20, inception_mini,
-                                residual_mlp)}
+                                residual_mlp, every_kind)}
 
 
 def names() -> list[str]:
