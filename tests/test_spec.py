@@ -8,7 +8,7 @@ from nncompare.models import (Activation, AvgPool2D, BatchNorm, Conv2D, Dense, D
 
 ZOO_PARAMS = {"perceptron": 3, "mlp": 235_146, "lenet5": 61_706, "cifar_cnn": 1_117_738,
               "digits_mlp": 4_810, "digits_cnn": 13_706,
-              "resnet20": 274_042, "inception_mini": 12_570, "residual_mlp": 21_450}
+              "resnet20": 274_042, "inception_mini": 12_570, "residual_mlp": 21_450, "every_kind": 3_091}
 
 
 def test_zoo_names_cover_the_required_models():
