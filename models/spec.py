@@ -7,9 +7,10 @@ never names inputs, so Sequential specs and their JSON look exactly as before gr
 Heads (the rule the loss and `predict` rely on): a final softmax or sigmoid (the last layer's `activation`, or a
 final Activation layer) is the head, folded into the loss; `predict` applies it. A sigmoid head needs exactly 1
 output (binary cross-entropy), a softmax head at least 2 (softmax cross-entropy); a head needs a flat
-(features,) output, may not sit directly on another softmax/sigmoid (it would be applied twice), and may not be
-followed by Dropout (the loss would read its probabilities as logits). Anywhere
-else softmax and sigmoid are ordinary activations. Without a head the logits are the output itself.
+(features,) output and a layer before it that computes the logits; it may not sit on another softmax/sigmoid (it
+would be applied twice), and a softmax/sigmoid may not be followed by Dropout (the loss would read its probabilities
+as logits). Both are traced back through the layers that hand values on unchanged: Dropout, a linear Activation,
+Flatten. Anywhere else softmax and sigmoid are ordinary activations. Without a head the logits are the output itself.
 """
 from __future__ import annotations
 
@@ -30,9 +31,13 @@ LEAKY_RELU_SLOPE = 0.2  # plain "leaky_relu": Keras 3's default (PyTorch's defau
 ELU_ALPHA = 1.0
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_PARAMS = 2_000_000_000        # ~8 GB of float32 weights
-MAX_ELEMENTS = 1_000_000_000      # per sample, per tensor: ~4 GB of float32 activations
+# Per sample, per tensor (outputs, padded inputs, a convolution's or pool's window matrix): 537 MB of float32. A
+# check runs 8 samples through the float64 oracle, 8.6 GB for such a tensor.
+MAX_ELEMENTS = 2 ** 27
 MAX_SPEC_BYTES = 16 * 2 ** 20     # a spec file larger than this is not a spec
-MAX_INT = 2 ** 31 - 1             # any size, kernel or stride
+# Any kernel, pool, stride or padding side: past every input MAX_ELEMENTS allows in practice, far below the
+# 32-bit sizes where frameworks break (TensorFlow segfaults at strides of 2^31 - 2, MXNet refuses 2^31 - 1).
+MAX_WINDOW = 2 ** 16
 _OMIT_DEFAULT = {"omit_default": True}  # fields added after v1: left out of JSON at their default
 
 
@@ -80,8 +85,8 @@ def _pair(value: Any, field_name: str) -> tuple[int, int]:
         raise _FieldError(field_name, f"must be a positive int or a pair of them, got {_short(value)}")
     if min(value) <= 0:
         raise _FieldError(field_name, f"must be positive, got {_short(value)}")
-    if max(value) > MAX_INT:
-        raise _FieldError(field_name, f"must be at most {MAX_INT} (frameworks take 32-bit sizes), got {_short(value)}")
+    if max(value) > MAX_WINDOW:
+        raise _FieldError(field_name, f"must be at most {MAX_WINDOW}, got {_short(value)}")
     return int(value[0]), int(value[1])
 
 
@@ -136,6 +141,15 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     out = -(-size // stride)
     total = max((out - 1) * stride + kernel - size, 0)
     return total // 2, total - total // 2
+
+
+def _check_windows(channels: int, out: tuple, kernel: tuple[int, int], field_name: str) -> None:
+    """Bound the window matrix (channels x kernel cells, one row per output position) that the oracle builds
+    for a convolution or pool: with a large kernel it dwarfs both the input and the output."""
+    n = channels * kernel[0] * kernel[1] * out[1] * out[2]
+    if n > MAX_ELEMENTS:
+        raise _FieldError(field_name, f"its window matrix ({channels * kernel[0] * kernel[1]} values for each of "
+                                      f"{out[1] * out[2]} output positions) is {_bytes(n)} of float32 per sample")
 
 
 _ACT_FLOPS = {"linear": 0, "relu": 1, "leaky_relu": 2, "sigmoid": 4, "tanh": 4, "softmax": 3, "elu": 4,
@@ -236,6 +250,8 @@ class Conv2D(Layer):
         (kh, kw), (sh, sw) = _pair(self.kernel_size, "kernel_size"), _pair(self.strides, "strides")
         if not (self.padding in ("valid", "same") or (_is_int(self.padding) and self.padding >= 0)):
             raise _FieldError("padding", f"must be 'valid', 'same' or an int >= 0, got {_short(self.padding)}")
+        if _is_int(self.padding) and self.padding > MAX_WINDOW:
+            raise _FieldError("padding", f"must be at most {MAX_WINDOW}, got {_short(self.padding)}")
         _parse_activation(self.activation)
         if not isinstance(self.use_bias, bool):
             raise _FieldError("use_bias", f"must be true or false, got {_short(self.use_bias)}")
@@ -246,7 +262,9 @@ class Conv2D(Layer):
                                          f"{_bytes(c * (h + pt + pb) * (w + pl + pr))} of float32 per sample")
         if kh > h + pt + pb or kw > w + pl + pr:
             raise _FieldError("kernel_size", f"kernel {kh}x{kw} is larger than the padded input {h + pt + pb}x{w + pl + pr}")
-        return (self.filters, (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1)
+        out = (self.filters, (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1)
+        _check_windows(c, out, (kh, kw), "kernel_size")
+        return out
 
     def param_shapes(self, in_shape):
         kh, kw = _pair(self.kernel_size, "kernel_size")
@@ -291,10 +309,13 @@ class _Pool(Layer):
             if math.prod((c, h + pt + pb, w + pl + pr)) > MAX_ELEMENTS:
                 raise _FieldError("pool_size", f"padded input {c}x{h + pt + pb}x{w + pl + pr} is "
                                                f"{_bytes(c * (h + pt + pb) * (w + pl + pr))} of float32 per sample")
-            return (c, -(-h // sh), -(-w // sw))
-        if kh > h or kw > w:
-            raise _FieldError("pool_size", f"pool {kh}x{kw} is larger than the input {h}x{w}")
-        return (c, (h - kh) // sh + 1, (w - kw) // sw + 1)
+            out = (c, -(-h // sh), -(-w // sw))
+        else:
+            if kh > h or kw > w:
+                raise _FieldError("pool_size", f"pool {kh}x{kw} is larger than the input {h}x{w}")
+            out = (c, (h - kh) // sh + 1, (w - kw) // sw + 1)
+        _check_windows(c, out, (kh, kw), "pool_size")
+        return out
 
     def flops(self, in_shape, out_shape):
         (kh, kw), _ = self.window()
@@ -455,6 +476,11 @@ class LayerInfo:
     in_shapes: tuple[tuple, ...] = ()
 
 
+def _hands_values_on(layer: Layer) -> bool:
+    """Whether a layer passes its input's values on unchanged in meaning: Dropout, Flatten, a linear Activation."""
+    return isinstance(layer, (Dropout, Flatten)) or (isinstance(layer, Activation) and layer.activation == "linear")
+
+
 def _layer_name(layer: Layer, index: int) -> Any:
     return layer.name if layer.name is not None else f"{layer.kind}_{index}"
 
@@ -563,19 +589,28 @@ class ModelSpec:
 
     @staticmethod
     def _check_head(infos: list[LayerInfo]) -> None:
+        by_name = {i.name: i for i in infos}
+
+        def source(info: LayerInfo) -> tuple[LayerInfo, LayerInfo | None]:
+            """The layer whose values `info` hands on, back through Dropout, linear Activation and Flatten, and
+            the Dropout nearest the output on the way (None if none)."""
+            dropout = None
+            while _hands_values_on(info.layer) and info.inputs[0] in by_name:
+                if dropout is None and isinstance(info.layer, Dropout):
+                    dropout = info
+                info = by_name[info.inputs[0]]
+            return info, dropout
+
         last = infos[-1]
         head = getattr(last.layer, "activation", None)
         if head not in HEADS:
-            by_name = {i.name: i for i in infos}
-            below = last
-            while isinstance(below.layer, Dropout) and below.inputs[0] in by_name:
-                below = by_name[below.inputs[0]]
+            below, dropout = source(last)
             hidden = getattr(below.layer, "activation", None)
-            if below is not last and hidden in HEADS:
+            if dropout is not None and hidden in HEADS:
                 # the loss would take these probabilities for logits and apply its own softmax/sigmoid again
                 raise SpecError(f"layer {below.index} ({below.name}): field 'activation': a {hidden} head must be "
-                                f"the last layer, but Dropout layer {last.index} ({last.name}) follows it; put the "
-                                f"Dropout before it")
+                                f"the last layer, but Dropout layer {dropout.index} ({dropout.name}) follows it; put "
+                                f"the Dropout before it")
             return
         where = f"layer {last.index} ({last.name}): field 'activation'"
         if len(last.out_shape) != 1:
@@ -588,11 +623,17 @@ class ModelSpec:
         if head == "softmax" and n < 2:
             raise SpecError(f"{where}: a softmax head needs at least 2 outputs, got 1; use sigmoid for one "
                             f"binary output")
-        if isinstance(last.layer, Activation) and len(infos) > 1:
-            below = getattr(infos[-2].layer, "activation", None)
-            if below in HEADS:
-                raise SpecError(f"{where}: the {head} head sits directly on {infos[-2].name!r}, which already "
-                                f"applies {below}: it would be applied twice; drop one of them")
+        if not isinstance(last.layer, Activation):
+            return
+        if last.inputs[0] not in by_name:
+            raise SpecError(f"{where}: a {head} head needs a layer before it that computes its logits, but it "
+                            f"reads the model input; add one (e.g. a Dense) or make the activation linear")
+        below, _ = source(by_name[last.inputs[0]])
+        hidden = getattr(below.layer, "activation", None)
+        if hidden in HEADS:
+            via = "" if below.name == last.inputs[0] else f" (through {last.inputs[0]!r})"
+            raise SpecError(f"{where}: the {head} head sits on {below.name!r}{via}, which already applies "
+                            f"{hidden}: it would be applied twice; drop one of them")
 
     # --- inference -------------------------------------------------------------------------------
     @property

@@ -142,10 +142,39 @@ def test_bad_activations_are_spec_errors(text):
     ((Dense(3, activation="softmax"), Activation("softmax")), "it would be applied twice"),
     ((Dense(1, activation="sigmoid"), Activation("sigmoid")), "it would be applied twice"),
     ((Dense(3), Activation("sigmoid"), Activation("softmax")), "it would be applied twice"),
+    # traced back through the graph, not one step back in list order
+    ((Dense(3, activation="softmax"), Dropout(0.5), Activation("softmax")),
+     "sits on 'dense_0' \\(through 'dropout_1'\\), which already applies softmax: it would be applied twice"),
+    ((Dense(1, activation="sigmoid"), Activation("linear"), Dropout(0.1), Flatten(), Activation("sigmoid")),
+     "sits on 'dense_0' \\(through 'flatten_3'\\)"),
 ])
 def test_head_rule(layers, message):
     with pytest.raises(SpecError, match=f"layer {len(layers) - 1} .*: field 'activation': .*{message}"):
         ModelSpec("m", (4,), layers)
+
+
+def test_head_on_a_softmax_over_channels_through_flatten_is_refused():
+    with pytest.raises(SpecError, match="layer 2 \\(activation_2\\): field 'activation': the softmax head sits on "
+                                        "'conv2d_0' \\(through 'flatten_1'\\)"):
+        ModelSpec("m", (1, 4, 4), (Conv2D(3, 4, activation="softmax"), Flatten(), Activation("softmax")))
+
+
+@pytest.mark.parametrize("spec", [
+    {"input_shape": [3], "layers": [{"type": "activation", "activation": "softmax"}]},
+    {"input_shape": [1], "layers": [{"type": "activation", "activation": "sigmoid"}]},
+])
+def test_a_head_with_nothing_to_compute_its_logits_is_refused(spec):
+    # its logits would be the model input: no layer left to build, a crash in every backend
+    with pytest.raises(SpecError, match="layer 0 \\(activation_0\\): field 'activation': a (softmax|sigmoid) head needs "
+                                        "a layer before it that computes its logits, but it reads the model input"):
+        ModelSpec.from_dict({"name": "m", **spec})
+
+
+def test_heads_that_stay_legal():
+    assert ModelSpec("m", (4,), (Dense(3), Dropout(0.5), Activation("softmax"))).head == "softmax"
+    assert ModelSpec("m", (1, 2, 2), (Flatten(), Activation("softmax"))).logits_layers() == (Flatten(),)
+    # a softmax inside, handed on as the output: no head, the probabilities are the logits (as in every framework)
+    assert ModelSpec("m", (4,), (Dense(3, activation="softmax"), Activation("linear"))).head is None
 
 
 def test_head_needs_a_flat_output_but_softmax_inside_is_ordinary():
@@ -170,6 +199,9 @@ def test_a_head_behind_dropout_is_refused_not_trained_as_logits(layers, culprit)
     with pytest.raises(SpecError, match=f"{culprit}: field 'activation': a (softmax|sigmoid) head must be the last "
                                         f"layer, but Dropout layer {len(layers) - 1} "):
         ModelSpec("m", (4,), layers)
+    # through a linear activation or Flatten on the way, too
+    with pytest.raises(SpecError, match="layer 0 \\(dense_0\\): .*but Dropout layer 1 \\(dropout_1\\) follows it"):
+        ModelSpec("m", (4,), (Dense(3, activation="softmax"), Dropout(0.1), Activation("linear"), Flatten()))
     # through a graph input, too
     with pytest.raises(SpecError, match="must be the last layer"):
         ModelSpec("g", (4,), (Dense(4, name="h"), Dense(4, name="r", inputs=("input",)), Add(inputs=("h", "r")),
@@ -204,8 +236,23 @@ def test_numeric_fields_must_be_finite(layer, field):
     (lambda: ModelSpec("m", (4,), (Dense(10**12),)), "layer 0 (dense_0): field 'units': output (1000000000000,) is about 4.0 TB"),
     (lambda: ModelSpec("m", (100_000,), (Dense(1_000_000),)), "layer 0 (dense_0): field 'units': about 400.0 GB of float32 weights"),
     (lambda: ModelSpec("m", (4,), (Dense(40_000), Dense(40_000), Dense(40_000), Dense(2))), "(with the layers before it)"),
-    (lambda: ModelSpec("m", (1, 4, 4), (Conv2D(2, 1, padding=10**6), Flatten(), Dense(2))),
-     "layer 0 (conv2d_0): field 'padding': padded input 1x2000004x2000004 is about 16.0 TB"),
+    (lambda: ModelSpec("m", (1, 4, 4), (Conv2D(2, 1, padding=10**4), Flatten(), Dense(2))),
+     "layer 0 (conv2d_0): field 'padding': padded input 1x20004x20004 is about 1.6 GB of float32 per sample"),
+    # a 200-byte spec: 12 params and 30 FLOPs, but a 3.6 GB padded input per sample (a check: 54 GiB)
+    (lambda: ModelSpec.from_dict({"name": "m", "input_shape": [1, 1, 1], "layers": [
+        {"type": "conv2d", "filters": 1, "kernel_size": 1, "strides": 30001, "padding": 15000},
+        {"type": "flatten"}, {"type": "dense", "units": 5}]}),
+     "layer 0 (conv2d_0): field 'padding': padded input 1x30001x30001 is about 3.6 GB of float32 per sample"),
+    # small input and output, but every output position reads 200x200 cells: the oracle's window matrix
+    (lambda: ModelSpec("m", (1, 400, 400), (Conv2D(1, 200), Flatten(), Dense(2))),
+     "layer 0 (conv2d_0): field 'kernel_size': its window matrix (40000 values for each of 40401 output "
+     "positions) is about 6.5 GB of float32 per sample"),
+    (lambda: ModelSpec("m", (2, 600, 600), (MaxPool2D(300, strides=1), Flatten(), Dense(2))),
+     "layer 0 (maxpool2d_0): field 'pool_size': its window matrix"),
+    (lambda: ModelSpec("m", (1, 600, 600), (AvgPool2D(300, strides=1, padding="same"), Flatten(), Dense(2))),
+     "layer 0 (avgpool2d_0): field 'pool_size': its window matrix"),
+    (lambda: ModelSpec("m", (1, 12000, 12000), (Flatten(), Dense(2))),
+     "model 'm': field 'input_shape': (1, 12000, 12000) is about 576.0 MB of float32 per sample"),
     (lambda: ModelSpec("m", (3, 100_000, 100_000), (Flatten(), Dense(2))), "field 'input_shape'"),
     (lambda: ModelSpec("m", (3, 100, 100), (Conv2D(10**6, 1), Flatten(), Dense(2))), "field 'filters'"),
 ])
@@ -303,11 +350,14 @@ BIG = int("1" + "0" * 4000)  # within json's 4300-digit limit, beyond float
      "field 'epsilon': must be a finite positive number at most 1"),
     ({"input_shape": [1, 4, 4], "layers": [{"type": "conv2d", "filters": 1, "kernel_size": 1, "strides": BIG},
                                            {"type": "flatten"}, {"type": "dense", "units": 2}]},
-     "field 'strides': must be at most 2147483647"),
+     "field 'strides': must be at most 65536"),
     ({"input_shape": [1, 4, 4], "layers": [{"type": "maxpool2d", "pool_size": 10**9, "padding": "same"},
                                            {"type": "flatten"}, {"type": "dense", "units": 2}]},
-     "field 'pool_size': padded input 1x1000000000x1000000000 is about 4.0 EB"),
-    ({"input_shape": [1, 4, 4], "layers": [{"type": "conv2d", "filters": 1, "kernel_size": 10**9, "padding": "same"},
+     "field 'pool_size': must be at most 65536"),
+    ({"input_shape": [1, 4, 4], "layers": [{"type": "maxpool2d", "pool_size": 60000, "padding": "same"},
+                                           {"type": "flatten"}, {"type": "dense", "units": 2}]},
+     "field 'pool_size': padded input 1x60000x60000 is about 14.4 GB"),
+    ({"input_shape": [1, 4, 4], "layers": [{"type": "conv2d", "filters": 1, "kernel_size": 60000, "padding": "same"},
                                            {"type": "flatten"}, {"type": "dense", "units": 2}]},
      "field 'kernel_size': padded input"),
 ])
@@ -342,3 +392,15 @@ def test_sequential_json_is_byte_for_byte_what_it_was_before_graphs():
         {"type": "flatten"},
         {"type": "dense", "units": 64, "activation": "relu"},
         {"type": "dense", "units": 10, "activation": "linear"}]}, indent=2)
+
+
+@pytest.mark.parametrize("layer,field", [
+    (Conv2D(1, 1, strides=2**31 - 2), "strides"),  # TensorFlow segfaults on this stride
+    (Conv2D(1, 1, strides=(1, 65537)), "strides"), (Conv2D(1, 1, padding=65537), "padding"),
+    (MaxPool2D(1, strides=2**31 - 1), "strides"),  # MXNet refuses it
+    (AvgPool2D((1, 65537)), "pool_size"),
+])
+def test_windows_strides_and_padding_are_bounded(layer, field):
+    with pytest.raises(SpecError, match=f"layer 0 .*: field '{field}': must be at most 65536, got"):
+        ModelSpec("m", (1, 4, 4), (layer, Flatten(), Dense(2)))
+    assert ModelSpec("m", (1, 4, 4), (Conv2D(1, 2, strides=65536, padding=1), Flatten(), Dense(2))).output_shape == (2,)
