@@ -224,6 +224,7 @@ GPU_CHECK = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.s
 
 def _gpu_check(*args, timeout=900) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    env["PYTHON"] = sys.executable  # the suite's interpreter, not whichever python3 comes first on PATH
     return subprocess.run(["bash", str(GPU_CHECK), *map(str, args)], capture_output=True, text=True, timeout=timeout,
                           env=env)
 
