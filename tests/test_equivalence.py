@@ -31,14 +31,29 @@ RANDOM_SPECS = 50
 RANDOM_GRAPHS = 20  # per framework: 60 random graphs (skip connections, branches) a run
 
 
+# The fast lane (`-m "not slow"`) proves every hand-written spec and every_kind in torch, and a few random
+# specs and graphs; everything else (other frameworks, the larger zoo models, the rest of the random draws)
+# runs in the full suite.
+FAST_BACKEND = "torch"
+FAST_MODELS = set(MODELS) - {"mlp", "lenet5", "cifar_cnn", "resnet20", "inception_mini", "digits_cnn"}
+FAST_RANDOM = 3
+
+
+def lane(backend, model, fast: bool):
+    """A (backend, model) case, marked slow unless it is in the fast lane."""
+    return pytest.param(backend, model, marks=() if fast and backend == FAST_BACKEND else pytest.mark.slow)
+
+
+BACKENDS = [pytest.param(b, marks=() if b == FAST_BACKEND else pytest.mark.slow) for b in FRAMEWORKS]
+
+
 def adapter(backend):
     require(backend)
     return get_adapter(backend)
 
 
 @pytest.mark.parametrize("check", CHECKS)
-@pytest.mark.parametrize("model", sorted(MODELS))
-@pytest.mark.parametrize("backend", FRAMEWORKS)
+@pytest.mark.parametrize("backend,model", [lane(b, m, m in FAST_MODELS) for b in FRAMEWORKS for m in sorted(MODELS)])
 def test_matches_the_oracle(backend, model, check):
     spec = MODELS[model]
     if check != "logits" and model in TRAINING_INPUT:
@@ -47,8 +62,7 @@ def test_matches_the_oracle(backend, model, check):
     assert report.passed(check), report.describe(check)
 
 
-@pytest.mark.parametrize("seed", range(RANDOM_SPECS))
-@pytest.mark.parametrize("backend", FRAMEWORKS)
+@pytest.mark.parametrize("backend,seed", [lane(b, s, s < FAST_RANDOM) for b in FRAMEWORKS for s in range(RANDOM_SPECS)])
 def test_random_spec_matches_the_oracle(backend, seed):
     spec = random_spec(seed)
     report = compare(adapter(backend), get_adapter("numpy"), spec, n=6, steps=3)
@@ -56,8 +70,8 @@ def test_random_spec_matches_the_oracle(backend, seed):
     assert not bad, f"{spec.to_json()}\n" + "\n".join(bad)
 
 
-@pytest.mark.parametrize("seed", range(RANDOM_GRAPHS))
-@pytest.mark.parametrize("backend", FRAMEWORKS)
+@pytest.mark.parametrize("backend,seed", [lane(b, s, s < FAST_RANDOM) for b in FRAMEWORKS
+                                          for s in range(RANDOM_GRAPHS)])
 def test_random_graph_matches_the_oracle(backend, seed):
     spec = random_graph_spec(seed)
     report = compare(adapter(backend), get_adapter("numpy"), spec, n=6, steps=3)
@@ -66,7 +80,7 @@ def test_random_graph_matches_the_oracle(backend, seed):
 
 
 @pytest.mark.parametrize("model", ["lenet5", "cifar_cnn", "conv_same_stride2", "inception_mini", "residual_mlp"])
-@pytest.mark.parametrize("backend", FRAMEWORKS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_weights_round_trip_exactly(backend, model):
     spec = MODELS[model]
     rng = np.random.default_rng(5)
@@ -79,6 +93,7 @@ def test_weights_round_trip_exactly(backend, model):
 
 
 @pytest.mark.parametrize("model", ["conv_same_stride2", "inception_mini"])
+@pytest.mark.slow
 @pytest.mark.parametrize("src,dst", list(itertools.permutations(FRAMEWORKS, 2)))
 def test_weights_exported_from_one_framework_load_into_another(src, dst, model):
     spec = MODELS[model]
@@ -90,7 +105,7 @@ def test_weights_exported_from_one_framework_load_into_another(src, dst, model):
     assert scaled_diff(b.predict(x), a.predict(x)) <= TOLERANCE
 
 
-@pytest.mark.parametrize("backend", FRAMEWORKS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_native_init_keeps_the_frameworks_own_weights(backend):
     spec = zoo.get("lenet5")
     canonical = adapter(backend).build(spec).get_weights()
@@ -99,7 +114,7 @@ def test_native_init_keeps_the_frameworks_own_weights(backend):
     assert not np.array_equal(native["dense_5/kernel"], canonical["dense_5/kernel"])
 
 
-@pytest.mark.parametrize("backend", FRAMEWORKS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_batchnorm_inference_uses_moving_statistics(backend):
     spec = EVERY_LAYER["conv_same_stride2"]
     rng = np.random.default_rng(2)
@@ -113,14 +128,14 @@ def test_batchnorm_inference_uses_moving_statistics(backend):
 DROPOUT_SPEC = ModelSpec("dropout", (4000,), (Dropout(0.3), Dense(2)))
 
 
-@pytest.mark.parametrize("backend", FRAMEWORKS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_is_off_in_inference(backend):
     net, oracle = adapter(backend).build(DROPOUT_SPEC), get_adapter("numpy").build(DROPOUT_SPEC)
     x, _ = sample_batch(DROPOUT_SPEC, 3)
     assert scaled_diff(net.predict(x), oracle.predict(x)) <= TOLERANCE
 
 
-@pytest.mark.parametrize("backend", FRAMEWORKS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_in_training_drops_the_configured_rate_and_rescales(backend):
     # With one sample, a kernel row's gradient is x_i * keep_i / (1 - rate) * dz: dropped inputs give zero rows.
     net = adapter(backend).build(DROPOUT_SPEC)
@@ -140,7 +155,7 @@ def test_dropout_in_training_drops_the_configured_rate_and_rescales(backend):
     assert np.allclose(ratio, np.median(ratio), rtol=1e-3)  # one common factor: dz and 1/(1 - rate)
 
 
-@pytest.mark.parametrize("backend", FRAMEWORKS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_loss_and_grads_changes_no_state(backend):
     spec = EVERY_LAYER["dense_bn_sigmoid_head"]
     net = adapter(backend).build(spec)
@@ -150,7 +165,7 @@ def test_loss_and_grads_changes_no_state(backend):
     assert all(np.array_equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.parametrize("backend", FRAMEWORKS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fit_follows_the_oracle_over_the_shared_batch_order(backend):
     spec = zoo.get("digits_cnn")
     x, y = sample_batch(spec, 40, seed=3)
@@ -160,7 +175,7 @@ def test_fit_follows_the_oracle_over_the_shared_batch_order(backend):
     np.testing.assert_allclose(h["loss"], ref["loss"], rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", FRAMEWORKS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_unsupported_device_names_what_the_framework_sees(backend):
     from nncompare.backends import BackendError
     with pytest.raises(BackendError, match="cpu"):
