@@ -6,27 +6,54 @@ import importlib.metadata
 import importlib.util
 import os
 import sys
+from dataclasses import dataclass
 
 from .base import (Adam, Adapter, BackendError, SGD, as_inputs, as_labels, batch_indices, check_optimizer,
                    make_optimizer, parse_device)
 
-# name -> (module, class, the distribution that provides the framework, the pip extra that installs it)
-_REGISTRY = {
-    "numpy": ("nncompare.backends.numpy_backend", "NumpyAdapter", "numpy", None),
-    "keras": ("nncompare.backends.keras_backend", "KerasAdapter", "keras", "keras"),
-    "keras-jax": ("nncompare.backends.keras_backend", "KerasJaxAdapter", "keras", "jax"),
-    "keras-torch": ("nncompare.backends.keras_backend", "KerasTorchAdapter", "keras", "torch"),
-    "torch": ("nncompare.backends.torch_backend", "TorchAdapter", "torch", "torch"),
-    "mxnet": ("nncompare.backends.mxnet_backend", "MXNetAdapter", "mxnet", "mxnet"),
-}
+
+@dataclass(frozen=True)
+class Backend:
+    """Everything the project knows about one backend, without importing its framework: every list of backend
+    names (CLI defaults, thread environments, tests, benchmarks) derives from BACKENDS."""
+
+    name: str
+    module: str                  # the one module that holds its adapter
+    adapter: str                 # the adapter class in that module
+    distribution: str            # the distribution whose version the rows report
+    requires: tuple[str, ...]    # import names that must be present (a Keras engine needs keras and the engine)
+    extra: str | None            # the pip extra that installs them (None: a core dependency)
+    framework: str               # the framework whose kernels and thread pools run its cells
+    keras_engine: str | None = None  # the KERAS_BACKEND value of a Keras backend
+    compiler: str | None = None      # the compiled path apart from its default one (compile=True), if any
+    default: bool = True             # run, train and check use it when no --backends are given
+    reference: bool = False          # the float64 oracle every other backend is checked against
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (
+    Backend("numpy", "nncompare.backends.numpy_backend", "NumpyAdapter", "numpy", ("numpy",), None, "numpy",
+            reference=True),
+    Backend("keras", "nncompare.backends.keras_backend", "KerasAdapter", "keras", ("keras", "tensorflow"), "keras",
+            "tensorflow", keras_engine="tensorflow", compiler="XLA (jit_compile)"),
+    Backend("keras-jax", "nncompare.backends.keras_backend", "KerasJaxAdapter", "keras", ("keras", "jax"), "jax",
+            "jax", keras_engine="jax"),
+    Backend("keras-torch", "nncompare.backends.keras_backend", "KerasTorchAdapter", "keras", ("keras", "torch"),
+            "torch", "torch", keras_engine="torch"),
+    Backend("torch", "nncompare.backends.torch_backend", "TorchAdapter", "torch", ("torch",), "torch", "torch",
+            compiler="torch.compile"),
+    Backend("mxnet", "nncompare.backends.mxnet_backend", "MXNetAdapter", "mxnet", ("mxnet",), "mxnet", "mxnet"),
+)}
 # Backends with a compiled path apart from their default one (compile=True), and what it is.
-COMPILERS = {"keras": "XLA (jit_compile)", "torch": "torch.compile"}
-# The engine each Keras backend runs on (Keras 3 needs it beside keras); it is also the KERAS_BACKEND value.
-_IMPORT_NAME = {"keras": "tensorflow", "keras-jax": "jax", "keras-torch": "torch"}
+COMPILERS = {b.name: b.compiler for b in BACKENDS.values() if b.compiler}
 
 
 def names() -> list[str]:
-    return list(_REGISTRY)
+    return list(BACKENDS)
+
+
+def frameworks() -> list[str]:
+    """Every backend checked against the oracle (all but the reference itself), in the registry's order."""
+    return [b.name for b in BACKENDS.values() if not b.reference]
 
 
 def _version(dist: str) -> str | None:
@@ -36,37 +63,41 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _installed(name: str) -> bool:
-    _, _, dist, _ = _REGISTRY[name]
-    return all(importlib.util.find_spec(m) is not None for m in {dist, _IMPORT_NAME.get(name, dist)})
+def _missing(name: str) -> list[str]:
+    return [m for m in BACKENDS[name].requires if importlib.util.find_spec(m) is None]
 
 
 def available_backends() -> dict[str, dict]:
     """{name: {"installed": bool, "version": str | None}} without importing any framework."""
-    return {n: {"installed": _installed(n), "version": _version(_REGISTRY[n][2]) if _installed(n) else None}
-            for n in _REGISTRY}
+    out = {}
+    for n, b in BACKENDS.items():
+        installed = not _missing(n)
+        out[n] = {"installed": installed, "version": _version(b.distribution) if installed else None}
+    return out
 
 
 def check_backend(name: str) -> None:
-    """Raise BackendError if `name` is unknown or its framework is not installed."""
+    """Raise BackendError if `name` is unknown or its framework (or a package it needs beside it) is missing."""
     if not isinstance(name, str):
-        raise BackendError(f"backend name must be a string ({', '.join(_REGISTRY)}), "
+        raise BackendError(f"backend name must be a string ({', '.join(BACKENDS)}), "
                            f"got {type(name).__name__} {name!r}"[:200])
-    if name not in _REGISTRY:
-        raise BackendError(f"unknown backend {name!r} (known: {', '.join(_REGISTRY)})")
-    if not _installed(name):
-        extra = _REGISTRY[name][3]
-        raise BackendError(f"backend {name!r} is not installed: pip install 'nncompare[{extra}]' "
-                           f"(or pip install -e '.[{extra}]' from a checkout)")
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})"[:300])
+    missing = _missing(name)
+    if missing:
+        extra = BACKENDS[name].extra
+        how = f"pip install 'nncompare[{extra}]' (or pip install -e '.[{extra}]' from a checkout)" if extra \
+            else "reinstall nncompare"
+        raise BackendError(f"backend {name!r} is not installed (missing: {', '.join(missing)}): {how}")
 
 
 def get_adapter(name: str) -> type[Adapter]:
     """The adapter class for `name`; its framework is imported when the class is first used."""
     check_backend(name)
-    module, cls, dist, _ = _REGISTRY[name]
-    if dist == "keras":
-        _select_keras_engine(name, _IMPORT_NAME[name])
-    return getattr(importlib.import_module(module), cls)
+    b = BACKENDS[name]
+    if b.keras_engine:
+        _select_keras_engine(name, b.keras_engine)
+    return getattr(importlib.import_module(b.module), b.adapter)
 
 
 def _select_keras_engine(name: str, engine: str) -> None:
@@ -79,5 +110,6 @@ def _select_keras_engine(name: str, engine: str) -> None:
                            f"{keras.backend.backend()}")
 
 
-__all__ = ["COMPILERS", "Adam", "Adapter", "BackendError", "SGD", "as_inputs", "as_labels", "available_backends", "batch_indices",
-           "check_backend", "check_optimizer", "get_adapter", "make_optimizer", "names", "parse_device"]
+__all__ = ["BACKENDS", "COMPILERS", "Adam", "Backend", "Adapter", "BackendError", "SGD", "as_inputs", "as_labels", "available_backends", "batch_indices",
+           "check_backend", "check_optimizer", "frameworks", "get_adapter", "make_optimizer", "names",
+           "parse_device"]

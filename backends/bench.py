@@ -15,6 +15,7 @@ import numpy as np
 
 from ..models import ModelSpec
 
+from . import BACKENDS
 from .base import Optimizer, parse_device
 
 # glibc malloc thresholds (mallopt(3)); fixed, they also stop glibc from moving them as it sees large frees.
@@ -51,11 +52,7 @@ def time_budget() -> float:
 
 def _framework(backend: str | None) -> str | None:
     """The framework whose thread pools a backend's cell sizes ("keras-torch" runs torch kernels)."""
-    if backend is None:
-        return None
-    if backend.startswith("keras-"):
-        return backend.split("-", 1)[1]  # keras-jax -> jax, keras-torch -> torch
-    return {"keras": "tensorflow"}.get(backend, backend)
+    return None if backend is None else BACKENDS[backend].framework
 
 
 def tool_env(threads: int, backend: str | None = None) -> dict[str, str]:

@@ -16,12 +16,14 @@ sys.path.insert(0, str(ROOT))
 if importlib.util.find_spec("torch") is not None:
     import torch  # noqa: F401
 
-from nncompare.backends import available_backends  # noqa: E402
+from nncompare.backends import BACKENDS, available_backends, frameworks  # noqa: E402
 
 # Cells time exactly their minimum steps and repeats: tests assert behaviour, never speed (see docs/performance.md).
 os.environ.setdefault("NNCOMPARE_TIME_BUDGET", "0")
 
-FRAMEWORKS = ["keras", "torch", "mxnet"]  # in-process; keras-jax and keras-torch run in their own processes
+# The frameworks this process hosts: Keras on TensorFlow is the one Keras engine it loads; keras-jax and
+# keras-torch run in their own processes (tests/keras_worker.py).
+FRAMEWORKS = [b for b in frameworks() if BACKENDS[b].keras_engine in (None, "tensorflow")]
 REQUIRED = {b for b in os.environ.get("NNCOMPARE_REQUIRE_BACKENDS", "").split(",") if b}
 
 

@@ -1,18 +1,18 @@
-"""Every backend maps every layer kind of the spec through its converter table (issue 9): adding a layer kind
+"""Every backend maps every layer kind of the spec through its converter table: adding a layer kind
 means its dataclass, one converter per backend and one oracle node; this test names what is missing."""
 import importlib
 
 import pytest
 
-from nncompare.backends import _REGISTRY, available_backends, get_adapter, names
+from nncompare.backends import BACKENDS, available_backends, get_adapter
 from nncompare.models import LAYER_KINDS
 
 from .conftest import require
 
 # One test per backend module (keras, keras-jax and keras-torch share keras_backend).
 MODULES: dict[str, list[str]] = {}
-for _name in names():
-    MODULES.setdefault(_REGISTRY[_name][0], []).append(_name)
+for _b in BACKENDS.values():
+    MODULES.setdefault(_b.module, []).append(_b.name)
 
 
 @pytest.mark.parametrize("module", sorted(MODULES), ids=lambda m: "/".join(MODULES[m]))

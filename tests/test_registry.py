@@ -37,8 +37,30 @@ def test_missing_framework_names_the_install_extra(monkeypatch):
     monkeypatch.setattr(backends.importlib.util, "find_spec",
                         lambda name, *a: None if name == "mxnet" else real(name, *a))
     assert available_backends()["mxnet"] == {"installed": False, "version": None}
-    with pytest.raises(BackendError, match=r"backend 'mxnet' is not installed: pip install 'nncompare\[mxnet\]'"):
+    with pytest.raises(BackendError, match=r"backend 'mxnet' is not installed \(missing: mxnet\): "
+                                           r"pip install 'nncompare\[mxnet\]'"):
         get_adapter("mxnet")
+
+
+def test_a_partly_installed_backend_names_the_missing_package_and_the_extra(monkeypatch):
+    """keras is there but not the engine keras-jax runs on: one line naming jax and the extra that brings it."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(backends.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "jax" else real(name, *a))
+    assert not available_backends()["keras-jax"]["installed"] and available_backends()["keras"]["installed"]
+    with pytest.raises(BackendError, match=r"^backend 'keras-jax' is not installed \(missing: jax\): "
+                                           r"pip install 'nncompare\[jax\]'"):
+        backends.check_backend("keras-jax")
+
+
+def test_every_backend_name_list_derives_from_the_descriptors():
+    from nncompare.backends import BACKENDS, COMPILERS, frameworks, names
+    from .conftest import FRAMEWORKS
+    assert names() == list(BACKENDS) and set(frameworks()) == set(BACKENDS) - {"numpy"}
+    assert set(FRAMEWORKS) <= set(frameworks()) and COMPILERS == {"keras": "XLA (jit_compile)", "torch": "torch.compile"}
+    for b in BACKENDS.values():
+        assert b.module.startswith("nncompare.backends.") and b.requires and b.framework
+        assert (b.extra is None) == b.reference  # only the oracle comes with the core install
 
 
 @pytest.mark.parametrize("device", ["tpu", "gpu:x", ""])
