@@ -442,8 +442,31 @@ def test_lockstep_counts_the_cpu_time_a_side_uses_between_its_turns(tmp_path):
     out = ls.run_round({"clean": side(0), "spills": side(0.05)}, turns=8, timeout=30)
     assert out["clean"]["turns"] == out["spills"]["turns"] == [1000.0] * 8
     assert out["clean"]["cpu_in_turns_s"] >= 0.3 and out["spills"]["cpu_in_turns_s"] >= 0.3
-    assert ls.spill([out["clean"]]) < ls.SPILL_BOUND < 0.5 < ls.spill([out["spills"]])
+    # On a loaded machine the driver reads a side's CPU late, after some of its spill: the share shrinks (0.37 of
+    # the ideal 0.875 measured beside two busy loops) but stays far over the bound; exact accounting is pinned
+    # with a fake clock below.
+    assert ls.spill([out["clean"]]) < ls.SPILL_BOUND < ls.spill([out["spills"]])
     assert ls.spill_note([out["clean"]]) is None and "used " in ls.spill_note([out["spills"]])
+
+
+def test_lockstep_accounts_cpu_in_and_after_turns_exactly(monkeypatch):
+    """Turn accounting on a fake CPU clock: CPU between answering and the next turn counts as spill."""
+    ls = lockstep()
+    side = object.__new__(ls.Side)
+    side.name, side.prefix, side.error, side.turns, side.buf = "fake", "", None, [], b""
+    side.cpu_in = side.cpu_out = 0.0
+    side._cpu_at_answer = None
+    readings = iter([0.0, 0.05, 0.08, 0.13, 0.16, 0.21])  # before/after each of 3 turns: 0.03 s spill between
+    monkeypatch.setattr(side, "cpu", lambda: next(readings), raising=False)
+    monkeypatch.setattr(side, "_line", lambda timeout: "1000.0", raising=False)
+    monkeypatch.setattr(side, "settle", lambda: None, raising=False)  # its idle wait reads the clock on its own
+    monkeypatch.setattr(ls.os, "write", lambda fd, data: len(data))
+    side.go = -1
+    for _ in range(3):
+        side.turn(timeout=1)
+    assert side.turns == [1000.0] * 3
+    assert side.cpu_in == pytest.approx(0.15) and side.cpu_out == pytest.approx(0.06)
+    assert ls.spill([{"cpu_in_turns_s": side.cpu_in, "cpu_after_turns_s": side.cpu_out}]) == pytest.approx(0.4)
 
 
 # --- measure's data: separate per-batch arrays, resident or host ----------------------------------------
