@@ -9,7 +9,6 @@ import math
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
-from scipy.special import erf, expit
 
 from ..models import (INPUT, Activation, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense, Dropout, Flatten,
                       GlobalAveragePooling2D, MaxPool2D, init_weights, parse_activation)
@@ -17,6 +16,20 @@ from ..models import (INPUT, Activation, Add, AvgPool2D, BatchNorm, Concatenate,
 from .base import Adam, Adapter, BackendError, SGD, as_inputs, loss_and_dlogits, parse_device
 
 _SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+_ERF = np.frompyfunc(math.erf, 1, 1)
+
+
+# NumPy has neither; scipy is no dependency of the core. Both to float64's last bit or so.
+def erf(x: np.ndarray) -> np.ndarray:
+    """The error function, elementwise: the C library's erf (math.erf) over the array."""
+    return _ERF(np.asarray(x, np.float64)).astype(np.float64)
+
+
+def expit(x: np.ndarray) -> np.ndarray:
+    """The logistic sigmoid 1 / (1 + exp(-x)), without overflow: exp of -|x| only."""
+    x = np.asarray(x, np.float64)
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
 
 
 # --- activations ---------------------------------------------------------------------------------

@@ -1,5 +1,10 @@
 """The NumPy oracle: gradients against finite differences, optimizers against their formulas."""
 import dataclasses
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -229,3 +234,51 @@ def test_first_divergence_names_the_first_node_in_topological_order():
     assert first_divergence(net, oracle, x) == "b3"
     assert first_divergence(Reversed(), oracle, x) == "b3"
     assert first_divergence(oracle, oracle, x) is None
+
+
+# --- what the oracle needs ------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _core_dependencies() -> set[str]:
+    """The import names of pyproject's core dependencies (numpy>=1.24 -> numpy)."""
+    text = (ROOT / "pyproject.toml").read_text()
+    block = re.search(r"^dependencies = \[(.*?)^\]", text, re.S | re.M).group(1)
+    return {re.match(r"[A-Za-z0-9_.-]+", d).group(0).lower().replace("-", "_")
+            for d in re.findall(r'"([^"]+)"', block)}
+
+
+def test_the_oracle_needs_nothing_but_the_declared_core_dependencies():
+    # `pip install nncompare` without extras: the oracle imported scipy, which nothing declared
+    deps = _core_dependencies()
+    assert "numpy" in deps
+    script = f"""
+import importlib.abc, sys
+allowed = set(sys.stdlib_module_names) | {{"nncompare"}} | set({sorted(deps)!r})
+class Undeclared(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] not in allowed:
+            raise ModuleNotFoundError(f"undeclared import: {{name}}")
+sys.meta_path.insert(0, Undeclared())
+sys.path.insert(0, {str(ROOT)!r})
+import numpy as np
+from nncompare.backends import Adam, get_adapter
+from nncompare.models import Activation, Conv2D, Dense, Flatten, ModelSpec
+spec = ModelSpec("m", (1, 4, 4), (Conv2D(2, 3, activation="gelu"), Flatten(), Dense(4, activation="silu"),
+                                  Activation("softplus"), Dense(1, activation="sigmoid")))
+net = get_adapter("numpy").build(spec, optimizer=Adam())
+x = np.random.default_rng(0).standard_normal((3, 1, 4, 4)).astype(np.float32)
+net.predict(x); net.loss_and_grads(x, [0, 1, 1]); net.train_step(x, [0, 1, 1])
+print("ok")
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd="/")
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("x", [np.linspace(-40, 40, 2001), np.array([-800.0, 800.0, 0.0, 1e-300, -1e-300])])
+def test_the_oracles_own_erf_and_sigmoid_are_float64_exact(x):
+    from nncompare.backends.numpy_backend import erf, expit
+    ref_erf = np.array([math.erf(v) for v in x])
+    ref_sigmoid = np.array([1 / (1 + math.exp(-v)) if v > -700 else math.exp(v) for v in x])
+    assert np.abs(erf(x) - ref_erf).max() <= 2.3e-16
+    assert (np.abs(expit(x) - ref_sigmoid) <= 4.5e-16 * np.maximum(ref_sigmoid, 1e-300)).all()
