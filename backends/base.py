@@ -26,23 +26,42 @@ class BackendError(RuntimeError):
 _OPTIMIZER_RANGES = {"lr": (0.0, True, None, False), "momentum": (0.0, True, 1.0, False),
                      "beta1": (0.0, True, 1.0, False), "beta2": (0.0, True, 1.0, False),
                      "epsilon": (0.0, False, None, False)}
+MAX_LR = 1e6  # and at most MAX_LR for epsilon: far past any useful value, far below float32's 3.4e38
+MIN_EPSILON = 1e-30  # float32 holds it (and MXNet's bias-scaled copy of it) as a normal number
+MIN_ONE_MINUS_BETA = 1e-7  # float32 rounds a beta within 3e-8 of 1 to 1: its moments would never move
 
 
 def _check_optimizer_fields(opt) -> None:
-    """Every field a finite real number in its range (lr >= 0: lr=0 is a deliberate no-op step)."""
+    """Every field a finite real number in its range (lr >= 0: lr=0 is a deliberate no-op step), stored as a
+    Python float: ints, Fractions and NumPy scalars reach no framework as such."""
     for f in fields(opt):
         v, (lo, lo_ok, hi, hi_ok) = getattr(opt, f.name), _OPTIMIZER_RANGES[f.name]
-        ok = (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-              and (v >= lo if lo_ok else v > lo) and (hi is None or (v <= hi if hi_ok else v < hi)))
+        what = f"{type(opt).__name__}: field {f.name!r}: must be"
+        try:
+            x = float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else None
+        except (OverflowError, ValueError, TypeError):  # an int past float's range
+            x = None
+        ok = (x is not None and math.isfinite(x) and (x >= lo if lo_ok else x > lo)
+              and (hi is None or (x <= hi if hi_ok else x < hi)))
         if not ok:
             want = f"{'>=' if lo_ok else '>'} {lo:g}" if hi is None else \
                 f"in {'[' if lo_ok else '('}{lo:g}, {hi:g}{']' if hi_ok else ')'}"
-            raise BackendError(f"{type(opt).__name__}: field {f.name!r}: must be a finite number {want}, got {v!r}")
+            raise BackendError(f"{what} a finite number {want}, got {v!r}"[:300])
+        if f.name in ("lr", "epsilon") and x > MAX_LR:
+            raise BackendError(f"{what} at most {MAX_LR:g}, got {v!r}")
+        if f.name == "epsilon" and x < MIN_EPSILON:
+            raise BackendError(f"{what} at least {MIN_EPSILON:g} (float32 flushes smaller values to 0), got {v!r}")
+        if f.name.startswith("beta") and x > 1 - MIN_ONE_MINUS_BETA:
+            raise BackendError(f"{what} at most {1 - MIN_ONE_MINUS_BETA!r} (1 - {MIN_ONE_MINUS_BETA:g}): the "
+                               f"frameworks keep Adam's moments in float32, which rounds betas this close to 1 to 1 "
+                               f"or near it, got {v!r}")
+        object.__setattr__(opt, f.name, x)
 
 
 @dataclass(frozen=True)
 class SGD:
-    """SGD with momentum, PyTorch's form: v = momentum * v + g; w -= lr * v (Keras/MXNet agree at fixed lr)."""
+    """SGD with momentum, PyTorch's form: v = momentum * v + g; w -= lr * v (Keras/MXNet agree at fixed lr).
+    lr in [0, 1e6], momentum in [0, 1); any real number, stored as a float."""
 
     lr: float = 0.01
     momentum: float = 0.0
@@ -53,7 +72,8 @@ class SGD:
 
 @dataclass(frozen=True)
 class Adam:
-    """Adam as in Kingma & Ba, Algorithm 1: w -= lr * m_hat / (sqrt(v_hat) + epsilon), bias-corrected."""
+    """Adam as in Kingma & Ba, Algorithm 1: w -= lr * m_hat / (sqrt(v_hat) + epsilon), bias-corrected.
+    lr in [0, 1e6]; beta1, beta2 in [0, 1 - 1e-7] (float32 rounds betas closer to 1 to 1); epsilon in [1e-30, 1e6]."""
 
     lr: float = 1e-3
     beta1: float = 0.9
@@ -474,7 +494,7 @@ class Adapter(ABC):
             if k.endswith("/moving_var") and (a32 < 0).any():
                 i = _first_bad(a32 < 0)
                 raise BackendError(f"weight {k!r}: variance {a[i].item()!r} at index {i} is negative")
-            checked[k] = a
+            checked[k] = np.ascontiguousarray(a)  # a view with negative strides (np.flip) reaches no framework
         return checked
 
 

@@ -19,9 +19,10 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from nncompare.backends import SGD, BackendError, get_adapter  # noqa: E402
-from nncompare.backends.check import compare, sample_batch, scaled_diff  # noqa: E402
-from nncompare.models import AvgPool2D, Dense, Dropout, Flatten, ModelSpec, zoo  # noqa: E402
+from nncompare.backends import SGD, Adam, BackendError, get_adapter  # noqa: E402
+from nncompare.backends.check import compare, sample_batch, scaled_diff, update_diff  # noqa: E402
+from nncompare.models import (INPUT, Activation, Add, AvgPool2D, Concatenate, Conv2D, Dense, Dropout,  # noqa: E402
+                              Flatten, ModelSpec, zoo)
 
 from tests.randspec import random_graph_spec, random_spec  # noqa: E402
 from tests.specs import ACTIVATION_SPECS, EVERY_LAYER, GRAPHS  # noqa: E402
@@ -29,6 +30,39 @@ from tests.specs import ACTIVATION_SPECS, EVERY_LAYER, GRAPHS  # noqa: E402
 RANDOM_SPECS, RANDOM_GRAPHS = 4, 8
 TRANSFER_SPECS = ("conv_same_stride2", "residual_conv")
 SMALL_INPUT = {"resnet20": (3, 8, 8), "inception_mini": (3, 8, 8)}
+
+# Specs where a framework once computed something else, checked in every framework (tests/test_semantics.py) and
+# every Keras engine (tests/test_keras_engines.py).
+SEMANTIC_SPECS = {
+    # Keras on TensorFlow took the softmax/sigmoid output for its pre-activation (`_keras_logits`) in the loss
+    "softmax_handed_on": ModelSpec("softmax_handed_on", (4,), (Dense(3, activation="softmax"), Activation("linear"))),
+    "sigmoid_handed_on": ModelSpec("sigmoid_handed_on", (4,), (Dense(1, activation="sigmoid"), Activation("linear"))),
+    # "same" average pools uneven on one axis only (pads (0, 1) one way, (1, 1) the other): keras-torch pools
+    # itself when either axis is uneven
+    "same_avg_pool_uneven_h": ModelSpec("same_avg_pool_uneven_h", (2, 6, 5), (
+        AvgPool2D(3, strides=2, padding="same"), Flatten(), Dense(3))),
+    "same_avg_pool_uneven_w": ModelSpec("same_avg_pool_uneven_w", (2, 5, 6), (
+        AvgPool2D(3, strides=2, padding="same"), Flatten(), Dense(3))),
+    # a flattened channels-last image (HWC order inside Keras) meeting flat Dense outputs (canonical order) in Add
+    # and Concatenate, first and second
+    "flat_image_meets_dense": ModelSpec("flat_image_meets_dense", (2, 3, 4), (
+        Conv2D(3, 2, padding="same", activation="tanh", name="conv"), Flatten(name="f"),
+        Dense(36, activation="tanh", name="d"), Add(name="fd", inputs=("f", "d")), Add(name="df", inputs=("d", "f")),
+        Concatenate(name="cat_fd", inputs=("f", "d")), Concatenate(name="cat_df", inputs=("df", "fd")),
+        Dense(5, name="p", inputs=("cat_fd",)), Dense(5, name="q", inputs=("cat_df",)),
+        Add(name="s", inputs=("p", "q")), Dense(3, name="out"))),
+    # Add of three distinct inputs (a framework summing only two of them)
+    "add_three": ModelSpec("add_three", (5,), (
+        Dense(4, name="a"), Dense(4, activation="tanh", name="b", inputs=(INPUT,)),
+        Dense(4, activation="relu", name="c", inputs=(INPUT,)), Add(name="s", inputs=("a", "b", "c")), Dense(3))),
+    "add_three_images": ModelSpec("add_three_images", (2, 4, 4), (
+        Conv2D(3, 1, name="a"), Conv2D(3, 3, padding="same", name="b", inputs=(INPUT,)),
+        Conv2D(3, 2, padding="same", activation="relu", name="c", inputs=(INPUT,)),
+        Add(name="s", inputs=("a", "b", "c")), Flatten(), Dense(2))),
+}
+# Adam with betas close to 1 (the bound is 1 - 1e-7): MXNet and Keras rounded them to float32 in part of the step
+ADAM_NEAR_ONE = Adam(lr=1e-3, beta1=1 - 1e-6, beta2=1 - 1e-7, epsilon=1e-3)
+DEEP_LAYERS = 1200  # a chain deeper than Python's default recursion limit of 1000
 
 
 def models() -> dict[str, ModelSpec]:
@@ -39,6 +73,7 @@ def models() -> dict[str, ModelSpec]:
     out.update(EVERY_LAYER)
     out.update({s.name: s for s in ACTIVATION_SPECS.values()})
     out.update(GRAPHS)
+    out.update(SEMANTIC_SPECS)
     out.update({f"random_{i}": random_spec(i) for i in range(RANDOM_SPECS)})
     out.update({f"random_graph_{i}": random_graph_spec(i) for i in range(RANDOM_GRAPHS)})
     return out
@@ -124,6 +159,31 @@ def check(backend: str) -> dict:
         return {"adapter_diff": scaled_diff(ours, ref), "keras_own_diff": scaled_diff(own, ref)}
     extras["same_avg_pool"] = _guarded(same_avg_pool)
 
+    def adam_near_one():
+        diff, _ = adam_steps(cls, oracle, ADAM_NEAR_ONE)
+        return {"diff": diff}
+    extras["adam_near_one"] = _guarded(adam_near_one)
+
+    def flipped_weights():
+        diff = set_flipped_weights(cls, oracle)
+        return {"diff": diff}
+    extras["flipped_weights"] = _guarded(flipped_weights)
+
+    def set_after_training():
+        return set_weights_after_training(cls, oracle)
+    extras["set_after_training"] = _guarded(set_after_training)
+
+    def deep():  # at Python's default recursion limit, whatever the engine's imports raised it to
+        if backend != "keras-torch":  # the same build code on every engine; torch's builds it fastest (5 s)
+            return {"skip": "checked on keras-torch"}
+        sys.setrecursionlimit(1000)
+        spec = deep_spec(DEEP_LAYERS)
+        x = sample_batch(spec, 4)[0]
+        w = oracle.build(spec).get_weights()
+        return {"diff": scaled_diff(cls.build(spec, weights=w).predict(x), oracle.build(spec, weights=w).predict(x)),
+                "limit_after": sys.getrecursionlimit()}
+    extras["deep"] = _guarded(deep)
+
     def bad_device():
         try:
             cls.build(zoo.get("perceptron"), device="gpu:7")
@@ -189,6 +249,48 @@ def check(backend: str) -> dict:
         return out
     extras["compiles"] = _guarded(compiles)
     return result
+
+
+# --- semantic checks shared with tests/test_semantics.py (in-process frameworks) ------------------------------
+def adam_steps(cls, oracle, opt, steps: int = 10) -> tuple[float, str | None]:
+    """The worst update difference from the oracle's over `steps` free-running steps of `opt` (small net)."""
+    spec = ModelSpec("adam", (4,), (Dense(5, activation="tanh"), Dense(3)))
+    net, ref = cls.build(spec, optimizer=opt), oracle.build(spec, optimizer=opt)
+    start = ref.get_weights()
+    for i in range(steps):
+        x, y = sample_batch(spec, 8, seed=i)
+        net.train_step(x, y)
+        ref.train_step(x, y)
+    return update_diff(net.get_weights(), ref.get_weights(), start)
+
+
+def set_flipped_weights(cls, oracle) -> float:
+    """Weights given as np.flip views (negative strides): loaded exactly? Returns the worst scaled difference."""
+    spec = SEMANTIC_SPECS["add_three_images"]
+    w = oracle.build(spec, seed=3).get_weights()
+    flipped = {k: np.flip(np.flip(v).copy()) for k, v in w.items()}  # equal values, negative strides
+    assert all(any(s < 0 for s in a.strides) for a in flipped.values() if a.size > 1)
+    got = cls.build(spec, weights=flipped).get_weights()
+    return max(scaled_diff(got[k], w[k]) for k in w)
+
+
+def set_weights_after_training(cls, oracle) -> dict:
+    """Train a step, then load other weights: predict and get_weights must follow them, not the trained state."""
+    spec = SEMANTIC_SPECS["add_three_images"]
+    other = oracle.build(spec, seed=7).get_weights()
+    net = cls.build(spec, optimizer=SGD(lr=0.1, momentum=0.9))
+    net.train_step(*sample_batch(spec, 8, seed=1))
+    net.set_weights(other)
+    x = sample_batch(spec, 4, seed=2)[0]
+    got = net.get_weights()
+    return {"predict": scaled_diff(net.predict(x), oracle.build(spec, weights=other).predict(x)),
+            "weights": max(scaled_diff(got[k], other[k]) for k in other)}
+
+
+def deep_spec(layers: int) -> ModelSpec:
+    """A chain of `layers` layers whose outputs stay far from 0 and differ per sample: Dense, activations, Dense."""
+    acts = tuple(Activation("tanh" if i % 2 else "leaky_relu(0.5)") for i in range(layers - 2))
+    return ModelSpec("deep", (4,), (Dense(4),) + acts + (Dense(3),))
 
 
 def export(backend: str, out: str) -> None:

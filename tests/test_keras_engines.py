@@ -263,3 +263,31 @@ def test_gpu_check_cpu_dry_run_runs_every_step_and_writes_results(tmp_path):
     rows = json.loads((tmp_path / "run.json").read_text())["rows"]
     assert {r["backend"] for r in rows} == {"torch", *ENGINES} and all("error" not in r for r in rows), rows
     assert "all ok" in (tmp_path / "gpu_check.log").read_text()
+
+
+# --- semantics (tests/test_semantics.py in this process's frameworks) -----------------------------------
+@pytest.mark.parametrize("engine", ENGINES)
+def test_adam_with_betas_near_one_follows_the_oracle(results, engine):
+    r = results(engine)["extras"]["adam_near_one"]
+    assert "error" not in r, r.get("error")
+    assert r["diff"] <= TOLERANCE, r
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_weights_given_as_negative_stride_views_load_exactly(results, engine):
+    assert results(engine)["extras"]["flipped_weights"] == {"diff": 0}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_weights_set_after_training_replace_the_trained_ones(results, engine):
+    # keras-jax keeps its state in arrays between steps: set_weights must push the new weights past them
+    r = results(engine)["extras"]["set_after_training"]
+    assert "error" not in r, r.get("error")
+    assert r["weights"] == 0 and r["predict"] <= TOLERANCE, r
+
+
+def test_keras_builds_a_spec_deeper_than_the_default_recursion_limit(results):
+    # Keras maps its functional graph recursively: 1,200 layers failed at Python's default limit of 1000
+    r = results("keras-torch")["extras"]["deep"]
+    assert "error" not in r, r.get("error")
+    assert r["diff"] <= TOLERANCE and r["limit_after"] == 1000, r
