@@ -626,8 +626,18 @@ def sweep_options() -> argparse.ArgumentParser:
     return p
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with bad input as one line (no usage block), escaped and cut short like every other error."""
+
+    def error(self, message: str):
+        message = escape(message)
+        if len(message) > 300:
+            message = message[:297] + "..."
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="compare.py", description="Compare deep-learning frameworks on one spec. "
+    p = Parser(prog="compare.py", description="Compare deep-learning frameworks on one spec. "
                                 "Without a command: run the default comparison.")
     sub = p.add_subparsers(dest="command")
 

@@ -138,3 +138,61 @@ def test_tables_say_where_a_cell_ran_fewer_operator_threads_than_asked_for():
     scaling = report.render_scaling(rows)
     (mx,) = [l for l in scaling.splitlines() if " mxnet " in l]
     assert "1,000 (x1.11) [1 of 2 threads]" in mx and "1,500 (x1.67)" in mx and "[4 of" not in mx
+
+
+def test_report_escapes_what_a_results_file_would_print_to_the_terminal(tmp_path):
+    path = save(tmp_path / "r.json", "evil\x1b]0;title\x07host", [
+        row("torch", 1000.0), {**row("keras", 500.0), "model": "mlp\x1b[2J"},
+        {**row("mxnet", 700.0), "model": "mlp\n| forged | row |", "path": "a|b\u202egnp.exe"},
+        {**row("numpy", 100.0), "error": "boom\r\x1b[31mred"}])
+    out = cli("report", path)
+    assert out.returncode == 0, out.stderr
+    assert "\x1b" not in out.stdout and "\x07" not in out.stdout and "\r" not in out.stdout
+    assert "\u202e" not in out.stdout and "\\u202e" in out.stdout
+    assert "mlp\\x1b[2J" in out.stdout and "mlp\\n| forged | row |" in out.stdout
+    assert "evil\\x1b]0;title\\x07host" in out.stdout and "boom\\r\\x1b[31mred" in out.stdout
+    table = out.stdout.split("\n\n")[0].splitlines()
+    assert len(table) == 2 + 4  # headers, rule, one line per row: no forged line
+    md = cli("report", path, "--markdown")
+    lines = md.stdout.split("\n\n")[0].splitlines()
+    assert md.returncode == 0 and len(lines) == 6
+    assert len({l.replace("\\|", "").count("|") for l in lines}) == 1  # every line has the same cells
+    assert "a\\|b" in md.stdout
+
+
+def test_report_reads_a_bom_and_refuses_hostile_files_in_one_line(tmp_path):
+    import os
+    good = json.dumps({"host": "h", "rows": [row("torch", 1.0)]})
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + good.encode())
+    out = cli("report", str(bom))
+    assert out.returncode == 0 and "mlp" in out.stdout, out.stderr
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"rows": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    huge = tmp_path / "huge.json"
+    huge.write_text(json.dumps({"host": "h", "rows": [row("torch", 1.0)]}).replace("1.0", "1" + "0" * 400))
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    for path, message in ((deep, "is not JSON: nested too deeply"), (huge, "is not JSON: an integer of 401 digits"),
+                          (fifo, "is not a regular file"), ("/dev/zero", "is not a regular file"),
+                          (tmp_path, "is not a regular file")):
+        out = subprocess.run([sys.executable, "compare.py", "report", str(path)], cwd=ROOT, capture_output=True,
+                             text=True, timeout=30)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, (path, out.stderr)
+        assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_large_integer_that_fits_the_reader_is_still_checked(tmp_path):
+    path = save(tmp_path / "r.json", "h", [{**row("torch", 1.0), "train_samples_s": 10 ** 19}])
+    out = cli("report", path)
+    assert out.returncode == 2 and "'train_samples_s': expected a number >= 0" in out.stderr, out.stderr
+    path = save(tmp_path / "r.json", "h", [{**row("torch", 1.0), "infer_samples_s": -3.0}])
+    out = cli("report", path)
+    assert out.returncode == 2 and "'infer_samples_s'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_chart_labels_from_results_files_are_plain_text(tmp_path):
+    path = save(tmp_path / "r.json", "h", [row("torch", 1000.0), {**row("keras", 500.0), "model": "$\\frac{1$"}])
+    out = cli("report", path, "--plot", str(tmp_path / "c.png"))
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"

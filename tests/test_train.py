@@ -72,7 +72,7 @@ def test_live_dropout_is_reported(tmp_path):
     (["--model", "digits_mlp", "--dataset", "imagenet"], "invalid choice: 'imagenet'"),
     (["--model", "lenet5", "--dataset", "digits"], "expects (1, 28, 28)"),
     (["--model", "digits_mlp", "--dataset", "digits", "--epochs", "0"], "must be a positive integer"),
-    (["--model", "digits_mlp", "--dataset", "digits", "--target", "95"], "--target must be an accuracy"),
+    (["--model", "digits_mlp", "--dataset", "digits", "--target", "95"], "--target: must be an accuracy in (0, 1]"),
 ])
 def test_train_bad_input_exits_2(args, message):
     out = train(*args, timeout=120)
