@@ -110,6 +110,7 @@ def _remove_if_empty(top: Path | None, folder: Path) -> None:
 
 MAX_FILE_BYTES = 128 << 20  # the largest file read here, a decompressed MNIST image set, is 47 MB
 MAX_BATCH_BYTES = 64 << 20  # a CIFAR-10 batch is 31 MB
+MAX_DOWNLOAD_BYTES = 256 << 20  # the CIFAR-10 archive, the largest download, is 163 MB
 
 
 def open_regular(path: Path):
@@ -157,13 +158,20 @@ def fetch(name: str, filename: str, checksum: str, folder: Path, mirror: str | N
     created = _make_folder(folder)
     partial = target.with_name(target.name + ".part")
     try:
-        out = open(partial, "wb")
+        if partial.is_symlink() or partial.exists() and not partial.is_dir():
+            partial.unlink()  # an earlier attempt's leftover; a link there must not redirect the download
+        out = os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666),
+                        "wb")
     except OSError as e:
         _remove_if_empty(created, folder)
         raise DataError(f"dataset {name!r}: cannot write {partial} ({e.strerror or e})") from None
     try:
         with out, urllib.request.urlopen(url, timeout=timeout) as response:
+            size = 0
             while chunk := response.read(1 << 20):
+                size += len(chunk)
+                if size > MAX_DOWNLOAD_BYTES:  # a mirror that never stops must not fill the disk
+                    raise ValueError(f"it sends more than {MAX_DOWNLOAD_BYTES:,} bytes")
                 out.write(chunk)
     except (urllib.error.URLError, OSError, TimeoutError, ValueError) as e:  # ValueError: a malformed URL
         partial.unlink(missing_ok=True)

@@ -6,6 +6,7 @@ Exit codes: 0 done, 1 a failed comparison (or cell, with --strict) or results th
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -704,6 +705,9 @@ class _Stdout:
 
     def __init__(self, stream):
         self.stream, self.error = stream, None
+        if stream is None:  # started with the descriptor closed (`>&-`): Python gives no stream at all
+            self.stream = open(os.devnull, "w")
+            self.error = OSError(errno.EBADF, "it is closed")
 
     def write(self, text: str) -> int:
         if self.error is None:
@@ -732,33 +736,42 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["run", *argv]
     real, sys.stdout = sys.stdout, _Stdout(sys.stdout)
+    real_err, sys.stderr = sys.stderr, _Stdout(sys.stderr)  # a closed stderr must not turn an error into a crash
     args = None
     try:
-        args = parser.parse_args(argv)
-        code = args.func(args)
-    except (SpecError, BackendError, UsageError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
-    except KeyboardInterrupt:  # outside a sweep (loading, validating): nothing finished to keep
-        print("interrupted", file=sys.stderr)
-        code = 130
-    finally:  # also on SystemExit (--help): argparse prints too
-        journal = getattr(args, "open_journal", None)
-        if journal is not None:
-            journal.close()
-        sys.stdout.flush()
-        out, sys.stdout = sys.stdout, real
-        if out.error is not None:
-            try:  # what is still buffered would fail again at exit
-                os.dup2(os.open(os.devnull, os.O_WRONLY), real.fileno())
-            except (OSError, ValueError):
-                pass
-    if out.error is None:
-        return code
-    if isinstance(out.error, BrokenPipeError):  # `compare.py list | head`: the reader left; say nothing more
-        return 141
-    print(f"error: could not write to standard output: {out.error}", file=sys.stderr)
-    return code or 1
+        try:
+            with interruptible():  # SIGTERM outside a sweep: the same clean exit as Ctrl-C, the journal released
+                args = parser.parse_args(argv)
+                code = args.func(args)
+        except (SpecError, BackendError, UsageError, DataError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            code = 2
+        except KeyboardInterrupt:  # outside a sweep (loading, validating): nothing finished to keep
+            print("interrupted", file=sys.stderr)
+            code = 130
+        except Interrupted as e:
+            print("interrupted", file=sys.stderr)
+            code = e.code
+        finally:  # also on SystemExit (--help): argparse prints too
+            journal = getattr(args, "open_journal", None)
+            if journal is not None:
+                journal.close()
+            sys.stdout.flush()
+            out, sys.stdout = sys.stdout, real
+            if out.error is not None and real is not None:
+                try:  # what is still buffered would fail again at exit
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), real.fileno())
+                except (OSError, ValueError):
+                    pass
+        if out.error is None:
+            return code
+        if isinstance(out.error, BrokenPipeError):  # `compare.py list | head`: the reader left; say nothing more
+            return 141
+        print(f"error: could not write to standard output: {out.error}", file=sys.stderr)
+        return code or 1
+    finally:
+        sys.stderr.flush()
+        sys.stderr = real_err
 
 
 if __name__ == "__main__":

@@ -369,3 +369,25 @@ def test_oversized_data_files_are_refused_unread(tmp_path, monkeypatch):
 def test_an_empty_data_folder_path_is_refused():
     with pytest.raises(DataError, match="data folder path is empty"):
         load("mnist", folder="")
+
+
+def test_a_link_left_in_place_of_a_partial_download_is_not_followed(loopback_server, tmp_path):
+    import os
+    url, _ = loopback_server
+    folder = tmp_path / "cache" / "mnist"
+    folder.mkdir(parents=True)
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    os.symlink(victim, folder / "train-images-idx3-ubyte.gz.part")
+    os.mkfifo(folder / "train-labels-idx1-ubyte.gz.part")  # opening it for writing would block forever
+    ds = load("mnist", zoo.get("lenet5"), tmp_path / "cache", mirror=url)
+    assert len(ds.x_train) == 12 and victim.read_text() == "precious"
+    assert not list(folder.glob("*.part"))
+
+
+def test_a_download_that_never_ends_is_cut_off(loopback_server, tmp_path, monkeypatch):
+    url, _ = loopback_server
+    monkeypatch.setattr(data, "MAX_DOWNLOAD_BYTES", 100)
+    with pytest.raises(DataError, match="it sends more than 100 bytes"):
+        load("mnist", zoo.get("lenet5"), tmp_path / "cache", mirror=url)
+    assert not (tmp_path / "cache").exists()

@@ -122,3 +122,43 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_cells(tmp_path):
                          capture_output=True, text=True, timeout=300, env=dict(os.environ, NNCOMPARE_CELL_LOG=str(log3)))
     assert out.returncode == 2 and "4 finished cells this command line does not run" in out.stderr, out.stderr
     assert not log3.exists() and path.read_text() == before
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_before_the_sweep_exits_cleanly_and_leaves_no_journal(tmp_path, signum, code):
+    """train holds its journal while it fetches the dataset: a signal there is a clean exit, not a traceback
+    (SIGTERM) nor an empty journal left beside the results."""
+    import socket
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)  # accepts, never answers: the download hangs
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/"
+    path = tmp_path / "t.json"
+    proc = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from nncompare import cli; import nncompare.models.data as d; "
+        f"d.MIRRORS['mnist'] = {url!r}; sys.exit(cli.main(['train', '--model', 'lenet5', '--dataset', 'mnist', "
+        f"'--data-dir', {str(tmp_path / 'data')!r}, '--backends', 'numpy', '--json', {str(path)!r}]))")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
+    try:
+        wait_for(lambda: (tmp_path / "t.json.journal").exists(), what="the journal")
+        server.settimeout(60)
+        conn, _ = server.accept()  # the download has started
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+        conn.close()
+    finally:
+        server.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code and "Traceback" not in err and "interrupted" in err, err
+    assert not (tmp_path / "t.json.journal").exists() and not path.exists()
+
+
+def test_closed_standard_streams_are_an_exit_code_not_a_crash():
+    out = subprocess.run(f"{sys.executable} compare.py list >&-", shell=True, cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1 and "could not write to standard output" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    out = subprocess.run(f"{sys.executable} compare.py summary nope 2>&-", shell=True, cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stdout == ""
