@@ -171,7 +171,12 @@ def plan_outputs(args, inputs: list[str], rows_key: str) -> tuple[Journal | None
 
 def check_resume(args, finished: dict[str, dict], tasks: list[Task], executor) -> None:
     """--resume continues the run that wrote the journal: refused before any cell runs when it holds finished
-    cells this command line does not run (another configuration), which writing the results would throw away."""
+    cells this command line does not run (another configuration), which writing the results would throw away.
+    A command line with no cell at all (the numpy reference asked for on a GPU only) is refused too."""
+    if not tasks:
+        executor.close()
+        raise UsageError("nothing to run: the numpy reference runs on the CPU only (add --devices cpu, or "
+                         "another backend)")
     keys = {t.key for t in tasks}
     foreign = [r if isinstance(r, dict) else {} for k, r in finished.items() if k not in keys]
     if foreign:
@@ -229,6 +234,28 @@ def reference_is_quick(spec: ModelSpec, batch: int, args) -> bool:
     return 3 * spec.flops * batch * steps <= 5e10
 
 
+def physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_batches(models, batch_sizes: list[int], executor: str) -> None:
+    """Refuse, before any cell starts, a batch whose float32 activations (forward alone) exceed this machine's
+    memory: it could only become an out-of-memory error row. Under Ray the nodes are elsewhere: not checked."""
+    memory = physical_memory()
+    if executor != "local" or not memory:
+        return
+    for label, spec, _ in models:
+        per_sample = sum(math.prod(i.out_shape) for i in spec.infos) + math.prod(spec.input_shape)
+        for bs in batch_sizes:
+            need = 4 * per_sample * bs
+            if need > memory:
+                raise UsageError(f"--batch-sizes {bs:,}: {escape(label)[:60]} needs {need / 2 ** 30:,.0f} GiB for one "
+                                 f"batch's activations, more than this machine's {memory / 2 ** 30:,.0f} GiB")
+
+
 def cmd_run(args) -> int:
     from .backends.bench import time_budget
     try:
@@ -236,6 +263,7 @@ def cmd_run(args) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     models = load_models(args.models)
+    check_batches(models, args.batch_sizes, args.executor)
     backends = checked_backends(args, default_backends())
     if args.baseline not in names():
         raise UsageError(f"unknown baseline {args.baseline!r} (known: {', '.join(names())})")
@@ -558,6 +586,9 @@ def cmd_report(args) -> int:
             cells = payload.get("cells")
             notes.append(f"{path} is partial: {len(payload['rows'])} of "
                          f"{cells if _is_whole(cells, 0) else '?'} cells")
+    if not rows:
+        print("no rows in " + escape(", ".join(args.files)))
+        return 0
     add_ratios(rows, args.baseline)
     print(render_table(rows, args.baseline, markdown=args.markdown, show_machine=True))
     if len({r.get("threads") for r in rows}) > 1:

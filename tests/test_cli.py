@@ -83,10 +83,11 @@ def test_a_fifo_or_device_given_as_a_spec_is_refused_without_blocking(tmp_path, 
     ("--concurrency", "99999", "must be a number of cells from 1 to 4,096"),
     ("--address", "", "--address is empty"),
     ("--address", " ", "--address is empty"),
+    ("--batch-sizes", "1000000000000", "needs 11,176 GiB for one batch's activations, more than this machine's"),
 ], ids=["threads-huge", "threads-0", "warmup-negative", "plus-sign", "underscore", "arabic-digit", "5000-digits",
-        "5000-digit-timeout", "concurrency", "address-empty", "address-blank"])
+        "5000-digit-timeout", "concurrency", "address-empty", "address-blank", "batch-beyond-memory"])
 def test_bad_option_values_are_one_short_line(option, value, message):
-    out = cli_quick("run", option, value)
+    out = cli_quick("run", "--models", "perceptron", option, value)
     one_line_exit_2(out, message)
     assert len(out.stderr) < 300  # a long value is echoed cut short
 

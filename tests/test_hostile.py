@@ -157,3 +157,13 @@ def test_standard_output_that_cannot_be_written_loses_no_results(tmp_path):
     assert "could not write to standard output" in out.stderr
     assert [r["model"] for r in json.loads(path.read_text())["rows"]] == ["perceptron"]
     assert not (tmp_path / "r.json.journal").exists()
+
+
+@pytest.mark.parametrize("command", [["run", "--models", "perceptron", *FAST], ["train", "--backends", "numpy"]])
+def test_a_command_line_with_no_cell_to_run_is_bad_input(command, monkeypatch, capsys, tmp_path):
+    from nncompare import cli as compare
+    monkeypatch.setattr(runner, "available_devices", lambda: ["cpu", "gpu:0"])
+    code = compare.main([*command, "--devices", "gpu:0", "--json", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "nothing to run: the numpy reference runs on the CPU only" in err, err
+    assert list(tmp_path.iterdir()) == []  # no results, no journal

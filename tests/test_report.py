@@ -196,3 +196,8 @@ def test_chart_labels_from_results_files_are_plain_text(tmp_path):
     out = cli("report", path, "--plot", str(tmp_path / "c.png"))
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_results_file_without_rows_says_so(tmp_path):
+    out = cli("report", save(tmp_path / "r.json", "h", []))
+    assert out.returncode == 0 and out.stdout.startswith("no rows in ") and "Ratios" not in out.stdout
