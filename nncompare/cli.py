@@ -134,15 +134,20 @@ def plan_outputs(args, inputs: list[str], rows_key: str) -> tuple[Journal | None
     (only rows that pass the checks `report` makes: any other runs again)."""
     base = args.json or args.csv
     journal = Journal(base + ".journal") if base else None
+    # with --json, the --csv path's journal is held too (only as a lock): two runs never write one CSV either
+    csv_lock = Journal(args.csv + ".journal") if args.json and args.csv else None
     check_outputs({"--json": args.json, "--csv": args.csv, "--plot": args.plot,
-                   "journal": journal.path if journal else None}, inputs)
+                   "journal": journal.path if journal else None,
+                   "--csv journal": csv_lock.path if csv_lock else None}, inputs)
     check_plot(args.plot)
     if args.resume and not journal:
         raise UsageError("--resume needs the --json or --csv path of the run to continue")
     if not journal:
         return None, {}
-    journal.open()  # refused here while another run writes the same results
-    args.open_journal = journal  # main() closes it however the command ends: an empty one is removed
+    args.open_journals = [journal] + [csv_lock] * bool(csv_lock)  # main() closes them however the command ends
+    journal.open()  # refused here while another run writes the same results; an empty journal is removed later
+    if csv_lock:
+        csv_lock.open()
     try:
         finished: dict[str, dict] = {}
         if args.resume:
@@ -784,8 +789,7 @@ def main(argv: list[str] | None = None) -> int:
             print("interrupted", file=sys.stderr)
             code = e.code
         finally:  # also on SystemExit (--help): argparse prints too
-            journal = getattr(args, "open_journal", None)
-            if journal is not None:
+            for journal in getattr(args, "open_journals", ()):
                 journal.close()
             sys.stdout.flush()
             out, sys.stdout = sys.stdout, real

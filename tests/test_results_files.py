@@ -182,7 +182,9 @@ def test_a_second_run_on_the_same_results_is_refused_while_the_first_holds_them(
     import time
     from .conftest import interruptible
     path, log = tmp_path / "r.json", tmp_path / "cells.log"
-    first = subprocess.Popen([sys.executable, "compare.py", "run", "--models", "perceptron", *FAST, "--json", str(path)],
+    csv = tmp_path / "r.csv"
+    first = subprocess.Popen([sys.executable, "compare.py", "run", "--models", "perceptron", *FAST, "--json", str(path),
+                              "--csv", str(csv)],
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              preexec_fn=interruptible, env=dict(os.environ, NNCOMPARE_CELL_LOG=str(log),
                                                                 NNCOMPARE_FAULT="numpy:perceptron:hang"))
@@ -193,14 +195,18 @@ def test_a_second_run_on_the_same_results_is_refused_while_the_first_holds_them(
             time.sleep(0.2)
         second = run("run", "--models", "digits_mlp", *FAST, "--json", str(path), timeout=60)
         one_line_exit_2(second, "another run is writing these results")
+        second = run("run", "--models", "digits_mlp", *FAST, "--json", str(tmp_path / "b.json"), "--csv", str(csv),
+                     timeout=60)
+        one_line_exit_2(second, "another run is writing these results (it holds the journal")
+        assert not (tmp_path / "b.json.journal").exists()
         assert log.read_text().count("measure") == 1  # the second run started no cell
         # the lock dies with its holder, even killed outright: a journal with no finished cell blocks nothing
         first.send_signal(signal.SIGKILL)
         first.communicate(timeout=60)
-        third = run("run", "--models", "perceptron", *FAST, "--json", str(path), timeout=120)
+        third = run("run", "--models", "perceptron", *FAST, "--json", str(path), "--csv", str(csv), timeout=120)
         assert third.returncode == 0, third.stderr
         assert json.loads(path.read_text())["rows"][0]["model"] == "perceptron"
-        assert not (tmp_path / "r.json.journal").exists()
+        assert not (tmp_path / "r.json.journal").exists() and not (tmp_path / "r.csv.journal").exists()
     finally:
         if first.poll() is None:
             first.kill()
