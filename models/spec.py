@@ -38,6 +38,10 @@ MAX_SPEC_BYTES = 16 * 2 ** 20     # a spec file larger than this is not a spec
 # Any kernel, pool, stride or padding side: past every input MAX_ELEMENTS allows in practice, far below the
 # 32-bit sizes where frameworks break (TensorFlow segfaults at strides of 2^31 - 2, MXNet refuses 2^31 - 1).
 MAX_WINDOW = 2 ** 16
+MIN_SLOPE, MAX_SLOPE = 1e-30, 1e38  # a leaky_relu slope other than 0: a normal float32 number
+# A smaller BatchNorm epsilon sends float32 rounding through 1/sqrt(epsilon) in a (near-)constant channel: a batch
+# of one at 1e-7 puts torch 3.6e-4 off the float64 oracle, at 1e-20 its loss 100 % off. cuDNN's minimum, too.
+MIN_BN_EPSILON = 1e-5
 _OMIT_DEFAULT = {"omit_default": True}  # fields added after v1: left out of JSON at their default
 
 
@@ -123,6 +127,10 @@ def _parse_activation(value: Any, field_name: str = "activation") -> tuple[str, 
             alpha = float("nan")
         if not (math.isfinite(alpha) and alpha >= 0):
             raise _FieldError(field_name, f"leaky_relu slope must be a finite number >= 0, got {_short(m.group(1))}")
+        if alpha > MAX_SLOPE or 0 < alpha < MIN_SLOPE:
+            # float32 turns 1e39 into inf and 1e-40 into a subnormal number: torch and MXNet refuse them
+            raise _FieldError(field_name, f"leaky_relu slope must be 0 or between {MIN_SLOPE:g} and {MAX_SLOPE:g}, "
+                                          f"got {_short(m.group(1))}")
         return "leaky_relu", alpha
     if value not in ACTIVATIONS:
         raise _FieldError(field_name, f"unknown activation {_short(value)} (known: {', '.join(ACTIVATIONS)}; "
@@ -382,7 +390,7 @@ class BatchNorm(Layer):
     """Batch normalisation over channels (images) or features (flat).
 
     momentum weighs the old moving value (Keras' meaning): moving = m * moving + (1 - m) * batch;
-    the moving variance uses the biased batch variance.
+    the moving variance uses the biased batch variance. epsilon in [1e-5, 1].
     """
 
     kind: ClassVar[str] = "batchnorm"
@@ -394,6 +402,9 @@ class BatchNorm(Layer):
         if (isinstance(self.epsilon, bool) or not isinstance(self.epsilon, (int, float))
                 or not 0 < self.epsilon <= 1):  # NaN fails the comparison; an int of any size is compared exactly
             raise _FieldError("epsilon", f"must be a finite positive number at most 1, got {_short(self.epsilon)}")
+        if self.epsilon < MIN_BN_EPSILON:
+            raise _FieldError("epsilon", f"must be at least {MIN_BN_EPSILON:g} (float32 frameworks part from the "
+                                         f"float64 oracle on near-constant channels below it), got {_short(self.epsilon)}")
         if len(in_shape) not in (1, 3):
             raise _FieldError("momentum", f"BatchNorm needs a (C, H, W) or (features,) input, got {in_shape}")
         return in_shape

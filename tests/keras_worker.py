@@ -51,6 +51,9 @@ SEMANTIC_SPECS = {
         Concatenate(name="cat_fd", inputs=("f", "d")), Concatenate(name="cat_df", inputs=("df", "fd")),
         Dense(5, name="p", inputs=("cat_fd",)), Dense(5, name="q", inputs=("cat_df",)),
         Add(name="s", inputs=("p", "q")), Dense(3, name="out"))),
+    # leaky_relu slopes at the spec's bounds (float32 made 1e39 inf; MXNet refused a slope of 1e-38)
+    "leaky_relu_slope_bounds": ModelSpec("leaky_relu_slope_bounds", (4,), (
+        Dense(3, activation="leaky_relu(1e6)"), Activation("leaky_relu(1e-30)"), Dense(2))),
     # Add of three distinct inputs (a framework summing only two of them)
     "add_three": ModelSpec("add_three", (5,), (
         Dense(4, name="a"), Dense(4, activation="tanh", name="b", inputs=(INPUT,)),

@@ -1,6 +1,7 @@
 """The graph spec (issue 9) and hostile spec input (issue 10): inputs, merges, heads, names, sizes, spec files."""
 import json
 import math
+import re
 
 import pytest
 
@@ -404,3 +405,16 @@ def test_windows_strides_and_padding_are_bounded(layer, field):
     with pytest.raises(SpecError, match=f"layer 0 .*: field '{field}': must be at most 65536, got"):
         ModelSpec("m", (1, 4, 4), (layer, Flatten(), Dense(2)))
     assert ModelSpec("m", (1, 4, 4), (Conv2D(1, 2, strides=65536, padding=1), Flatten(), Dense(2))).output_shape == (2,)
+
+
+@pytest.mark.parametrize("layer,message", [
+    (BatchNorm(epsilon=1e-6), "field 'epsilon': must be at least 1e-05 (float32 frameworks part from the float64 oracle"),
+    (BatchNorm(epsilon=1e-300), "field 'epsilon': must be at least 1e-05"),  # float32: 0, Keras gave inf
+    (Dense(2, activation="leaky_relu(1e39)"), "field 'activation': leaky_relu slope must be 0 or between 1e-30 and "
+                                              "1e+38, got '1e39'"),  # float32: inf; torch and MXNet raised
+    (Activation("leaky_relu(1e-40)"), "leaky_relu slope must be 0 or between"),  # MXNet raised
+])
+def test_numbers_float32_frameworks_cannot_follow_are_refused(layer, message):
+    with pytest.raises(SpecError, match=f"layer 0 .*: {re.escape(message)}"):
+        ModelSpec("m", (4,), (layer, Dense(2)))
+    assert ModelSpec("m", (4,), (BatchNorm(epsilon=1e-5), Activation("leaky_relu(0)"), Dense(2)))
