@@ -780,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
                 args = parser.parse_args(argv)
                 code = args.func(args)
         except (SpecError, BackendError, UsageError, DataError) as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {escape(str(e))}", file=sys.stderr)  # one line, whatever a path or file held
             code = 2
         except KeyboardInterrupt:  # outside a sweep (loading, validating): nothing finished to keep
             print("interrupted", file=sys.stderr)

@@ -109,6 +109,12 @@ def check_target(path: str, what: str = "output") -> None:
     if name > name_max:
         raise UsageError(f"cannot write {short(path)} ({what}): its file name is {name} bytes, longer than the "
                          f"{name_max} this file system allows")
+    try:  # the folder really takes a new file (access() says yes for root on /proc, a read-only mount...)
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)[:64]}.")
+    except OSError as e:
+        raise UsageError(f"cannot write {short(path)}: {e.strerror or e} in folder {short(parent)}") from None
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def open_input(path: str, what: str) -> int:

@@ -123,3 +123,8 @@ def test_device_spellings_are_stored_in_their_canonical_form(tmp_path):
                     "--json", str(path))
     assert out.returncode == 0, out.stderr
     assert [r["device"] for r in json.loads(path.read_text())["rows"]] == ["cpu"]
+
+
+def test_an_error_naming_a_hostile_path_is_still_one_line(tmp_path):
+    out = cli_quick("summary", str(tmp_path / "a\x1b[2J\nb.json"))
+    one_line_exit_2(out, "a\\x1b[2J\\nb.json: cannot read spec file")

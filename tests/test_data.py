@@ -133,7 +133,7 @@ def test_synthetic_data_takes_the_spec_shape():
     assert ds.x_train.shape[1:] == (3, 32, 32) and ds.x_train.dtype == np.float32
 
 
-# --- corrupt, truncated and hostile files (issue 10) --------------------------------------------------
+# --- corrupt, truncated and hostile files --------------------------------------------------------------
 def test_garbage_and_truncated_idx_files_name_the_file(tmp_path):
     garbage = tmp_path / "garbage.gz"
     garbage.write_bytes(b"this is not gzip at all")

@@ -1,4 +1,4 @@
-"""Hostile inputs found after issue 10's list (notes/hostile.md): corrupted or foreign --resume material, an
+"""Hostile inputs to the command line: corrupted or foreign --resume material, an
 interrupt before the first cell, absurd timeouts, report rows of the wrong type, one file under two spellings,
 a head hidden behind Dropout, Ctrl-C while Python loads the tool."""
 import json

@@ -1,4 +1,4 @@
-"""Results files and numbers (issue 10): outputs refused before any work, never a link or special file replaced,
+"""Results files and numbers: outputs refused before any work, never a link or special file replaced,
 the umask kept, strict JSON, table still printed when writing fails; bad numbers; same-named models; train."""
 import json
 import os
@@ -49,7 +49,9 @@ def bad_outputs(tmp):
         (["--json", ""], "--json path is empty"),
         (["--plot", " "], "--plot path is empty"),
         (["--json", f"{tmp}/c.json", "--csv", f"{tmp}/c.json.journal"], "(journal): it is also the --csv output"),
-    ]
+        (["--json", f"{tmp}/d.json", "--csv", f"{tmp}/d.csv", "--plot", f"{tmp}/d.csv.journal"],
+         "(--csv journal): it is also the --plot output"),
+    ] + ([(["--json", "/proc/r.json"], "cannot write '/proc/r.json'")] if os.path.isdir("/proc/self") else [])
 
 
 def test_bad_outputs_are_refused_before_any_cell_runs(tmp_path):
