@@ -1,0 +1,282 @@
+"""Keras 3 model -> spec. Keras images are channels-last (H, W, C), the spec's (C, H, W): conv kernels go HWIO ->
+OIHW, and a flattened image is in (H, W, C) order, tracked as a permutation per flat tensor (as
+backends/keras_backend.py does) and absorbed into the next Dense kernel's rows or a flat BatchNorm's parameters."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from ..models import (INPUT, Activation, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense, Dropout, Flatten,
+                      GlobalAveragePooling2D, MaxPool2D)
+
+from ._common import Builder, InteropError, Value, leaky, supported
+
+L = keras.layers
+# Keras activation names -> the spec's (Keras' leaky_relu slope 0.2 and elu alpha 1 are the spec's defaults)
+_ACTIVATIONS = {"linear": "linear", "relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh", "softmax": "softmax",
+                "elu": "elu", "softplus": "softplus", "silu": "silu", "swish": "silu", "gelu": "gelu",
+                "leaky_relu": "leaky_relu"}
+SUPPORTED = ("InputLayer", "Dense", "Conv2D", "MaxPooling2D", "AveragePooling2D", "GlobalAveragePooling2D",
+             "Flatten", "Activation", "ReLU", "LeakyReLU", "ELU", "Softmax", "Dropout", "BatchNormalization", "Add",
+             "Concatenate", "Identity")
+
+
+class _Refused(Exception):
+    """Raised while converting one layer; from_keras adds the layer's name and type."""
+
+
+def _activation(value) -> str:
+    if value is None:
+        return "linear"
+    if not isinstance(value, str) or value not in _ACTIVATIONS:
+        raise _Refused(f"activation {value!r} is not supported (supported: {supported(_ACTIVATIONS)})")
+    return _ACTIVATIONS[value]
+
+
+def _numpy(variable) -> np.ndarray:
+    return np.asarray(keras.ops.convert_to_numpy(variable), np.float32)
+
+
+def _hwc_order(shape: tuple) -> np.ndarray:
+    """For a (C, H, W) image flattened channels-last: the canonical (C, H, W) flat index of each position."""
+    c, h, w = shape
+    return np.arange(c * h * w).reshape(c, h, w).transpose(1, 2, 0).reshape(-1)
+
+
+def _identity(perm) -> bool:
+    return perm is None or np.array_equal(perm, np.arange(len(perm)))
+
+
+def _load(model_or_path):
+    if isinstance(model_or_path, keras.Model):
+        return model_or_path
+    if not isinstance(model_or_path, (str, Path)):
+        raise InteropError(f"from_keras: expected a keras.Model or a .keras file path, got "
+                           f"{type(model_or_path).__name__}")
+    try:
+        return keras.saving.load_model(str(model_or_path), compile=False)
+    except Exception as e:  # a missing file, a file that is no Keras model, unsafe (Lambda) deserialization
+        raise InteropError(f"{model_or_path}: cannot load a Keras model: {str(e).splitlines()[0][:300]}") from None
+
+
+def _graph(model) -> tuple[list[tuple], str, str]:
+    """[(layer, [input layer names])] in topological order, the input layer's name and the output layer's name."""
+    if isinstance(model, keras.Sequential):
+        layers, previous, graph = model.layers, "input", []
+        for layer in layers:
+            graph.append((layer, [previous]))
+            previous = layer.name
+        return graph, "input", previous
+    config = model.get_config()
+    ends = []
+    for key in ("input_layers", "output_layers"):
+        refs = config.get(key) or []
+        refs = [refs] if refs and isinstance(refs[0], str) else refs
+        if len(refs) != 1:
+            raise InteropError(f"Keras model {model.name!r}: {len(refs)} {key.split('_')[0]}s; a spec has one")
+        ends.append(refs[0][0])
+    graph = []
+    for entry in config["layers"]:
+        layer = model.get_layer(entry["name"])
+        nodes = entry.get("inbound_nodes") or []
+        if len(nodes) > 1:
+            raise InteropError(f"Keras model {model.name!r}: layer {layer.name!r} ({type(layer).__name__}) is "
+                               f"called {len(nodes)} times; shared layers are not supported")
+        inputs = []
+
+        def collect(obj):
+            if isinstance(obj, dict) and obj.get("class_name") == "__keras_tensor__":
+                inputs.append(obj["config"]["keras_history"][0])
+            elif isinstance(obj, dict):
+                for v in obj.values():
+                    collect(v)
+            elif isinstance(obj, (list, tuple)):
+                for v in obj:
+                    collect(v)
+        if nodes:
+            collect(nodes[0].get("args", []))
+            collect(nodes[0].get("kwargs", {}))
+        graph.append((layer, inputs))
+    return graph, ends[0], ends[1]
+
+
+class _Walk:
+    def __init__(self, model, source: str):
+        self.model, self.b = model, Builder(source)
+        self.values: dict[str, Value] = {}
+
+    def layer(self, layer, kind, inputs: list[Value], weights=None, **fields) -> Value:
+        name = self.b.name(layer.name, kind.kind)
+        return self.b.add(kind(**fields, name=name), inputs, weights, layer.name)
+
+    @staticmethod
+    def channels_last(cfg: dict) -> None:
+        if cfg.get("data_format", "channels_last") != "channels_last":
+            raise _Refused(f"data_format {cfg['data_format']!r}: only channels_last (Keras' default) is supported")
+
+    def run(self):
+        model = self.model
+        if len(model.inputs) != 1 or len(model.outputs) != 1:
+            raise InteropError(f"{self.b.source}: {len(model.inputs)} inputs and {len(model.outputs)} outputs; a spec "
+                               f"has one of each")
+        shape = tuple(model.inputs[0].shape[1:])
+        if len(shape) not in (1, 3) or any(s is None for s in shape):
+            raise InteropError(f"{self.b.source}: input shape (N, {', '.join(map(str, shape))}) is not a fixed "
+                               f"(H, W, C) image or (features,) vector")
+        spec_shape = (shape[2], shape[0], shape[1]) if len(shape) == 3 else shape
+        graph, input_name, output_name = _graph(model)
+        self.values[input_name] = Value(INPUT, spec_shape)
+        for layer, inputs in graph:
+            if isinstance(layer, L.InputLayer):
+                self.values[layer.name] = self.values[input_name]
+                continue
+            try:
+                missing = [n for n in inputs if n not in self.values]
+                if missing or not inputs:
+                    raise _Refused(f"reads {missing or 'nothing'}, not an earlier layer of this model")
+                policy = getattr(layer, "dtype_policy", None)
+                if policy is not None and getattr(policy, "compute_dtype", "float32") != "float32":
+                    raise _Refused(f"computes in {policy.compute_dtype}; the spec computes in float32")
+                self.values[layer.name] = self.convert(layer, layer.get_config(), [self.values[n] for n in inputs])
+            except _Refused as e:
+                raise InteropError(f"{self.b.source}: layer {layer.name!r} ({type(layer).__name__}): {e}") from None
+        out = self.values[output_name]
+        if not _identity(out.perm):
+            raise InteropError(f"{self.b.source}: its output is a flattened channels-last image, in (H, W, C) order "
+                               f"where the spec's is (C, H, W); end with a Dense (or a global pooling) instead")
+        return self.b.spec(model.name, spec_shape, out)
+
+    def convert(self, layer, cfg: dict, xs: list[Value]) -> Value:
+        t, x = type(layer), xs[0]
+        if t is L.Dense:
+            if len(x.shape) != 1:
+                raise _Refused(f"Dense on an (N, {', '.join(map(str, x.shape))}) tensor applies to its last axis; the "
+                               f"spec's Dense needs a flat input (add a Flatten)")
+            kernel = _numpy(layer.kernel)
+            if x.perm is not None:  # rows in the source's flat order -> the canonical C, H, W order
+                rows = np.empty_like(kernel)
+                rows[x.perm] = kernel
+                kernel = rows
+            bias = _numpy(layer.bias) if layer.use_bias else np.zeros(kernel.shape[1], np.float32)
+            return self.layer(layer, Dense, [x], {"kernel": kernel, "bias": bias}, units=int(cfg["units"]),
+                              activation=_activation(cfg["activation"]))
+        if t is L.Conv2D:
+            self.channels_last(cfg)
+            if tuple(cfg["dilation_rate"]) != (1, 1) or cfg.get("groups", 1) != 1:
+                raise _Refused(f"dilation_rate {cfg['dilation_rate']}, groups {cfg.get('groups', 1)}: only an "
+                               f"undilated, ungrouped convolution is a Conv2D")
+            weights = {"kernel": _numpy(layer.kernel).transpose(3, 2, 0, 1)}  # HWIO -> OIHW
+            if layer.use_bias:
+                weights["bias"] = _numpy(layer.bias)
+            return self.layer(layer, Conv2D, [x], weights, filters=int(cfg["filters"]),
+                              kernel_size=_pair(cfg["kernel_size"]), strides=_pair(cfg["strides"]),
+                              padding=cfg["padding"], activation=_activation(cfg["activation"]),
+                              use_bias=bool(cfg["use_bias"]))
+        if t in (L.MaxPooling2D, L.AveragePooling2D):
+            self.channels_last(cfg)
+            kind = MaxPool2D if t is L.MaxPooling2D else AvgPool2D
+            pool, strides = _pair(cfg["pool_size"]), _pair(cfg["strides"] or cfg["pool_size"])
+            return self.layer(layer, kind, [x], pool_size=pool, strides=None if strides == pool else strides,
+                              padding=cfg["padding"])
+        if t is L.GlobalAveragePooling2D:
+            self.channels_last(cfg)
+            if cfg.get("keepdims"):
+                raise _Refused("keepdims=True keeps a (1, 1, C) image; the spec's global pooling gives (C,)")
+            return self.layer(layer, GlobalAveragePooling2D, [x])
+        if t is L.Flatten:
+            self.channels_last(cfg)
+            if len(x.shape) == 1:
+                return x
+            v = self.layer(layer, Flatten, [x])
+            return Value(v.name, v.shape, None if _identity(_hwc_order(x.shape)) else _hwc_order(x.shape))
+        if t is L.Identity:
+            return x
+        if t in (L.Activation, L.ReLU, L.LeakyReLU, L.ELU, L.Softmax):
+            return self.activation(layer, cfg, x)
+        if t is L.Dropout:
+            if cfg.get("noise_shape") is not None:
+                raise _Refused("noise_shape drops whole slices; the spec's Dropout drops single values")
+            v = self.layer(layer, Dropout, [x], rate=float(cfg["rate"]))
+            return Value(v.name, v.shape, x.perm)
+        if t is L.BatchNormalization:
+            return self.batchnorm(layer, cfg, x)
+        if t in (L.Add, L.Concatenate):
+            return self.merge(layer, cfg, xs)
+        raise _Refused(f"layer type {t.__name__} is not supported (supported: {supported(SUPPORTED)})")
+
+    def activation(self, layer, cfg: dict, x: Value) -> Value:
+        t = type(layer)
+        if t is L.Activation:
+            act = _activation(cfg["activation"])
+        elif t is L.ReLU:
+            if cfg.get("max_value") is not None or cfg.get("threshold", 0) != 0:
+                raise _Refused("max_value and threshold are not supported (a plain or leaky ReLU is)")
+            slope = cfg.get("negative_slope", 0)
+            act = "relu" if slope == 0 else leaky(slope)
+        elif t is L.LeakyReLU:
+            act = leaky(cfg["negative_slope"])
+        elif t is L.ELU:
+            if cfg.get("alpha", 1.0) != 1.0:
+                raise _Refused(f"alpha {cfg['alpha']}: the spec's elu has alpha 1")
+            act = "elu"
+        else:
+            axis = cfg.get("axis", -1)
+            if axis not in (-1, len(x.shape)):
+                raise _Refused(f"softmax over axis {axis}; the spec's runs over the channels (the last Keras axis)")
+            act = "softmax"
+        v = self.layer(layer, Activation, [x], activation=act)
+        return Value(v.name, v.shape, x.perm)  # elementwise (softmax: over all features, in any order)
+
+    def batchnorm(self, layer, cfg: dict, x: Value) -> Value:
+        axis = cfg["axis"]
+        axis = axis[0] if isinstance(axis, (list, tuple)) and len(axis) == 1 else axis
+        if axis not in (-1, len(x.shape)):
+            raise _Refused(f"normalizes axis {cfg['axis']}; only the channel (last) axis is supported")
+        if cfg.get("renorm"):
+            raise _Refused("batch renormalization is not supported")
+        c = x.shape[0]
+        w = {"gamma": _numpy(layer.gamma) if cfg["scale"] else np.ones(c, np.float32),
+             "beta": _numpy(layer.beta) if cfg["center"] else np.zeros(c, np.float32),
+             "moving_mean": _numpy(layer.moving_mean), "moving_var": _numpy(layer.moving_variance)}
+        if x.perm is not None:  # a flat BatchNorm over permuted features: its parameters follow them
+            for k, a in w.items():
+                canonical = np.empty_like(a)
+                canonical[x.perm] = a
+                w[k] = canonical
+        v = self.layer(layer, BatchNorm, [x], w, momentum=float(cfg["momentum"]), epsilon=float(cfg["epsilon"]))
+        return Value(v.name, v.shape, x.perm)
+
+    def merge(self, layer, cfg: dict, xs: list[Value]) -> Value:
+        if len(xs) < 2:
+            raise _Refused(f"merges {len(xs)} tensor; the spec's merges take two or more")
+        if type(layer) is L.Add:
+            if len({x.shape for x in xs}) != 1 or len({None if _identity(x.perm) else x.perm.tobytes()
+                                                      for x in xs}) != 1:
+                raise _Refused("adds tensors of different shapes or flatten orders")
+            v = self.layer(layer, Add, xs)
+            return Value(v.name, v.shape, xs[0].perm)
+        axis = cfg.get("axis", -1)
+        if axis not in (-1, len(xs[0].shape)):
+            raise _Refused(f"concatenates axis {axis}; the spec's Concatenate joins the channels (the last axis)")
+        v = self.layer(layer, Concatenate, xs)
+        if all(_identity(x.perm) for x in xs):
+            return v
+        offsets = np.cumsum([0] + [x.shape[0] for x in xs[:-1]])
+        perm = np.concatenate([(np.arange(x.shape[0]) if x.perm is None else x.perm) + o for x, o in zip(xs, offsets)])
+        return Value(v.name, v.shape, perm)
+
+
+def _pair(v) -> int | tuple[int, int]:
+    v = (v, v) if isinstance(v, int) else tuple(int(x) for x in v)
+    return v[0] if v[0] == v[1] else v
+
+
+def from_keras(model_or_path):
+    model = _load(model_or_path)
+    if not isinstance(model, keras.Model):
+        raise InteropError(f"from_keras: {model_or_path} holds a {type(model).__name__}, not a keras.Model")
+    if not model.built or not model.inputs:
+        raise InteropError(f"Keras model {model.name!r} is not built: give it an input shape (keras.Input) first")
+    return _Walk(model, f"Keras model {model.name!r}").run()

@@ -1,0 +1,425 @@
+"""torch nn.Module -> spec, through torch.fx symbolic tracing.
+
+torch.fx rather than torch.export: fx keeps each torch.nn layer as one call_module node holding the module itself
+(its padding, ceil_mode, momentum, eps, weights and dotted name), where export lowers the model to ATen ops
+(batch norm as _native_batch_norm_legit_no_training, linear as addmm) whose layer attributes would have to be
+pieced back together. fx's shape propagation (one run on a small batch) gives every tensor's shape.
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..models import (INPUT, Activation, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense, Dropout, Flatten,
+                      GlobalAveragePooling2D, MaxPool2D, same_padding)
+
+from ._common import Builder, InteropError, Value, is_tf_same, leaky, supported
+
+_BATCH = object()  # x.size(0) / x.shape[0]: the batch size, allowed only in a flattening view/reshape
+_SAMPLE_BATCH = 2
+
+
+class _Shape(tuple):
+    """x.size() / x.shape of a traced tensor: its sizes, the first being the batch."""
+
+
+def _act_module(m: nn.Module) -> str | None:
+    """The spec activation an activation module computes, None for a module that is no activation."""
+    t = type(m)
+    if t in (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.SiLU):
+        return {nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.SiLU: "silu"}[t]
+    if t is nn.GELU:
+        return "gelu_tanh" if m.approximate == "tanh" else "gelu"
+    if t is nn.LeakyReLU:
+        return _leaky(m.negative_slope)
+    if t is nn.ELU:
+        return _elu(m.alpha)
+    if t is nn.Softplus:
+        return _softplus(m.beta, m.threshold)
+    return None
+
+
+class _Refused(Exception):
+    """Raised inside the walk; from_torch adds the node's name and type."""
+
+
+def _leaky(slope) -> str:
+    if not slope >= 0:
+        raise _Refused(f"negative_slope {slope}: the spec's leaky_relu slope is >= 0")
+    return leaky(slope)
+
+
+def _elu(alpha) -> str:
+    if alpha != 1.0:
+        raise _Refused(f"alpha {alpha}: the spec's elu has alpha 1")
+    return "elu"
+
+
+def _softplus(beta, threshold) -> str:
+    # above `threshold` torch returns x itself: from 20 on that is softplus to float32's last bit
+    if beta != 1 or threshold < 20:
+        raise _Refused(f"beta {beta}, threshold {threshold}: the spec's softplus is beta 1 (threshold >= 20)")
+    return "softplus"
+
+
+# functions (and tensor methods, by name) that are one activation: their parameter names after the input
+_FUNCTIONS = {
+    F.relu: ("relu", ()), torch.relu: ("relu", ()), "relu": ("relu", ()), "relu_": ("relu", ()),
+    torch.sigmoid: ("sigmoid", ()), F.sigmoid: ("sigmoid", ()), "sigmoid": ("sigmoid", ()),
+    torch.tanh: ("tanh", ()), F.tanh: ("tanh", ()), "tanh": ("tanh", ()),
+    F.silu: ("silu", ()), F.gelu: ("gelu", ("approximate",)), F.elu: ("elu", ("alpha",)),
+    F.leaky_relu: ("leaky_relu", ("negative_slope",)), F.softplus: ("softplus", ("beta", "threshold")),
+}
+_DEFAULTS = {"approximate": "none", "alpha": 1.0, "negative_slope": 0.01, "beta": 1.0, "threshold": 20.0}
+_SOFTMAX = (F.softmax, torch.softmax, "softmax")
+_ADD = (operator.add, operator.iadd, torch.add, "add", "add_")
+_CAT = (torch.cat, torch.concat, torch.concatenate)
+_FLATTEN = (torch.flatten, "flatten")
+_MEAN = (torch.mean, "mean")
+_VIEW = ("view", "reshape", torch.reshape)
+_NAMES = {getattr(f, "__name__", str(f)) for f in (*_FUNCTIONS, *_SOFTMAX, *_ADD, *_CAT, *_FLATTEN, *_MEAN, *_VIEW)}
+SUPPORTED_MODULES = ("Linear", "Conv2d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d(1)", "BatchNorm1d",
+                     "BatchNorm2d", "ReLU", "Sigmoid", "Tanh", "Softmax", "GELU", "SiLU", "ELU", "Softplus",
+                     "LeakyReLU", "Flatten", "Dropout", "Identity")
+SUPPORTED_FUNCTIONS = tuple(sorted(_NAMES | {"max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "dropout",
+                                              "size", "shape", "contiguous"}))
+
+
+def _arg(node: fx.Node, index: int, name: str, default):
+    """Argument `name` of a call: keyword, else position `index`, else `default`."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[index] if len(node.args) > index else default
+
+
+class _Walk:
+    def __init__(self, gm: fx.GraphModule, input_shape: tuple, source: str):
+        self.gm, self.b = gm, Builder(source)
+        self.env: dict[fx.Node, object] = {}
+        self.input_shape = input_shape
+
+    # --- values ----------------------------------------------------------------------------------
+    def tensor(self, a) -> Value:
+        v = self.env.get(a) if isinstance(a, fx.Node) else None
+        if not isinstance(v, Value):
+            raise _Refused(f"an argument {a!r} is not a tensor computed from the input (constants and parameters "
+                           f"used directly are not supported)")
+        return v
+
+    @staticmethod
+    def shape(node: fx.Node) -> tuple:
+        meta = node.meta.get("tensor_meta")
+        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else ()
+
+    def layer(self, node, layer_cls, inputs, weights=None, **fields) -> Value:
+        name = self.b.name(node.name, layer_cls.kind)
+        return self.b.add(layer_cls(**fields, name=name), inputs, weights, node.name)
+
+    def keep(self, v: Value, like: Value) -> Value:
+        return Value(v.name, v.shape, kept=like.kept)
+
+    def activation(self, node, x: Value, act: str) -> Value:
+        return self.keep(self.layer(node, Activation, [x], activation=act), x)
+
+    def image(self, x: Value, what: str) -> Value:
+        if len(x.shape) != 3 or x.kept:
+            shape = (x.shape[0], 1, 1) if x.kept else x.shape
+            raise _Refused(f"{what} needs an (N, C, H, W) image, got (N, {', '.join(map(str, shape))})")
+        return x
+
+    # --- the walk --------------------------------------------------------------------------------
+    def run(self, name: str):
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise InteropError(f"{self.b.source}: forward takes {len(placeholders)} tensors; a spec has one input")
+        out = None
+        for node in self.gm.graph.nodes:
+            try:
+                if node.op == "placeholder":
+                    self.env[node] = Value(INPUT, self.input_shape)
+                elif node.op == "output":
+                    out = self.tensor(node.args[0])
+                elif node.op == "get_attr":
+                    raise _Refused(f"reads the parameter or buffer {node.target!r} directly; only nn layers "
+                                   f"({supported(SUPPORTED_MODULES)}) carry weights")
+                elif node.op == "call_module":
+                    self.env[node] = self.module(node, self.gm.get_submodule(node.target))
+                else:
+                    self.env[node] = self.call(node, node.target)
+            except _Refused as e:
+                what = (type(self.gm.get_submodule(node.target)).__name__ if node.op == "call_module"
+                        else getattr(node.target, "__name__", str(node.target)))
+                raise InteropError(f"{self.b.source}: node {node.name!r} ({node.op} {what}): {e}") from None
+        if out.kept:
+            raise InteropError(f"{self.b.source}: its output is a pooled (N, C, 1, 1) image; the spec's global "
+                               f"pooling gives (N, C): flatten it")
+        return self.b.spec(name, self.input_shape, out)
+
+    # --- modules ---------------------------------------------------------------------------------
+    def module(self, node, m: nn.Module):
+        x = self.tensor(node.args[0]) if node.args else None
+        t = type(m)
+        act = _act_module(m)
+        if act is not None:
+            return self.activation(node, x, act)
+        if t is nn.Softmax:
+            return self.softmax(node, x, m.dim)
+        if t is nn.Identity:
+            return x
+        if t is nn.Dropout:
+            return self.dropout(node, x, m.p)
+        if t is nn.Flatten:
+            return self.flatten(node, x, m.start_dim, m.end_dim)
+        if t is nn.Linear:
+            return self.linear(node, x, m)
+        if t is nn.Conv2d:
+            return self.conv(node, x, m)
+        if t in (nn.MaxPool2d, nn.AvgPool2d):
+            avg = t is nn.AvgPool2d
+            return self.pool(node, x, avg, m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                             dilation=1 if avg else m.dilation, indices=False if avg else m.return_indices,
+                             include_pad=m.count_include_pad if avg else False,
+                             divisor=m.divisor_override if avg else None)
+        if t is nn.AdaptiveAvgPool2d:
+            return self.adaptive(node, x, m.output_size)
+        if t in (nn.BatchNorm1d, nn.BatchNorm2d):
+            return self.batchnorm(node, x, m)
+        raise _Refused(f"module {t.__name__} is not supported (supported: {supported(SUPPORTED_MODULES)})")
+
+    def linear(self, node, x, m: nn.Linear):
+        if len(x.shape) != 1 or x.kept:
+            raise _Refused(f"Linear on a tensor of shape (N, {', '.join(map(str, x.shape))}) applies to its last "
+                           f"axis; the spec's Dense needs a flat (N, features) input")
+        w = m.weight.detach().cpu().numpy()
+        bias = m.bias.detach().cpu().numpy() if m.bias is not None else np.zeros(w.shape[0], np.float32)
+        return self.layer(node, Dense, [x], {"kernel": w.T, "bias": bias}, units=int(w.shape[0]))
+
+    def conv(self, node, x, m: nn.Conv2d):
+        x = self.image(x, "Conv2d")
+        if m.groups != 1 or tuple(m.dilation) != (1, 1) or m.padding_mode != "zeros":
+            raise _Refused(f"groups {m.groups}, dilation {tuple(m.dilation)}, padding_mode {m.padding_mode!r}: only "
+                           f"groups 1, dilation 1 and zero padding are a Conv2D")
+        (kh, kw), (sh, sw), (_, h, w) = m.kernel_size, m.stride, x.shape
+        if m.padding == "valid":
+            p = (0, 0)
+        elif m.padding == "same":  # stride 1 only (torch's rule): k - 1 cells, the odd one after, as TensorFlow
+            p = ("same", "same")
+        else:
+            p = tuple(m.padding)
+        if p == ("same", "same") or p[0] == p[1]:
+            padding = "same" if p[0] == "same" else ("valid" if p[0] == 0 else int(p[0]))
+        elif same_padding(h, kh, sh) == (p[0], p[0]) and same_padding(w, kw, sw) == (p[1], p[1]):
+            padding = "same"
+        else:
+            raise _Refused(f"padding {p}: unequal padding of height and width is not a spec padding here")
+        weights = {"kernel": m.weight.detach().cpu().numpy()}
+        if m.bias is not None:
+            weights["bias"] = m.bias.detach().cpu().numpy()
+        return self.layer(node, Conv2D, [x], weights, filters=int(m.out_channels),
+                          kernel_size=kh if kh == kw else (kh, kw), strides=sh if sh == sw else (sh, sw),
+                          padding=padding, use_bias=m.bias is not None)
+
+    def pool(self, node, x, avg: bool, kernel, stride, padding, ceil_mode, dilation=1, indices=False,
+             include_pad=True, divisor=None):
+        x = self.image(x, "pooling")
+        pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+        k, p = pair(kernel), pair(padding)
+        s = k if stride is None or stride == [] or stride == () else pair(stride)
+        if pair(dilation) != (1, 1) or indices or divisor is not None:
+            raise _Refused("dilation, return_indices and divisor_override are not supported")
+        out = self.shape(node)[2:]
+        modes = []
+        for d in (0, 1):
+            size = x.shape[1 + d]
+            axis = set()
+            if p[d] == 0 and out[d] == (size - k[d]) // s[d] + 1:
+                axis.add("valid")
+            if is_tf_same(size, k[d], s[d], p[d], out[d]):
+                axis.add("same")
+            modes.append(axis)
+        both = modes[0] & modes[1]
+        mode = "valid" if "valid" in both else "same" if both else None
+        if mode is None:
+            raise _Refused(f"kernel {k}, stride {s}, padding {p}, ceil_mode {ceil_mode}: neither the spec's floor "
+                           f"(valid) nor TensorFlow's 'same' pooling for this input")
+        if avg and any(p) and include_pad:
+            raise _Refused("count_include_pad=True averages padded zeros; the spec's 'same' average excludes them")
+        return self.layer(node, AvgPool2D if avg else MaxPool2D, [x], pool_size=k[0] if k[0] == k[1] else k,
+                          strides=None if s == k else (s[0] if s[0] == s[1] else s), padding=mode)
+
+    def adaptive(self, node, x, size):
+        x = self.image(x, "adaptive pooling")
+        if size not in (1, (1, 1), [1, 1]):
+            raise _Refused(f"output_size {size}: only 1 (global average pooling) is supported")
+        return self.gap(node, x, kept=True)
+
+    def gap(self, node, x, kept: bool) -> Value:
+        v = self.layer(node, GlobalAveragePooling2D, [x])
+        return Value(v.name, v.shape, kept=kept)
+
+    def batchnorm(self, node, x, m):
+        if len(self.shape(node)) not in (2, 4) or (type(m) is nn.BatchNorm1d) != (len(x.shape) == 1 and not x.kept):
+            raise _Refused(f"{type(m).__name__} on a tensor of shape {self.shape(node)} is not supported")
+        if not m.track_running_stats or m.running_mean is None:
+            raise _Refused("track_running_stats=False normalizes by the batch at inference; the spec's uses "
+                           "moving statistics")
+        if m.momentum is None or not 0 < m.momentum <= 1:
+            raise _Refused(f"momentum {m.momentum}: the spec's moving average needs a momentum in (0, 1]")
+        c = m.num_features
+        w = {"gamma": m.weight.detach().cpu().numpy() if m.affine else np.ones(c),
+             "beta": m.bias.detach().cpu().numpy() if m.affine else np.zeros(c),
+             "moving_mean": m.running_mean.detach().cpu().numpy(), "moving_var": m.running_var.detach().cpu().numpy()}
+        # torch's momentum weighs the new batch value, the spec's (Keras') the old moving one
+        v = self.layer(node, BatchNorm, [x], w, momentum=1 - float(m.momentum), epsilon=float(m.eps))
+        return self.keep(v, x)
+
+    def softmax(self, node, x, dim):
+        rank = len(self.shape(node))
+        if dim is None or dim % rank != 1:
+            raise _Refused(f"softmax over dim {dim}; the spec's runs over dim 1 (channels or features)")
+        return self.activation(node, x, "softmax")
+
+    def dropout(self, node, x, p):
+        return self.keep(self.layer(node, Dropout, [x], rate=float(p)), x)
+
+    def flatten(self, node, x, start, end):
+        rank = len(self.shape(node.args[0])) if isinstance(node.args[0], fx.Node) else 0
+        if start % rank != 1 or end % rank != rank - 1:
+            raise _Refused(f"flattens dims {start}..{end}; only a flatten from dim 1 to the last (keeping the "
+                           f"batch) is supported")
+        return self.to_flat(node, x)
+
+    def to_flat(self, node, x):
+        if len(x.shape) == 1:
+            return Value(x.name, x.shape)
+        return self.layer(node, Flatten, [x])  # torch's NCHW flatten order is the spec's C, H, W
+
+    # --- functions and methods -------------------------------------------------------------------
+    def call(self, node, target):
+        if target in _FUNCTIONS:
+            act, params = _FUNCTIONS[target]
+            x = self.tensor(node.args[0])
+            values = [_arg(node, 1 + j, p, _DEFAULTS[p]) for j, p in enumerate(params)]
+            if act == "gelu":
+                act = "gelu_tanh" if values[0] == "tanh" else "gelu"
+            elif act == "elu":
+                act = _elu(values[0])
+            elif act == "leaky_relu":
+                act = _leaky(values[0])
+            elif act == "softplus":
+                act = _softplus(*values)
+            return self.activation(node, x, act)
+        if target in _SOFTMAX:
+            return self.softmax(node, self.tensor(node.args[0]), _arg(node, 1, "dim", None))
+        if target in _ADD:
+            if _arg(node, 2, "alpha", 1) != 1:
+                raise _Refused("add with alpha != 1 is not supported")
+            return self.merge(node, list(node.args[:2]), Add)
+        if target in _CAT:
+            tensors, dim = _arg(node, 0, "tensors", ()), _arg(node, 1, "dim", 0)
+            if len(tensors) < 2:
+                return self.tensor(tensors[0] if tensors else None)
+            if dim % len(self.shape(node)) != 1:
+                raise _Refused(f"concatenates along dim {dim}; the spec's Concatenate joins dim 1 (channels)")
+            return self.merge(node, list(tensors), Concatenate)
+        if target in _FLATTEN:
+            return self.flatten(node, self.tensor(node.args[0]), _arg(node, 1, "start_dim", 0),
+                                _arg(node, 2, "end_dim", -1))
+        if target in _MEAN:
+            x = self.tensor(node.args[0])
+            dims = _arg(node, 1, "dim", None)
+            dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+            if len(x.shape) != 3 or x.kept or sorted(d % 4 for d in dims) != [2, 3]:
+                raise _Refused(f"a mean over dims {dims}; only the spatial mean (dims 2, 3 of an image) is a global "
+                               f"average pooling")
+            return self.gap(node, x, kept=bool(_arg(node, 2, "keepdim", False)))
+        if target in _VIEW:
+            return self.view(node)
+        if target is F.dropout:
+            return self.dropout(node, self.tensor(node.args[0]), _arg(node, 1, "p", 0.5))
+        if target in (F.max_pool2d, F.avg_pool2d):
+            avg = target is F.avg_pool2d
+            kernel = _arg(node, 1, "kernel_size", None)
+            stride, padding = _arg(node, 2, "stride", None), _arg(node, 3, "padding", 0)
+            if avg:
+                return self.pool(node, self.tensor(node.args[0]), True, kernel, stride, padding,
+                                 _arg(node, 4, "ceil_mode", False),
+                                 include_pad=_arg(node, 5, "count_include_pad", True),
+                                 divisor=_arg(node, 6, "divisor_override", None))
+            return self.pool(node, self.tensor(node.args[0]), False, kernel, stride, padding,
+                             _arg(node, 5, "ceil_mode", False), dilation=_arg(node, 4, "dilation", 1),
+                             indices=_arg(node, 6, "return_indices", False))
+        if target is F.adaptive_avg_pool2d:
+            return self.adaptive(node, self.tensor(node.args[0]), _arg(node, 1, "output_size", None))
+        if target == "contiguous":
+            return self.tensor(node.args[0])
+        if target == "size" or (target is getattr and node.args[1] == "shape"):
+            self.tensor(node.args[0])
+            full = _Shape((_BATCH,) + tuple(self.shape(node.args[0])[1:]))
+            dim = _arg(node, 1, "dim", None) if target == "size" else None
+            return full if dim is None else full[dim]
+        if target is operator.getitem and isinstance(self.env.get(node.args[0]), _Shape):
+            return self.env[node.args[0]][node.args[1]]
+        name = getattr(target, "__name__", str(target))
+        raise _Refused(f"{'method' if node.op == 'call_method' else 'function'} {name} is not supported "
+                       f"(supported: {supported(SUPPORTED_FUNCTIONS)})")
+
+    def merge(self, node, args: list, kind) -> Value:
+        xs = [self.tensor(a) for a in args]
+        shapes = [self.shape(a) for a in args]
+        if len({x.kept for x in xs}) != 1 or (kind is Add and len(set(shapes)) != 1):
+            raise _Refused(f"{'adds' if kind is Add else 'joins'} shapes {', '.join(map(str, shapes))}; broadcasting "
+                           f"is not supported")
+        return self.keep(self.layer(node, kind, xs), xs[0])
+
+    def view(self, node):
+        x = self.tensor(node.args[0])
+        target = node.args[1:] if "shape" not in node.kwargs else (node.kwargs["shape"],)
+        if len(target) == 1 and isinstance(target[0], (tuple, list)):
+            target = tuple(target[0])
+        target = tuple(self.env.get(t, t) if isinstance(t, fx.Node) else t for t in target)
+        size = math.prod(x.shape)
+        flat = len(target) == 2 and ((target[0] is _BATCH and target[1] in (-1, size))
+                                     or (target[0] == -1 and target[1] == size))
+        if not flat:
+            shown = tuple("batch" if t is _BATCH else t for t in target)
+            raise _Refused(f"reshape to {shown}: only a flatten to (batch, {size}) (x.view(x.size(0), -1) or "
+                           f"x.view(-1, {size})) is supported")
+        return self.to_flat(node, x)
+
+
+def from_torch(module, input_shape):
+    if not isinstance(module, nn.Module):
+        raise InteropError(f"from_torch: expected a torch nn.Module, got {type(module).__name__}")
+    if (not isinstance(input_shape, (tuple, list)) or len(input_shape) not in (1, 3)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in input_shape)):
+        raise InteropError(f"from_torch: input_shape must be (C, H, W) or (features,) of positive ints (no batch "
+                           f"axis), got {input_shape!r}")
+    source = f"torch module {type(module).__name__}"
+    modes = {m: m.training for m in module.modules()}
+    try:
+        module.eval()  # traced and run as inference; self.training branches take their eval side
+        try:
+            gm = fx.symbolic_trace(module)
+        except Exception as e:  # data-dependent control flow, unsupported Python
+            raise InteropError(f"{source}: torch.fx cannot trace it: {str(e).splitlines()[0][:300]}") from None
+        gm.graph.eliminate_dead_code()
+        try:
+            with torch.no_grad():
+                param = next(module.parameters(), None)
+                x = torch.randn(_SAMPLE_BATCH, *input_shape, dtype=param.dtype if param is not None else None,
+                                device=param.device if param is not None else None)
+                ShapeProp(gm).propagate(x)
+        except Exception as e:
+            raise InteropError(f"{source}: does not run on inputs of shape (N, {', '.join(map(str, input_shape))}): "
+                               f"{str(e).splitlines()[0][:300]}") from None
+        return _Walk(gm, tuple(input_shape), source).run(type(module).__name__)
+    finally:
+        for m, training in modes.items():
+            m.training = training
