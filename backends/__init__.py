@@ -28,6 +28,7 @@ class Backend:
     compiler: str | None = None      # the compiled path apart from its default one (compile=True), if any
     default: bool = True             # run, train and check use it when no --backends are given
     reference: bool = False          # the float64 oracle every other backend is checked against
+    trains: bool = True              # False: inference only (predict, logits, layer_outputs, evaluate)
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
@@ -42,6 +43,8 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("torch", "nncompare.backends.torch_backend", "TorchAdapter", "torch", ("torch",), "torch", "torch",
             compiler="torch.compile"),
     Backend("mxnet", "nncompare.backends.mxnet_backend", "MXNetAdapter", "mxnet", ("mxnet",), "mxnet", "mxnet"),
+    Backend("onnxruntime", "nncompare.backends.onnxruntime_backend", "OnnxRuntimeAdapter", "onnxruntime",
+            ("onnxruntime", "onnx"), "onnx", "onnxruntime", default=False, trains=False),
 )}
 # Backends with a compiled path apart from their default one (compile=True), and what it is.
 COMPILERS = {b.name: b.compiler for b in BACKENDS.values() if b.compiler}
@@ -52,8 +55,9 @@ def names() -> list[str]:
 
 
 def frameworks() -> list[str]:
-    """Every backend checked against the oracle (all but the reference itself), in the registry's order."""
-    return [b.name for b in BACKENDS.values() if not b.reference]
+    """Every backend checked against the oracle in full, training included (all but the reference itself and the
+    inference-only ones), in the registry's order."""
+    return [b.name for b in BACKENDS.values() if not b.reference and b.trains]
 
 
 def _version(dist: str) -> str | None:

@@ -1,0 +1,103 @@
+"""ONNX Runtime adapter, inference only: the spec's logits graph exported by nncompare.interop's ONNX writer
+(weights as initializers) and run in an InferenceSession. It does not train: the training methods raise.
+
+layer_outputs is complete: a second session, made on first use, has every logits layer as a graph output.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from ..interop.onnx_export import CONVERTERS, OPSET, build  # CONVERTERS: every layer kind's ONNX nodes
+from ..models import INPUT, init_weights
+
+from .base import Adapter, BackendError, as_inputs, cpu_name, gpu_index
+
+__all__ = ["CONVERTERS", "OnnxRuntimeAdapter"]
+_NO_TRAINING = ("the onnxruntime backend runs inference only: it does not train (no loss_and_grads, train_step "
+                "or fit); use it for predict, logits, layer_outputs and evaluate")
+
+
+class OnnxRuntimeAdapter(Adapter):
+    """An InferenceSession over the exported logits graph; set_weights re-exports it. The optimizer a build sets
+    is recorded only."""
+
+    name = "onnxruntime"
+    _threads: int | None = None  # intra-op threads for sessions made from now on (None: ONNX Runtime's choice)
+
+    @classmethod
+    def version(cls) -> str:
+        return f"onnxruntime {ort.__version__}"
+
+    @classmethod
+    def set_threads(cls, n: int) -> None:
+        cls._threads = n
+
+    @property
+    def execution_path(self) -> str:
+        return "inference session"
+
+    @property
+    def settings(self) -> dict:
+        """The performance settings in effect, recorded with each timing."""
+        return {"intra_op_threads": self._options.intra_op_num_threads, "inter_op_threads": 1,
+                "execution_mode": "sequential", "graph_optimization": "all", "providers": self.native.get_providers(),
+                "opset": OPSET}
+
+    @property
+    def device_name(self) -> str:
+        return cpu_name() if self._gpu is None else f"CUDA device {self._gpu} (onnxruntime)"
+
+    def _build(self) -> None:
+        if self.compile:
+            raise BackendError("onnxruntime has no compiled path apart from its default: every session's graph is "
+                               "optimized already")
+        cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+        self._gpu = gpu_index(self.device, "onnxruntime", 1 if cuda else 0)
+        self._providers = ["CPUExecutionProvider"] if self._gpu is None else [
+            ("CUDAExecutionProvider", {"device_id": self._gpu}), "CPUExecutionProvider"]
+        self._infos = self.spec.logits_infos()
+        self._all = None  # the session with every layer's output, made on first use
+        # there is no framework initialisation to keep: init="native" gets the canonical seeded init
+        self._load(init_weights(self.spec, 0))
+
+    def _session(self, outputs: tuple[str, ...] | None = None) -> ort.InferenceSession:
+        model = build(self.spec, self._weights, self._infos, outputs)
+        self._options = ort.SessionOptions()
+        self._options.intra_op_num_threads = self._threads or 0
+        self._options.inter_op_num_threads = 1
+        self._options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self._options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        return ort.InferenceSession(model.SerializeToString(), self._options, providers=self._providers)
+
+    def _load(self, weights) -> None:
+        self._weights = {k: np.array(weights[k], np.float32) for k in self.spec.param_shapes()}
+        self.native = self._session()
+        self._all = None
+
+    # --- weights ---------------------------------------------------------------------------------
+    def get_weights(self):
+        return {k: v.copy() for k, v in self._weights.items()}
+
+    def set_weights(self, weights):
+        self._load(weights)
+
+    # --- inference -------------------------------------------------------------------------------
+    def logits(self, x):
+        return self.native.run(None, {INPUT: as_inputs(self.spec, x)})[0]
+
+    def layer_outputs(self, x):
+        if self._all is None:
+            self._all = self._session(tuple(i.name for i in self._infos))
+        names = [o.name for o in self._all.get_outputs()]
+        return dict(zip(names, self._all.run(None, {INPUT: as_inputs(self.spec, x)})))
+
+    # --- training: none --------------------------------------------------------------------------
+    def set_optimizer(self, optimizer):
+        self.optimizer = optimizer
+
+    def loss_and_grads(self, x, y):
+        raise BackendError(_NO_TRAINING)
+
+    def _train_batch(self, x, y):
+        raise BackendError(_NO_TRAINING)
