@@ -1,0 +1,567 @@
+"""Bring your own network: Keras, torch and ONNX models imported as specs compute what their source computes (the
+oracle to 1e-5, the framework adapters to 1e-3 of scale); specs exported to ONNX compute what `predict` does; every
+importer refuses what it cannot import exactly with one InteropError naming the layer or node."""
+import dataclasses
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nncompare.backends import BackendError, get_adapter
+from nncompare.backends.check import compare, sample_batch, scaled_diff
+from nncompare.interop import InteropError
+from nncompare.models import Activation, ModelSpec, SpecError, init_weights, zoo
+
+from .conftest import ROOT, require
+from .specs import ACTIVATION_SPECS, EVERY_LAYER, GRAPHS
+
+SPECS = {**{n: zoo.get(n) for n in zoo.names()}, **EVERY_LAYER, **GRAPHS,
+         **{s.name: s for s in ACTIVATION_SPECS.values()}}
+LARGE = {"mlp", "cifar_cnn", "resnet20", "inception_mini", "lenet5"}
+CASES = [pytest.param(n, marks=pytest.mark.slow if n in LARGE else ()) for n in SPECS]
+ORACLE_TOL, FRAMEWORK_TOL = 1e-5, 1e-3
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    return get_adapter("numpy")
+
+
+def onnx_modules():
+    require("onnxruntime")
+    import onnx
+    import onnxruntime
+    return onnx, onnxruntime
+
+
+def weights_with_state(spec: ModelSpec, seed: int = 1) -> dict:
+    """Seeded weights whose biases and BatchNorm statistics are not the identity, so a slip in either shows."""
+    w, rng = init_weights(spec, seed), np.random.default_rng(seed)
+    for k, v in w.items():
+        if k.endswith(("/bias", "/beta", "/moving_mean")):
+            w[k] = rng.uniform(-0.5, 0.5, v.shape).astype(np.float32)
+        elif k.endswith(("/gamma", "/moving_var")):
+            w[k] = rng.uniform(0.5, 2.0, v.shape).astype(np.float32)
+    return w
+
+
+def inputs(shape: tuple, n: int = 3, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n,) + tuple(shape)).astype(np.float32)
+
+
+def run_onnx(model, x: np.ndarray) -> np.ndarray:
+    _, ort = onnx_modules()
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def structure(spec: ModelSpec) -> list:
+    """Each layer's name, resolved inputs and fields, pairs and default strides written out, padding as the cells
+    it pads ("same" pads none for a 1x1 kernel: it is "valid" there)."""
+    out = []
+    for info in spec.infos:
+        d = {k: v for k, v in dataclasses.asdict(info.layer).items() if k not in ("name", "inputs")}
+        if "padding" in d:
+            d["padding"] = info.layer.pads(info.in_shape)
+        for k in ("kernel_size", "pool_size", "strides"):
+            if k in d:
+                v = d[k] if d[k] is not None else d.get("pool_size")
+                d[k] = (v, v) if isinstance(v, int) else tuple(v)
+        out.append((info.name, type(info.layer).__name__, info.inputs, d))
+    return out
+
+
+def test_importing_interop_imports_no_framework():
+    code = ("import sys, nncompare.interop\nprint(sorted(m for m in ('torch', 'tensorflow', 'keras', 'onnx', "
+            "'onnxruntime', 'mxnet', 'jax') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# --- to_onnx / from_onnx ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", CASES)
+def test_to_onnx_computes_predict(name, oracle):
+    onnx, _ = onnx_modules()
+    from nncompare.interop import to_onnx
+    spec = SPECS[name]
+    w = weights_with_state(spec)
+    model = to_onnx(spec, w)
+    onnx.checker.check_model(model, full_check=True)
+    x = inputs(spec.input_shape)
+    assert scaled_diff(run_onnx(model, x), oracle.build(spec, weights=w).predict(x)) <= ORACLE_TOL
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_from_onnx_inverts_to_onnx(name, oracle):
+    onnx_modules()
+    from nncompare.interop import from_onnx, to_onnx
+    spec = SPECS[name]
+    w = weights_with_state(spec)
+    back, w2 = from_onnx(to_onnx(spec, w))
+    x = inputs(spec.input_shape)
+    assert np.array_equal(oracle.build(back, weights=w2).predict(x), oracle.build(spec, weights=w).predict(x))
+    # the same layers, names and fields; a linear Activation is an ONNX Identity, which imports as nothing
+    linear = {i.name for i in spec.infos if isinstance(i.layer, Activation) and i.layer.activation == "linear"}
+    if not linear:
+        assert structure(back) == structure(spec)
+        assert all(np.array_equal(w2[k], np.asarray(w[k], np.float32)) for k in w)
+    else:
+        assert [s for s in structure(spec) if s[0] not in linear][:-1] == structure(back)[:-1]
+
+
+def test_to_onnx_file_has_a_dynamic_batch_and_nchw_input(tmp_path):
+    onnx, _ = onnx_modules()
+    from nncompare.interop import OPSET, to_onnx
+    from nncompare.interop.onnx_export import OPSET as WRITTEN
+    spec = zoo.get("digits_cnn")
+    path = tmp_path / "digits.onnx"
+    to_onnx(spec, init_weights(spec, 0), path)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert model.graph.input[0].name == "input" and dims == ["batch", 1, 8, 8]
+    assert OPSET == WRITTEN and model.opset_import[0].version == OPSET
+    for n in (1, 5):
+        assert run_onnx(model, inputs(spec.input_shape, n)).shape == (n, 10)
+
+
+def test_to_onnx_refuses_weights_that_do_not_fit():
+    onnx_modules()
+    from nncompare.interop import to_onnx
+    spec = zoo.get("perceptron")
+    with pytest.raises(InteropError, match=r"missing \['dense_0/bias'\]"):
+        to_onnx(spec, {"dense_0/kernel": np.zeros((2, 1))})
+    with pytest.raises(InteropError, match=r"weight 'dense_0/kernel': shape \(1, 2\), the spec needs \(2, 1\)"):
+        to_onnx(spec, {"dense_0/kernel": np.zeros((1, 2)), "dense_0/bias": np.zeros(1)})
+
+
+def _onnx_model(nodes, inits, in_shape, out_shape, opset=17):
+    onnx, _ = onnx_modules()
+    from onnx import TensorProto, helper, numpy_helper
+    graph = helper.make_graph(nodes, "hand", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", *in_shape])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", *out_shape])],
+                              [numpy_helper.from_array(np.asarray(v, np.float32 if v.dtype.kind == "f" else v.dtype), k)
+                               for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_from_onnx_reads_the_ops_of_exported_models(oracle):
+    """Torch-style exports: Gemm with transB, MatMul + Add, Reshape [0, -1], ReduceMean, Sum, Softmax, SiLU and the
+    erf form of GELU, SAME_UPPER auto_pad; the import computes what ONNX Runtime computes."""
+    from onnx import helper
+    from nncompare.interop import from_onnx
+    rng = np.random.default_rng(0)
+    h = helper.make_node
+    inits = {"cw": rng.standard_normal((4, 2, 3, 3)), "cb": rng.standard_normal(4), "shape": np.array([0, -1]),
+             "g": rng.uniform(0.5, 2, 4), "b": rng.standard_normal(4), "m": rng.standard_normal(4),
+             "v": rng.uniform(0.5, 2, 4), "w1": rng.standard_normal((5, 4 * 3 * 3)), "b1": rng.standard_normal(5),
+             "w2": rng.standard_normal((9, 5)), "b2": rng.standard_normal(5), "sqrt2": np.array(np.sqrt(2)),
+             "one": np.array(1.0), "half": np.array(0.5), "w3": rng.standard_normal((5, 3))}
+    nodes = [h("Conv", ["x", "cw", "cb"], ["c"], auto_pad="SAME_UPPER", strides=[2, 2]),
+             h("BatchNormalization", ["c", "g", "b", "m", "v"], ["bn"], epsilon=1e-3),
+             h("Sigmoid", ["bn"], ["s"]), h("Mul", ["bn", "s"], ["silu"]),
+             h("MaxPool", ["silu"], ["mp"], kernel_shape=[2, 2], pads=[0, 0, 1, 1], strides=[1, 1]),
+             h("Reshape", ["mp", "shape"], ["flat"]),
+             h("Gemm", ["flat", "w1", "b1"], ["d1"], transB=1),
+             h("Div", ["d1", "sqrt2"], ["q"]), h("Erf", ["q"], ["e"]), h("Add", ["e", "one"], ["a"]),
+             h("Mul", ["d1", "a"], ["ma"]), h("Mul", ["ma", "half"], ["gelu"]),
+             h("ReduceMean", ["silu"], ["gap"], axes=[2, 3], keepdims=0),
+             h("Concat", ["gelu", "gap"], ["cat"], axis=1),
+             h("MatMul", ["cat", "w2"], ["mm"]), h("Add", ["mm", "b2"], ["d2"]),
+             h("Sum", ["d2", "d2", "gelu"], ["sum"]), h("Relu", ["sum"], ["r"]),
+             h("Gemm", ["r", "w3"], ["d3"]), h("Softmax", ["d3"], ["y"], axis=1)]
+    model = _onnx_model(nodes, inits, (2, 5, 6), (3,))
+    spec, w = from_onnx(model)
+    kinds = [type(l).__name__ for l in spec.layers]
+    assert kinds == ["Conv2D", "BatchNorm", "Activation", "MaxPool2D", "Flatten", "Dense", "Activation",
+                     "GlobalAveragePooling2D", "Concatenate", "Dense", "Add", "Activation", "Dense", "Activation"]
+    assert [l.activation for l in spec.layers if isinstance(l, Activation)] == ["silu", "gelu", "relu", "softmax"]
+    assert spec.layers[0].padding == "same" and spec.layers[3].padding == "same" and spec.layers[1].momentum == 0.9
+    x = inputs((2, 5, 6))
+    assert scaled_diff(oracle.build(spec, weights=w).predict(x), run_onnx(model, x)) <= ORACLE_TOL
+
+
+@pytest.mark.parametrize("case,message", [
+    ("loop", r"node 0 \(loop, Loop\): op Loop is not supported \(supported: .*Gemm"),
+    ("pads", r"node 0 \(conv, Conv\): pads \[0, 0, 1, 0\] .* are neither symmetric nor TensorFlow's 'same' split"),
+    ("reshape", r"node 0 \(reshape, Reshape\): reshape to \[0, 2, 36\]: only a flatten"),
+    ("avg_pad", r"node 0 \(pool, AveragePool\): count_include_pad=1 averages padded zeros"),
+    ("grouped", r"node 0 \(conv, Conv\): group 2, dilations \[1, 1\]: only an ungrouped"),
+])
+def test_from_onnx_refuses_what_it_cannot_import_exactly(case, message):
+    from onnx import TensorProto, helper
+    from nncompare.interop import from_onnx
+    h, w = helper.make_node, {"w": np.ones((2, 2, 3, 3)), "w2": np.ones((2, 1, 3, 3))}
+    nodes = {
+        "loop": [h("Loop", ["n", "", "x"], ["y"], name="loop",
+                   body=helper.make_graph([], "body", [], []))],
+        "pads": [h("Conv", ["x", "w"], ["y"], name="conv", pads=[0, 0, 1, 0])],
+        "reshape": [h("Reshape", ["x", "s"], ["y"], name="reshape")],
+        "avg_pad": [h("AveragePool", ["x"], ["y"], name="pool", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                      count_include_pad=1)],
+        "grouped": [h("Conv", ["x", "w2"], ["y"], name="conv", group=2, pads=[1, 1, 1, 1])],
+    }[case]
+    inits = {**w, "s": np.array([0, 2, 36]), "n": np.array(1)}
+    onnx, _ = onnx_modules()
+    graph = helper.make_graph(nodes, "bad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [onnx.numpy_helper.from_array(v.astype(np.float32 if v.dtype.kind == "f" else v.dtype), k)
+                               for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(InteropError, match=message) as e:
+        from_onnx(model)
+    assert isinstance(e.value, SpecError) and "\n" not in str(e.value)
+
+
+def test_from_onnx_names_a_file_that_is_not_onnx(tmp_path):
+    onnx_modules()
+    from nncompare.interop import from_onnx
+    bad = tmp_path / "model.onnx"
+    bad.write_text("not a protobuf")
+    with pytest.raises(InteropError, match=r"model\.onnx: cannot read an ONNX model"):
+        from_onnx(bad)
+
+
+# --- the onnxruntime backend -----------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["every_kind", "residual_conv", "branches_same_pools", "dense_bn_sigmoid_head"])
+def test_onnxruntime_backend_matches_the_oracle(name, oracle):
+    require("onnxruntime")
+    spec = SPECS[name]
+    w = weights_with_state(spec)
+    report = compare(get_adapter("onnxruntime"), oracle, spec, checks=("logits",), weights=w)
+    assert report.ok(), report.describe("logits")
+    net, ref = get_adapter("onnxruntime").build(spec, weights=w), oracle.build(spec, weights=w)
+    x = inputs(spec.input_shape)
+    got, want = net.layer_outputs(x), ref.layer_outputs(x)
+    assert set(got) == set(want) and all(scaled_diff(got[k], want[k]) <= ORACLE_TOL for k in want)
+    assert scaled_diff(net.predict(x), ref.predict(x)) <= ORACLE_TOL
+
+
+def test_onnxruntime_backend_reexports_on_set_weights_and_does_not_train():
+    require("onnxruntime")
+    adapter = get_adapter("onnxruntime")
+    spec = zoo.get("digits_mlp")
+    net = adapter.build(spec)
+    x, y = sample_batch(spec, 4)
+    before = net.predict(x)
+    w = net.get_weights()
+    w["dense_1/bias"] = w["dense_1/bias"] + 1.0
+    net.set_weights(w)
+    assert np.allclose(net.logits(x), get_adapter("numpy").build(spec, weights=w).logits(x), atol=1e-5)
+    assert not np.allclose(net.predict(x), before)
+    for call in (lambda: net.train_step(x, y), lambda: net.loss_and_grads(x, y), lambda: net.fit(x, y)):
+        with pytest.raises(BackendError, match="runs inference only: it does not train"):
+            call()
+    loss, accuracy = net.evaluate(x, y)
+    assert np.isfinite(loss) and 0 <= accuracy <= 1
+    adapter.set_threads(1)
+    try:
+        assert adapter.build(spec).settings["intra_op_threads"] == 1
+    finally:
+        adapter._threads = None
+    with pytest.raises(BackendError, match="inputs: shape"):
+        net.predict(np.zeros((2, 3)))
+
+
+# --- from_torch --------------------------------------------------------------------------------------
+def torch_modules():
+    require("torch")
+    import torch
+    from torch import nn
+    import torch.nn.functional as F
+
+    def stats(bn):
+        """Random running statistics and affine parameters: an identity BatchNorm would hide a slip."""
+        g = torch.Generator().manual_seed(bn.num_features)
+        with torch.no_grad():
+            bn.running_mean.uniform_(-1, 1, generator=g)
+            bn.running_var.uniform_(0.5, 2, generator=g)
+            if bn.affine:
+                bn.weight.uniform_(0.5, 1.5, generator=g)
+                bn.bias.uniform_(-0.5, 0.5, generator=g)
+        return bn
+
+    class Block(nn.Module):
+        """A ResNet basic block; the shortcut projects when the shape changes."""
+
+        def __init__(self, c, o, stride):
+            super().__init__()
+            self.conv1 = nn.Conv2d(c, o, 3, stride, 1, bias=False)
+            self.bn1 = stats(nn.BatchNorm2d(o, momentum=0.2, eps=1e-3))
+            self.conv2 = nn.Conv2d(o, o, 3, 1, "same", bias=False)
+            self.bn2 = stats(nn.BatchNorm2d(o))
+            self.short = (nn.Sequential(nn.Conv2d(c, o, 1, stride, bias=False), stats(nn.BatchNorm2d(o)))
+                          if stride != 1 or c != o else nn.Identity())
+
+        def forward(self, x):
+            out = F.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+            out += self.short(x)
+            return out.relu()
+
+    class ResNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.b1, self.b2 = Block(8, 8, 1), Block(8, 16, 2)
+            self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(16, 5)
+
+        def forward(self, x):
+            x = F.max_pool2d(self.stem(x), 3, 2, 1)
+            return self.fc(torch.flatten(self.pool(self.b2(self.b1(x))), 1))
+
+    class Branches(nn.Module):
+        """Inception-style branches joined by torch.cat, a view-flatten, BatchNorm1d, a softmax head."""
+
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(2, 3, 1), nn.Conv2d(2, 4, (3, 2), padding="same")
+            self.p = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+            self.m = nn.MaxPool2d(2, ceil_mode=True)  # on 5 x 7: the spec's "same" (the odd cell bottom/right)
+            self.act, self.bn = nn.GELU(approximate="tanh"), stats(nn.BatchNorm1d(7 * 3 * 4))
+            self.fc, self.drop, self.head = nn.Linear(7 * 3 * 4 + 7, 3), nn.Dropout(0.3), nn.Softmax(dim=1)
+
+        def forward(self, x):
+            y = torch.cat([self.a(x), F.silu(self.b(self.p(x)))], dim=1)
+            z = self.m(self.act(y))
+            z = self.bn(z.view(z.size(0), -1))
+            return self.head(self.fc(self.drop(torch.cat([z, y.mean([2, 3])], 1))))
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(6, 8), nn.LeakyReLU(0.1), nn.Linear(8, 8), nn.ELU(),
+                                     stats(nn.BatchNorm1d(8, affine=False)), nn.Linear(8, 8), nn.Softplus(),
+                                     nn.Tanh(), nn.Linear(8, 1), nn.Sigmoid())
+
+        def forward(self, x):
+            return self.net(x)
+
+    torch.manual_seed(0)
+    return torch, {"resnet": (ResNet(), (3, 9, 9)), "branches": (Branches(), (2, 5, 7)), "mlp": (MLP(), (6,))}
+
+
+def torch_output(torch, module, x):
+    with torch.no_grad():
+        return module.eval()(torch.from_numpy(x)).numpy()
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")  # torch pads a copy: fine
+@pytest.mark.parametrize("name", ["resnet", "branches", "mlp"])
+def test_from_torch_computes_what_the_module_computes(name, oracle):
+    torch, modules = torch_modules()
+    from nncompare.interop import from_torch
+    module, shape = modules[name]
+    module.train()
+    spec, w = from_torch(module, shape)
+    assert all(m.training for m in module.modules())  # its modes are restored
+    x = inputs(shape, 4)
+    ref = torch_output(torch, module, x)
+    assert scaled_diff(oracle.build(spec, weights=w).predict(x), ref) <= ORACLE_TOL
+    assert scaled_diff(get_adapter("torch").build(spec, weights=w).predict(x), ref) <= FRAMEWORK_TOL
+
+
+def test_from_torch_carries_names_momentum_and_padding():
+    _, modules = torch_modules()
+    from nncompare.interop import from_torch
+    spec, _ = from_torch(*modules["resnet"])
+    layers = {l.name: l for l in spec.layers}
+    assert layers["b1_bn1"].momentum == pytest.approx(0.8) and layers["b1_bn1"].epsilon == 1e-3  # 1 - torch's
+    assert layers["b1_bn2"].momentum == pytest.approx(0.9) and layers["b1_bn2"].epsilon == 1e-5
+    assert layers["b1_conv2"].padding == "same" and layers["b1_conv1"].padding == 1
+    assert layers["max_pool2d"].padding == "same" and type(layers["pool"]).__name__ == "GlobalAveragePooling2D"
+    assert layers["add"].inputs == ("b1_bn2", "max_pool2d") and spec.output_shape == (5,)
+    spec, _ = from_torch(*modules["branches"])
+    assert [l.name for l in spec.layers][-3:] == ["drop", "fc", "head"] and spec.head == "softmax"
+
+
+@pytest.mark.parametrize("case,message", [
+    ("lstm", r"node 'lstm' \(call_module LSTM\): module LSTM is not supported \(supported: .*Conv2d"),
+    ("dilated", r"node 'conv' \(call_module Conv2d\): groups 1, dilation \(2, 2\)"),
+    ("avg_pad", r"node 'pool' \(call_module AvgPool2d\): count_include_pad=True averages padded zeros"),
+    ("max_pad", r"node 'pool' \(call_module MaxPool2d\): kernel \(2, 2\), stride \(2, 2\), padding \(1, 1\)"),
+    ("momentum", r"node 'bn' \(call_module BatchNorm1d\): momentum None"),
+    ("uneven", r"node 'conv' \(call_module Conv2d\): padding \(0, 1\)"),
+    ("constant", r"node 'add' \(call_function add\): an argument 1 is not a tensor"),
+    ("reshape", r"node 'view' \(call_method view\): reshape to \('batch', 2, 16\)"),
+    ("bad_shape", r"does not run on inputs of shape \(N, 3, 4, 4\)"),
+])
+def test_from_torch_refuses_what_it_cannot_import_exactly(case, message):
+    torch_modules()
+    from torch import nn
+    from nncompare.interop import from_torch
+
+    class Wrap(nn.Module):
+        def __init__(self, **mods):
+            super().__init__()
+            for k, v in mods.items():
+                setattr(self, k, v)
+
+    class LSTM(Wrap):
+        def forward(self, x):
+            return self.lstm(x)[0]
+
+    class One(Wrap):
+        def forward(self, x):
+            return next(iter(self.children()))(x)
+
+    class AddOne(nn.Module):
+        def forward(self, x):
+            return x + 1
+
+    class Reshape(nn.Module):
+        def forward(self, x):
+            return x.view(x.size(0), 2, 16)
+
+    module, shape = {
+        "lstm": (LSTM(lstm=nn.LSTM(4, 4)), (4,)),
+        "dilated": (One(conv=nn.Conv2d(2, 2, 3, dilation=2)), (2, 8, 8)),
+        "avg_pad": (One(pool=nn.AvgPool2d(3, 1, 1)), (2, 6, 6)),
+        "max_pad": (One(pool=nn.MaxPool2d(2, 2, 1)), (2, 6, 6)),
+        "momentum": (One(bn=nn.BatchNorm1d(4, momentum=None)), (4,)),
+        "uneven": (One(conv=nn.Conv2d(2, 2, 3, padding=(0, 1))), (2, 6, 6)),
+        "constant": (AddOne(), (4,)),
+        "reshape": (Reshape(), (2, 4, 4)),
+        "bad_shape": (One(conv=nn.Conv2d(2, 2, 3)), (3, 4, 4)),
+    }[case]
+    with pytest.raises(InteropError, match=message) as e:
+        from_torch(module, shape)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+def test_torch_same_padding_is_the_specs_for_odd_and_even_kernels(oracle):
+    """torch's padding="same" (stride 1) pads k - 1 cells with the odd one after: TensorFlow's split."""
+    torch, _ = torch_modules()
+    from torch import nn
+    from nncompare.interop import from_torch
+    for k in ((2, 3), (4, 4), (3, 1)):
+        module = nn.Sequential(nn.Conv2d(2, 3, k, padding="same"), nn.Flatten())
+        spec, w = from_torch(module, (2, 5, 6))
+        assert spec.layers[0].padding == "same"
+        x = inputs((2, 5, 6))
+        assert scaled_diff(oracle.build(spec, weights=w).predict(x), torch_output(torch, module, x)) <= ORACLE_TOL
+
+
+# --- from_keras --------------------------------------------------------------------------------------
+def keras_module():
+    require("keras")
+    get_adapter("keras")  # chooses Keras' engine (TensorFlow) before keras is first imported
+    import keras
+    return keras
+
+
+def keras_models(keras):
+    L = keras.layers
+    keras.utils.set_random_seed(0)
+    i = keras.Input((7, 6, 3))
+    a = L.Conv2D(4, 3, strides=2, padding="same", activation="relu", name="c1")(i)
+    b = L.Conv2D(4, (1, 3), strides=2, padding="same", use_bias=False, name="c2")(i)
+    b = L.BatchNormalization(scale=False, name="bn_img")(b)
+    s = L.LeakyReLU(name="lrelu")(L.Add(name="sum")([a, b]))
+    c = L.Concatenate(name="cat")([L.MaxPooling2D(2, strides=1, padding="same")(s), L.Activation("gelu")(s)])
+    p = L.AveragePooling2D(3, strides=2, padding="same")(s)
+    f = L.Concatenate(name="flat_cat")([L.Flatten()(c), L.Flatten()(p), L.GlobalAveragePooling2D()(c)])
+    f = L.Dropout(0.3)(L.BatchNormalization(center=False, momentum=0.9, epsilon=1e-4, name="bn_flat")(f))
+    o = L.Softmax(name="head")(L.Dense(3, name="logits")(L.Dense(6, activation="swish", name="fc")(f)))
+    functional = keras.Model(i, o, name="functional_net")
+    sequential = keras.Sequential([keras.Input((8, 8, 1)), L.Conv2D(3, 3, activation="elu"), L.ReLU(negative_slope=0.1),
+                                   L.MaxPooling2D(), L.Flatten(), L.BatchNormalization(),
+                                   L.Dense(5, activation="tanh"), L.Dense(1, activation="sigmoid")], name="seq_net")
+    mlp = keras.Sequential([keras.Input((5,)), L.Dense(7, activation="gelu"), L.ELU(), L.Identity(),
+                            L.Dense(4, activation="softmax")], name="mlp")
+    rng = np.random.default_rng(1)
+    for model in (functional, sequential):
+        for layer in model.layers:
+            if isinstance(layer, L.BatchNormalization):
+                for v in (layer.moving_mean, layer.moving_variance, layer.gamma, layer.beta):
+                    if v is not None:
+                        v.assign(rng.uniform(0.5, 2.0, v.shape))
+    return {"functional": functional, "sequential": sequential, "mlp": mlp}
+
+
+def keras_output(model, x):
+    return model.predict(x.transpose(0, 2, 3, 1) if x.ndim == 4 else x, verbose=0)
+
+
+@pytest.mark.parametrize("name", ["functional", "sequential", "mlp"])
+def test_from_keras_computes_what_the_model_computes(name, oracle):
+    keras = keras_module()
+    from nncompare.interop import from_keras
+    model = keras_models(keras)[name]
+    spec, w = from_keras(model)
+    x = inputs(spec.input_shape, 4)
+    ref = keras_output(model, x)
+    assert scaled_diff(oracle.build(spec, weights=w).predict(x), ref) <= ORACLE_TOL
+    assert scaled_diff(get_adapter("keras").build(spec, weights=w).predict(x), ref) <= FRAMEWORK_TOL
+
+
+def test_from_keras_converts_layouts_and_folds_what_is_foldable():
+    keras = keras_module()
+    from nncompare.interop import from_keras
+    models = keras_models(keras)
+    spec, w = from_keras(models["functional"])
+    layers = {l.name: l for l in spec.layers}
+    assert spec.input_shape == (3, 7, 6) and spec.name == "functional_net"
+    c1 = models["functional"].get_layer("c1").kernel.numpy()
+    assert np.array_equal(w["c1/kernel"], c1.transpose(3, 2, 0, 1))  # HWIO -> OIHW
+    assert layers["c1"].activation == "relu" and layers["lrelu"].activation == "leaky_relu(0.3)"  # Keras' 0.3
+    assert np.array_equal(w["bn_img/gamma"], np.ones(4)) and not w["bn_flat/beta"].any()
+    assert layers["bn_flat"].momentum == 0.9 and layers["bn_flat"].epsilon == 1e-4
+    assert layers["fc"].activation == "silu" and layers["head"].activation == "softmax" and spec.head == "softmax"
+    mlp = from_keras(models["mlp"])[0]
+    assert "input_layer" not in layers and [type(l).__name__ for l in mlp.layers] == ["Dense", "Activation", "Dense"]
+
+
+def test_from_keras_reads_a_keras_file(tmp_path, oracle):
+    keras = keras_module()
+    from nncompare.interop import from_keras
+    model = keras_models(keras)["sequential"]
+    model.save(tmp_path / "seq.keras")
+    spec, w = from_keras(tmp_path / "seq.keras")
+    x = inputs(spec.input_shape)
+    assert scaled_diff(oracle.build(spec, weights=w).predict(x), keras_output(model, x)) <= ORACLE_TOL
+    with pytest.raises(InteropError, match=r"missing\.keras: cannot load a Keras model"):
+        from_keras(tmp_path / "missing.keras")
+
+
+@pytest.mark.parametrize("case,message", [
+    ("lambda", r"layer 'double' \(Lambda\): layer type Lambda is not supported \(supported: .*Conv2D"),
+    ("relu6", r"layer 'relu6' \(ReLU\): max_value and threshold are not supported"),
+    ("dilated", r"layer 'conv' \(Conv2D\): dilation_rate \(2, 2\)"),
+    ("output_order", r"its output is a flattened channels-last image"),
+    ("activation", r"layer 'dense' \(Dense\): activation 'selu' is not supported"),
+])
+def test_from_keras_refuses_what_it_cannot_import_exactly(case, message):
+    keras = keras_module()
+    from nncompare.interop import from_keras
+    L = keras.layers
+    stack = {
+        "lambda": [keras.Input((4,)), L.Lambda(lambda t: 2 * t, name="double"), L.Dense(2)],
+        "relu6": [keras.Input((4,)), L.ReLU(max_value=6, name="relu6")],
+        "dilated": [keras.Input((8, 8, 2)), L.Conv2D(2, 3, dilation_rate=2, name="conv")],
+        "output_order": [keras.Input((2, 2, 3)), L.Flatten()],
+        "activation": [keras.Input((4,)), L.Dense(2, activation="selu", name="dense")],
+    }[case]
+    with pytest.raises(InteropError, match=message) as e:
+        from_keras(keras.Sequential(stack))
+    assert "\n" not in str(e.value)
+
+
+# --- imported models in every framework ---------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "keras", "mxnet", "onnxruntime"])
+def test_an_imported_network_runs_alike_in_every_framework(backend):
+    """The torch ResNet, imported, predicts what torch predicts in each adapter (1e-3 of scale)."""
+    torch, modules = torch_modules()
+    require(backend)
+    from nncompare.interop import from_torch
+    module, shape = modules["resnet"]
+    spec, w = from_torch(module, shape)
+    x = inputs(shape, 4)
+    got = get_adapter(backend).build(spec, weights=w).predict(x)
+    assert scaled_diff(got, torch_output(torch, module, x)) <= FRAMEWORK_TOL
