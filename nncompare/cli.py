@@ -268,7 +268,8 @@ def cmd_run(args) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     models = load_models(args.models)
-    check_batches(models, args.batch_sizes, args.executor)
+    batch_sizes = list(dict.fromkeys(args.batch_sizes))  # 8 and 08 are one cell, run once
+    check_batches(models, batch_sizes, args.executor)
     backends = checked_backends(args, default_backends())
     if args.baseline not in names():
         raise UsageError(f"unknown baseline {args.baseline!r} (known: {', '.join(names())})")
@@ -287,7 +288,7 @@ def cmd_run(args) -> int:
     modes = (False, True) if args.compile else (False,)
     tasks = [Task("measure", device=d, threads=t, backend=b, model_name=label, spec=spec.to_dict(), batch_size=bs,
                   optimizer=opt_task, steps=args.steps, repeats=args.repeats, warmup=args.warmup, compile=c)
-             for label, spec, _ in models for d in devices for bs in args.batch_sizes for t in threads
+             for label, spec, _ in models for d in devices for bs in batch_sizes for t in threads
              for b in backends for c in modes
              if (b != "numpy" or d == "cpu" and (args.backends or reference_is_quick(spec, bs, args)))
              and (not c or b in COMPILERS)]

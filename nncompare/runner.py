@@ -98,6 +98,9 @@ def check_target(path: str, what: str = "output") -> None:
         raise UsageError(f"will not write over {short(path)}: it is not a regular file")
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise UsageError(f"will not write over {short(path)}: it is read-only")
+    if os.path.exists(path) and _locked(path):
+        raise UsageError(f"another run is writing these results: a running compare.py holds {short(path)}; wait "
+                         "for it to finish, or write to another file")
     parent = os.path.dirname(path) or "."
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"cannot write {short(path)}: folder {short(parent)} does not exist or is not writable")
@@ -115,6 +118,21 @@ def check_target(path: str, what: str = "output") -> None:
         raise UsageError(f"cannot write {short(path)}: {e.strerror or e} in folder {short(parent)}") from None
     os.close(fd)
     os.unlink(tmp)
+
+
+def _locked(path: str) -> bool:
+    """Whether another process holds a lock on the regular file `path` (a running sweep's journal)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def open_input(path: str, what: str) -> int:

@@ -167,3 +167,10 @@ def test_a_command_line_with_no_cell_to_run_is_bad_input(command, monkeypatch, c
     err = capsys.readouterr().err
     assert code == 2 and "nothing to run: the numpy reference runs on the CPU only" in err, err
     assert list(tmp_path.iterdir()) == []  # no results, no journal
+
+
+def test_one_batch_size_written_twice_is_one_cell(tmp_path):
+    log = tmp_path / "cells.log"
+    out = cli("run", "--models", "perceptron", *FAST, "--batch-sizes", "8", "08", " 8", env={"NNCOMPARE_CELL_LOG": str(log)})
+    assert out.returncode == 0, out.stderr
+    assert [l.split()[3] for l in log.read_text().splitlines() if l.startswith("measure")] == ["8"]

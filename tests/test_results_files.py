@@ -199,8 +199,10 @@ def test_a_second_run_on_the_same_results_is_refused_while_the_first_holds_them(
         one_line_exit_2(second, "another run is writing these results")
         second = run("run", "--models", "digits_mlp", *FAST, "--json", str(tmp_path / "b.json"), "--csv", str(csv),
                      timeout=60)
-        one_line_exit_2(second, "another run is writing these results (it holds the journal")
+        one_line_exit_2(second, "another run is writing these results")
         assert not (tmp_path / "b.json.journal").exists()
+        second = run("run", "--models", "digits_mlp", *FAST, "--json", str(tmp_path / "r.json.journal"), timeout=60)
+        one_line_exit_2(second, f"a running compare.py holds '{tmp_path / 'r.json.journal'}'")
         assert log.read_text().count("measure") == 1  # the second run started no cell
         # the lock dies with its holder, even killed outright: a journal with no finished cell blocks nothing
         first.send_signal(signal.SIGKILL)
