@@ -168,7 +168,8 @@ def plan_outputs(args, inputs: list[str], rows_key: str) -> tuple[Journal | None
     bad = {k: p for k, p in ((k, problem(r)) for k, r in finished.items()) if p}
     if bad:
         n = len(bad)
-        print(f"note: --resume: {n} finished row{'s' * (n > 1)} of {short(base)} not valid ({next(iter(bad.values()))}"
+        print(f"note: --resume: {n} finished row{'s' * (n > 1)} of {short(base)} {'are' if n > 1 else 'is'} not valid "
+              f"({next(iter(bad.values()))}"
               f"{', ...' * (n > 1)}): {'their cells run' if n > 1 else 'its cell runs'} again", file=sys.stderr)
     journal.fresh = not args.resume
     return journal, {k: r for k, r in finished.items() if k not in bad}
