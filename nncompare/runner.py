@@ -165,11 +165,19 @@ def _bounded_int(text: str) -> int:
     return int(text)
 
 
+def _unique_keys(pairs: list[tuple]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) < len(keys):  # which value counts would be a guess: a row written twice over, or forged
+        twice = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"duplicate key {twice[:40]!r} in one object")
+    return dict(pairs)
+
+
 def parse_json(text: str):
     """Strict-enough JSON for files from elsewhere: a ValueError (never a RecursionError or an integer too large
-    for a float) for what no results file holds."""
+    for a float) for what no results file holds, duplicate keys included."""
     try:
-        return json.loads(text, parse_int=_bounded_int)
+        return json.loads(text, parse_int=_bounded_int, object_pairs_hook=_unique_keys)
     except RecursionError:
         raise ValueError("nested too deeply") from None
 

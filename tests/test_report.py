@@ -201,3 +201,11 @@ def test_chart_labels_from_results_files_are_plain_text(tmp_path):
 def test_a_results_file_without_rows_says_so(tmp_path):
     out = cli("report", save(tmp_path / "r.json", "h", []))
     assert out.returncode == 0 and out.stdout.startswith("no rows in ") and "Ratios" not in out.stdout
+
+
+def test_a_row_with_a_key_written_twice_is_refused(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text('{"host": "h", "rows": [{"model": "mlp", "backend": "torch", "device": "cpu", "batch_size": 64, '
+                    '"threads": 1, "train_samples_s": 1.0, "train_samples_s": 1e9}]}')
+    out = cli("report", str(path))
+    assert out.returncode == 2 and "duplicate key 'train_samples_s' in one object" in out.stderr, out.stderr
