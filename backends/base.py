@@ -243,6 +243,17 @@ def as_labels(spec: ModelSpec, y: Any, n: int | None = None) -> np.ndarray:
     return a.astype(np.int64)
 
 
+def converter(table: Mapping, info, backend: str, error: type[Exception] = BackendError):
+    """`backend`'s converter for the layer kind of `info` (a LayerInfo), or one error naming the kind, the layer
+    and the kinds the backend converts: the one lookup every backend's graph walk makes."""
+    convert = table.get(type(info.layer))
+    if convert is None:
+        known = ", ".join(sorted(cls.kind for cls in table))
+        raise error(f"{backend}: no converter for layer kind {info.layer.kind!r} (layer {info.index}, {info.name!r}); "
+                    f"it converts {known}")
+    return convert
+
+
 def _guard_set_weights(impl):
     @functools.wraps(impl)
     def set_weights(self, weights):

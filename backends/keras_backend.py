@@ -24,7 +24,7 @@ from ..models import (INPUT, Activation, Add, AvgPool2D, BatchNorm, Concatenate,
                       Flatten, GlobalAveragePooling2D, MaxPool2D)
 from ..models.spec import parse_activation  # noqa: E402
 
-from .base import Adam, Adapter, BackendError, SGD, as_inputs, cpu_name, gpu_index  # noqa: E402
+from .base import Adam, Adapter, BackendError, SGD, as_inputs, converter, cpu_name, gpu_index  # noqa: E402
 
 ENGINE = keras.backend.backend()
 if ENGINE == "tensorflow":
@@ -225,6 +225,23 @@ def _perm_or_identity(perm, size: int) -> np.ndarray:
     return np.arange(size) if perm is None else perm
 
 
+def _flat_order(order: str, info, in_perms: list) -> np.ndarray | None:
+    """The flat order of a node's output (None: canonical, or an image) from its kind's flat_order trait."""
+    if len(info.out_shape) == 3 or order == "new":
+        return None
+    if order == "flatten":
+        return _hwc_order(info.in_shape) if len(info.in_shape) == 3 else in_perms[0]
+    if order == "concatenate":
+        if all(p is None for p in in_perms):
+            return None
+        offsets = np.cumsum([0] + [s[0] for s in info.in_shapes])
+        return np.concatenate([_perm_or_identity(p, s[0]) + o for p, s, o in zip(in_perms, info.in_shapes, offsets)])
+    if order in ("elementwise", "merge"):  # a merge's inputs were reordered into its first input's order
+        return in_perms[0]
+    raise BackendError(f"layer kind {info.layer.kind!r} (layer {info.index}, {info.name!r}): flat order trait "
+                       f"{order!r} is unknown to the Keras backend")
+
+
 def _same_perm(a, b) -> bool:
     return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
 
@@ -296,9 +313,10 @@ class _KerasAdapter(Adapter):
         perms, params = {INPUT: None}, {}
         for info in self.infos:
             layer = info.layer
-            call, bindings = CONVERTERS[type(layer)](layer, info)
+            call, bindings = converter(CONVERTERS, info, self.name)(layer, info)
             xs, in_perms = [tensors[n] for n in info.inputs], [perms[n] for n in info.inputs]
-            if isinstance(layer, Add) and any(not _same_perm(p, in_perms[0]) for p in in_perms):
+            order = type(layer).flat_order
+            if order == "merge" and any(not _same_perm(p, in_perms[0]) for p in in_perms):
                 # Inputs flattened in different orders: reorder each into the first input's order.
                 size = info.in_shapes[0][0]
                 target = _perm_or_identity(in_perms[0], size)
@@ -311,16 +329,7 @@ class _KerasAdapter(Adapter):
                 for core, attr, _ in bindings.values():
                     setattr(core, f"{attr}_initializer", keras.initializers.Zeros())
             tensors[info.name] = call(xs)
-            if isinstance(layer, (Dense, GlobalAveragePooling2D)) or len(info.out_shape) == 3:
-                perms[info.name] = None
-            elif isinstance(layer, Flatten) and len(info.in_shape) == 3:
-                perms[info.name] = _hwc_order(info.in_shape)
-            elif isinstance(layer, Concatenate) and any(p is not None for p in in_perms):
-                offsets = np.cumsum([0] + [s[0] for s in info.in_shapes])
-                perms[info.name] = np.concatenate([_perm_or_identity(p, s[0]) + o
-                                                   for p, s, o in zip(in_perms, info.in_shapes, offsets)])
-            else:  # elementwise (activation, dropout, BatchNorm, Add): the order of its first input
-                perms[info.name] = in_perms[0]
+            perms[info.name] = _flat_order(order, info, in_perms)
             for key, (core, attr, kind) in bindings.items():
                 params[f"{info.name}/{key}"] = (getattr(core, attr), kind == "conv",
                                                 in_perms[0] if kind == "rows" else None)

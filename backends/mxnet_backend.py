@@ -46,7 +46,7 @@ from mxnet.gluon import nn  # noqa: E402
 from ..models.spec import (INPUT, Activation, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense,  # noqa: E402
                            Dropout, Flatten, GlobalAveragePooling2D, MaxPool2D, parse_activation)
 
-from .base import Adam, Adapter, BackendError, SGD, _check_int, as_inputs, gpu_index  # noqa: E402
+from .base import Adam, Adapter, BackendError, SGD, _check_int, as_inputs, converter, gpu_index  # noqa: E402
 
 HYBRIDIZE = {"static_alloc": True, "static_shape": True}  # static_shape still re-plans for other batch sizes
 
@@ -385,11 +385,7 @@ class MXNetAdapter(Adapter):
         self.native = _Graph()
         with self.native.name_scope():
             for info in self.infos:
-                convert = CONVERTERS.get(type(info.layer))
-                if convert is None:
-                    raise BackendError(f"mxnet backend: no converter for layer {info.index} ({info.name}) "
-                                       f"of kind {type(info.layer).__name__}")
-                block, params = convert(info.layer, info)
+                block, params = converter(CONVERTERS, info, "mxnet")(info.layer, info)
                 self.native.add_node(info.name, block, info.inputs)
                 self._params.update({f"{info.name}/{k}": p for k, p in params.items()})
         self.native.initialize(ctx=self.ctx)  # gluon's default init; canonical weights are set after

@@ -13,7 +13,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from ..models import (INPUT, Activation, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense, Dropout, Flatten,
                       GlobalAveragePooling2D, MaxPool2D, init_weights, parse_activation)
 
-from .base import Adam, Adapter, BackendError, SGD, as_inputs, loss_and_dlogits, parse_device
+from .base import Adam, Adapter, BackendError, SGD, as_inputs, converter, loss_and_dlogits, parse_device
 
 _SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
 _ERF = np.frompyfunc(math.erf, 1, 1)
@@ -320,7 +320,7 @@ class NumpyAdapter(Adapter):
         if kind != "cpu":
             raise BackendError(f"numpy backend runs on cpu only, not {self.device!r} (devices: cpu)")
         self.rng = np.random.default_rng(0)
-        self.nodes = [CONVERTERS[type(info.layer)](info, self.rng) for info in self.spec.logits_infos()]
+        self.nodes = [converter(CONVERTERS, info, "numpy")(info, self.rng) for info in self.spec.logits_infos()]
         self.w = {k: v.astype(np.float64) for k, v in init_weights(self.spec).items()}  # its "native" init
         self.native = self
 

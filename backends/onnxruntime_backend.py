@@ -11,7 +11,7 @@ import onnxruntime as ort
 from ..interop.onnx_export import CONVERTERS, OPSET, build  # CONVERTERS: every layer kind's ONNX nodes
 from ..models import INPUT, init_weights
 
-from .base import Adapter, BackendError, as_inputs, cpu_name, gpu_index
+from .base import Adapter, BackendError, as_inputs, converter, cpu_name, gpu_index
 
 __all__ = ["CONVERTERS", "OnnxRuntimeAdapter"]
 _NO_TRAINING = ("the onnxruntime backend runs inference only: it does not train (no loss_and_grads, train_step "
@@ -57,6 +57,8 @@ class OnnxRuntimeAdapter(Adapter):
         self._providers = ["CPUExecutionProvider"] if self._gpu is None else [
             ("CUDAExecutionProvider", {"device_id": self._gpu}), "CPUExecutionProvider"]
         self._infos = self.spec.logits_infos()
+        for info in self.spec.infos:  # refused here, as every backend does, not deep inside the export
+            converter(CONVERTERS, info, "onnxruntime")
         self._all = None  # the session with every layer's output, made on first use
         # there is no framework initialisation to keep: init="native" gets the canonical seeded init
         self._load(init_weights(self.spec, 0))

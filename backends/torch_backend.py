@@ -12,7 +12,7 @@ from torch import nn
 from ..models.spec import (INPUT, Activation, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense, Dropout,
                            Flatten, GlobalAveragePooling2D, MaxPool2D, parse_activation)
 
-from .base import Adam, Adapter, BackendError, SGD, as_inputs, gpu_index
+from .base import Adam, Adapter, BackendError, SGD, as_inputs, converter, gpu_index
 
 # channels_last memory format, per device type. CPU, measured (interleaved A/B, CPU seconds of 1 thread on the
 # shared 2-core machine): cifar_cnn b64 +27% (364 -> 462 samples/s), lenet5 b64 +7% (noise-level). Not used: its
@@ -267,11 +267,7 @@ class TorchAdapter(Adapter):
         self._params = {}  # canonical key -> (getter of the native tensor, whether it is a transposed Dense kernel)
         nodes = []
         for info in self.infos:
-            convert = CONVERTERS.get(type(info.layer))
-            if convert is None:
-                raise BackendError(f"torch backend: no converter for layer {info.index} ({info.name}) "
-                                   f"of kind {type(info.layer).__name__}")
-            module, params = convert(info.layer, info)
+            module, params = converter(CONVERTERS, info, "torch")(info.layer, info)
             nodes.append((info.name, module, info.inputs))
             self._params.update({f"{info.name}/{k}": b for k, b in params.items()})
         self.native = Graph(nodes).to(self.dev, memory_format=self._format)

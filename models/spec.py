@@ -168,19 +168,44 @@ def _activation_flops(activation: str, elements: int) -> int:
     return _ACT_FLOPS[parse_activation(activation)[0]] * elements
 
 
+# How a layer kind maps a flattened feature order: what a backend that flattens images in its own layout
+# (Keras' channels-last) must know to keep every later layer's weights in canonical order.
+#   elementwise  each output feature is its input's feature at the same place (Activation, Dropout, BatchNorm)
+#   merge        inputs combined feature by feature: they must share one order, the first input's (Add)
+#   concatenate  its inputs' orders one after another (Concatenate)
+#   flatten      an image becomes flat in the backend's own layout order (Flatten)
+#   new          outputs in a fresh canonical order, or an image (Dense, Conv2D, pools, global pooling)
+FLAT_ORDERS = ("elementwise", "merge", "concatenate", "flatten", "new")
+# Every layer kind, by its JSON "type" tag: a kind registers itself when its class is defined.
+LAYER_KINDS: dict[str, type["Layer"]] = {}
+
+
 @dataclass(frozen=True)
 class Layer:
-    """Base of every layer kind; `kind` is the JSON "type" tag.
+    """Base of every layer kind; `kind` is the JSON "type" tag, `flat_order` its trait in FLAT_ORDERS.
 
     `inputs`: the names of the layers (or INPUT) this layer reads; None means the previous layer
     (the model input for layer 0). Single-input kinds take exactly one, merge kinds (Add, Concatenate) two or more.
     """
 
     kind: ClassVar[str] = ""
+    flat_order: ClassVar[str] = ""
     merges: ClassVar[bool] = False  # takes >= 2 inputs
     size_field: ClassVar[str] = "name"  # the field blamed for an output too large to fit
     name: str | None = field(default=None, kw_only=True)
     inputs: tuple[str, ...] | None = field(default=None, kw_only=True, metadata=_OMIT_DEFAULT)
+
+    def __init_subclass__(cls, **kwargs):
+        """Register a concrete kind (one that sets its own `kind`); refuse a trait no backend knows."""
+        super().__init_subclass__(**kwargs)
+        if "kind" not in cls.__dict__:
+            return  # a shared base such as the pools'
+        if cls.flat_order not in FLAT_ORDERS:
+            raise TypeError(f"layer kind {cls.kind!r}: flat_order must be one of {', '.join(FLAT_ORDERS)}, "
+                            f"got {cls.flat_order!r}")
+        if not isinstance(cls.kind, str) or not cls.kind or LAYER_KINDS.get(cls.kind, cls).__name__ != cls.__name__:
+            raise TypeError(f"layer kind {cls.kind!r} of {cls.__name__}: the kind must be a new, non-empty name")
+        LAYER_KINDS[cls.kind] = cls
 
     def __post_init__(self):
         if isinstance(self.inputs, list):
@@ -214,6 +239,7 @@ class Layer:
 @dataclass(frozen=True)
 class Dense(Layer):
     kind: ClassVar[str] = "dense"
+    flat_order: ClassVar[str] = "new"
     size_field: ClassVar[str] = "units"
     units: int
     activation: str = "linear"
@@ -237,6 +263,7 @@ class Conv2D(Layer):
     """2-D convolution, canonical kernel (out, in, kh, kw); use_bias=False for a conv before BatchNorm."""
 
     kind: ClassVar[str] = "conv2d"
+    flat_order: ClassVar[str] = "new"
     size_field: ClassVar[str] = "filters"
     filters: int
     kernel_size: int | tuple[int, int] = 3
@@ -290,6 +317,7 @@ class _Pool(Layer):
     """Pooling; "same" padding is TensorFlow's (output ceil(H/s)): max ignores padded cells and the average
     excludes them from its count."""
 
+    flat_order: ClassVar[str] = "new"
     size_field: ClassVar[str] = "pool_size"
     pool_size: int | tuple[int, int] = 2
     strides: int | tuple[int, int] | None = None
@@ -345,6 +373,7 @@ class GlobalAveragePooling2D(Layer):
     """Mean over the spatial dimensions: (C, H, W) -> (C,)."""
 
     kind: ClassVar[str] = "globalavgpool2d"
+    flat_order: ClassVar[str] = "new"
 
     def check(self, in_shape):
         c, _, _ = _image(in_shape, "inputs", "GlobalAveragePooling2D")
@@ -357,6 +386,7 @@ class GlobalAveragePooling2D(Layer):
 @dataclass(frozen=True)
 class Flatten(Layer):
     kind: ClassVar[str] = "flatten"
+    flat_order: ClassVar[str] = "flatten"
 
     def check(self, in_shape):
         return (math.prod(in_shape),)
@@ -365,6 +395,7 @@ class Flatten(Layer):
 @dataclass(frozen=True)
 class Activation(Layer):
     kind: ClassVar[str] = "activation"
+    flat_order: ClassVar[str] = "elementwise"
     activation: str = "relu"
 
     def check(self, in_shape):
@@ -378,6 +409,7 @@ class Activation(Layer):
 @dataclass(frozen=True)
 class Dropout(Layer):
     kind: ClassVar[str] = "dropout"
+    flat_order: ClassVar[str] = "elementwise"
     rate: float = 0.5
 
     def check(self, in_shape):
@@ -394,6 +426,7 @@ class BatchNorm(Layer):
     """
 
     kind: ClassVar[str] = "batchnorm"
+    flat_order: ClassVar[str] = "elementwise"
     momentum: float = 0.99
     epsilon: float = 1e-3
 
@@ -422,6 +455,7 @@ class Add(Layer):
     """Elementwise sum of two or more inputs of equal shape (a residual connection)."""
 
     kind: ClassVar[str] = "add"
+    flat_order: ClassVar[str] = "merge"
     merges: ClassVar[bool] = True
 
     def check_inputs(self, in_shapes, names):
@@ -440,6 +474,7 @@ class Concatenate(Layer):
     """Concatenation of two or more inputs along canonical axis 1: channels of (C, H, W), features of flat."""
 
     kind: ClassVar[str] = "concatenate"
+    flat_order: ClassVar[str] = "concatenate"
     merges: ClassVar[bool] = True
 
     def check_inputs(self, in_shapes, names):
@@ -454,10 +489,6 @@ class Concatenate(Layer):
         return (sum(s[0] for s in in_shapes),) + first[1:]
 
 
-LAYER_KINDS: dict[str, type[Layer]] = {
-    cls.kind: cls for cls in (Dense, Conv2D, MaxPool2D, AvgPool2D, Flatten, Activation, Dropout, BatchNorm,
-                              Add, Concatenate, GlobalAveragePooling2D)
-}
 
 
 def _bytes(elements: int) -> str:

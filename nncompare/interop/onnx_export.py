@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..backends.base import converter
 from ..models import (INPUT, Activation, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense, Dropout, Flatten,
                       GlobalAveragePooling2D, MaxPool2D, ModelSpec, parse_activation)
 
@@ -155,7 +156,7 @@ def build(spec: ModelSpec, weights: dict, infos=None, outputs: tuple[str, ...] |
     infos = spec.infos if infos is None else infos
     g = _Graph(weights)
     for info in infos:
-        CONVERTERS[type(info.layer)](g, info, info.inputs)
+        converter(CONVERTERS, info, "ONNX export", InteropError)(g, info, info.inputs)
     shapes = {i.name: i.out_shape for i in infos}
     outputs = (infos[-1].name,) if outputs is None else outputs
     graph = helper.make_graph(g.nodes, spec.name, [_value_info(INPUT, spec.input_shape)],
