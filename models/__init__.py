@@ -1,9 +1,10 @@
 """Framework-neutral model specs and the zoo. Importing this package imports no deep-learning framework."""
 from . import zoo
 from .init import init_weights
-from .spec import (ACTIVATIONS, INPUT, LAYER_KINDS, Activation, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense,
-                   Dropout, Flatten, GlobalAveragePooling2D, Layer, LayerInfo, MaxPool2D, ModelSpec, SpecError,
-                   parse_activation, same_padding)
+from .spec import (ACTIVATIONS, INPUT, LAYER_KINDS, Activation, AdaptiveAvgPool2D, Add, AvgPool2D, BatchNorm,
+                   Concatenate, Conv2D, Dense, Dropout, Flatten, GlobalAveragePooling2D, Layer, LayerInfo,
+                   LayerNormalization, MaxPool2D, ModelSpec, Multiply, Normalization, Rescaling, SpecError,
+                   ZeroPadding2D, adaptive_bins, parse_activation, pool_output_size, same_padding)
 
 
 def resolve(name_or_path: str) -> ModelSpec:
@@ -16,6 +17,8 @@ def resolve(name_or_path: str) -> ModelSpec:
                     f"nor a .json spec file")
 
 
-__all__ = ["ACTIVATIONS", "INPUT", "LAYER_KINDS", "Activation", "Add", "AvgPool2D", "BatchNorm", "Concatenate", "Conv2D",
-           "Dense", "Dropout", "Flatten", "GlobalAveragePooling2D", "Layer", "LayerInfo", "MaxPool2D", "ModelSpec",
-           "SpecError", "init_weights", "parse_activation", "resolve", "same_padding", "zoo"]
+__all__ = ["ACTIVATIONS", "INPUT", "LAYER_KINDS", "Activation", "AdaptiveAvgPool2D", "Add", "AvgPool2D", "BatchNorm",
+           "Concatenate", "Conv2D", "Dense", "Dropout", "Flatten", "GlobalAveragePooling2D", "Layer", "LayerInfo",
+           "LayerNormalization", "MaxPool2D", "ModelSpec", "Multiply", "Normalization", "Rescaling", "SpecError",
+           "ZeroPadding2D", "adaptive_bins", "init_weights", "parse_activation", "pool_output_size", "resolve",
+           "same_padding", "zoo"]

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh", "softmax", "leaky_relu", "elu", "softplus", "silu", "gelu",
-               "gelu_tanh")
+               "gelu_tanh", "relu6", "hard_sigmoid", "hard_swish")
 HEADS = ("softmax", "sigmoid")  # output activations the loss folds into its logits
-NON_TRAINABLE = ("moving_mean", "moving_var")
+NON_TRAINABLE = ("moving_mean", "moving_var", "mean", "variance")  # BatchNorm's and Normalization's statistics
 INPUT = "input"  # reserved name addressing the model input in `inputs`
 LEAKY_RELU_SLOPE = 0.2  # plain "leaky_relu": Keras 3's default (PyTorch's default is 0.01: a trap)
 ELU_ALPHA = 1.0
@@ -42,6 +42,7 @@ MIN_SLOPE, MAX_SLOPE = 1e-30, 1e38  # a leaky_relu slope other than 0: a normal 
 # A smaller BatchNorm epsilon sends float32 rounding through 1/sqrt(epsilon) in a (near-)constant channel: a batch
 # of one at 1e-7 puts torch 3.6e-4 off the float64 oracle, at 1e-20 its loss 100 % off. cuDNN's minimum, too.
 MIN_BN_EPSILON = 1e-5
+NORMALIZATION_EPSILON = 1e-7  # Normalization divides by max(sqrt(variance), this): Keras 3's backend epsilon
 _OMIT_DEFAULT = {"omit_default": True}  # fields added after v1: left out of JSON at their default
 
 
@@ -107,9 +108,51 @@ def _unit_interval(value: Any, field_name: str) -> float:
     return value
 
 
+def _number(value: Any, field_name: str, what: str = "a number") -> float:
+    """A finite int or float that float32 holds (|value| at most 1e38)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -MAX_SLOPE <= value <= MAX_SLOPE:
+        raise _FieldError(field_name, f"must be {what} between {-MAX_SLOPE:g} and {MAX_SLOPE:g}, got {_short(value)}")
+    return value
+
+
+def _bool(value: Any, field_name: str) -> bool:
+    if not isinstance(value, bool):
+        raise _FieldError(field_name, f"must be true or false, got {_short(value)}")
+    return value
+
+
+def _sides(value: Any, field_name: str, words: str = "an int >= 0 or [[top, bottom], [left, right]]") \
+        -> tuple[tuple[int, int], tuple[int, int]]:
+    """Explicit padding ((top, bottom), (left, right)) from an int (every side) or that 2x2 form."""
+    given = value
+    if _is_int(value):
+        value = ((value, value), (value, value))
+    if not (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(isinstance(p, (tuple, list)) and len(p) == 2 and all(_is_int(v) for v in p) for p in value)):
+        raise _FieldError(field_name, f"must be {words}, got {_short(value)}")
+    sides = [v for p in value for v in p]
+    if min(sides) < 0:
+        raise _FieldError(field_name, f"must be >= 0 on every side, got {_short(given)}")
+    if max(sides) > MAX_WINDOW:
+        raise _FieldError(field_name, f"must be at most {MAX_WINDOW}, got {_short(given)}")
+    return (int(value[0][0]), int(value[0][1])), (int(value[1][0]), int(value[1][1]))
+
+
+def _freeze(value: Any) -> Any:
+    """JSON lists as tuples, two levels deep (padding's [[t, b], [l, r]]), so equal layers compare equal."""
+    if isinstance(value, (list, tuple)):
+        return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    """Tuples as lists, at any depth, for JSON."""
+    return [_thaw(v) for v in value] if isinstance(value, tuple) else value
+
+
 def parse_activation(value: Any) -> tuple[str, float | None]:
-    """(kind, alpha): alpha is the slope of leaky_relu ("leaky_relu(0.1)"; plain means 0.2) or elu's 1.0,
-    None for every other kind. Raises SpecError for an unknown or malformed activation."""
+    """(kind, alpha): alpha is the slope of leaky_relu ("leaky_relu(0.1)"; plain means 0.2) or elu's alpha
+    ("elu(0.5)"; plain means 1.0), None for every other kind. Raises SpecError for an unknown or malformed one."""
     try:
         return _parse_activation(value)
     except _FieldError as e:
@@ -119,22 +162,23 @@ def parse_activation(value: Any) -> tuple[str, float | None]:
 def _parse_activation(value: Any, field_name: str = "activation") -> tuple[str, float | None]:
     if not isinstance(value, str):
         raise _FieldError(field_name, f"must be an activation name (a string), got {_short(value)}")
-    m = re.fullmatch(r"leaky_relu\(([^()]*)\)", value.strip())
+    m = re.fullmatch(r"(leaky_relu|elu)\(([^()]*)\)", value.strip())
     if m:
+        kind, what = m.group(1), "leaky_relu slope" if m.group(1) == "leaky_relu" else "elu alpha"
         try:
-            alpha = float(m.group(1))
+            alpha = float(m.group(2))
         except ValueError:
             alpha = float("nan")
         if not (math.isfinite(alpha) and alpha >= 0):
-            raise _FieldError(field_name, f"leaky_relu slope must be a finite number >= 0, got {_short(m.group(1))}")
+            raise _FieldError(field_name, f"{what} must be a finite number >= 0, got {_short(m.group(2))}")
         if alpha > MAX_SLOPE or 0 < alpha < MIN_SLOPE:
             # float32 turns 1e39 into inf and 1e-40 into a subnormal number: torch and MXNet refuse them
-            raise _FieldError(field_name, f"leaky_relu slope must be 0 or between {MIN_SLOPE:g} and {MAX_SLOPE:g}, "
-                                          f"got {_short(m.group(1))}")
-        return "leaky_relu", alpha
+            raise _FieldError(field_name, f"{what} must be 0 or between {MIN_SLOPE:g} and {MAX_SLOPE:g}, "
+                                          f"got {_short(m.group(2))}")
+        return kind, alpha
     if value not in ACTIVATIONS:
         raise _FieldError(field_name, f"unknown activation {_short(value)} (known: {', '.join(ACTIVATIONS)}; "
-                                      f"leaky_relu takes a slope: 'leaky_relu(0.1)')")
+                                      f"leaky_relu takes a slope: 'leaky_relu(0.1)', elu an alpha: 'elu(0.5)')")
     return value, {"leaky_relu": LEAKY_RELU_SLOPE, "elu": ELU_ALPHA}.get(value)
 
 
@@ -161,7 +205,7 @@ def _check_windows(channels: int, out: tuple, kernel: tuple[int, int], field_nam
 
 
 _ACT_FLOPS = {"linear": 0, "relu": 1, "leaky_relu": 2, "sigmoid": 4, "tanh": 4, "softmax": 3, "elu": 4,
-              "softplus": 4, "silu": 5, "gelu": 8, "gelu_tanh": 8}
+              "softplus": 4, "silu": 5, "gelu": 8, "gelu_tanh": 8, "relu6": 2, "hard_sigmoid": 4, "hard_swish": 5}
 
 
 def _activation_flops(activation: str, elements: int) -> int:
@@ -208,8 +252,8 @@ class Layer:
         LAYER_KINDS[cls.kind] = cls
 
     def __post_init__(self):
-        if isinstance(self.inputs, list):
-            object.__setattr__(self, "inputs", tuple(self.inputs))
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _freeze(getattr(self, f.name)))
 
     def check(self, in_shape: tuple) -> tuple:
         """Validate fields against the input shape; return the output shape."""
@@ -232,7 +276,7 @@ class Layer:
             v = getattr(self, f.name)
             if (f.name == "name" and v is None) or (f.metadata.get("omit_default") and v == f.default):
                 continue
-            d[f.name] = list(v) if isinstance(v, tuple) else v
+            d[f.name] = _thaw(v)
         return d
 
 
@@ -260,7 +304,8 @@ class Dense(Layer):
 
 @dataclass(frozen=True)
 class Conv2D(Layer):
-    """2-D convolution, canonical kernel (out, in, kh, kw); use_bias=False for a conv before BatchNorm."""
+    """2-D convolution, canonical kernel (filters, in_channels // groups, kh, kw); use_bias=False for a conv before
+    BatchNorm. A depthwise convolution is groups == in_channels with filters = in_channels * multiplier."""
 
     kind: ClassVar[str] = "conv2d"
     flat_order: ClassVar[str] = "new"
@@ -268,60 +313,88 @@ class Conv2D(Layer):
     filters: int
     kernel_size: int | tuple[int, int] = 3
     strides: int | tuple[int, int] = 1
-    padding: str | int = "valid"
+    padding: str | int | tuple[tuple[int, int], tuple[int, int]] = "valid"
     activation: str = "linear"
     use_bias: bool = field(default=True, metadata=_OMIT_DEFAULT)
+    groups: int = field(default=1, metadata=_OMIT_DEFAULT)
+    dilation: int | tuple[int, int] = field(default=1, metadata=_OMIT_DEFAULT)
+
+    def extent(self) -> tuple[int, int]:
+        """The dilated kernel's extent on the input: (k - 1) * dilation + 1 per axis."""
+        (kh, kw), (dh, dw) = _pair(self.kernel_size, "kernel_size"), _pair(self.dilation, "dilation")
+        return (kh - 1) * dh + 1, (kw - 1) * dw + 1
 
     def pads(self, in_shape) -> tuple[tuple[int, int], tuple[int, int]]:
-        """Explicit ((top, bottom), (left, right)) padding, TensorFlow's meaning for "same"."""
-        (kh, kw), (sh, sw) = _pair(self.kernel_size, "kernel_size"), _pair(self.strides, "strides")
+        """Explicit ((top, bottom), (left, right)) padding; "same" is TensorFlow's, over the dilated extent."""
+        (eh, ew), (sh, sw) = self.extent(), _pair(self.strides, "strides")
         if self.padding == "same":
-            return same_padding(in_shape[1], kh, sh), same_padding(in_shape[2], kw, sw)
-        p = 0 if self.padding == "valid" else self.padding
-        return (p, p), (p, p)
+            return same_padding(in_shape[1], eh, sh), same_padding(in_shape[2], ew, sw)
+        return _sides(0 if self.padding == "valid" else self.padding, "padding")
 
     def check(self, in_shape):
         _positive_int(self.filters, "filters")
-        (kh, kw), (sh, sw) = _pair(self.kernel_size, "kernel_size"), _pair(self.strides, "strides")
-        if not (self.padding in ("valid", "same") or (_is_int(self.padding) and self.padding >= 0)):
-            raise _FieldError("padding", f"must be 'valid', 'same' or an int >= 0, got {_short(self.padding)}")
-        if _is_int(self.padding) and self.padding > MAX_WINDOW:
-            raise _FieldError("padding", f"must be at most {MAX_WINDOW}, got {_short(self.padding)}")
+        (sh, sw), (dh, dw) = _pair(self.strides, "strides"), _pair(self.dilation, "dilation")
+        _pair(self.kernel_size, "kernel_size")
+        if not (isinstance(self.padding, str) and self.padding in ("valid", "same")):
+            _sides(self.padding, "padding", "'valid', 'same', an int >= 0 or [[top, bottom], [left, right]]")
         _parse_activation(self.activation)
-        if not isinstance(self.use_bias, bool):
-            raise _FieldError("use_bias", f"must be true or false, got {_short(self.use_bias)}")
+        _bool(self.use_bias, "use_bias")
+        groups = _positive_int(self.groups, "groups")
         c, h, w = _image(in_shape, "filters", "Conv2D")
+        if c % groups or self.filters % groups:
+            raise _FieldError("groups", f"{groups} groups must divide both the input channels ({c}) and the "
+                                        f"filters ({self.filters})")
+        if max(sh, sw) > 1 and max(dh, dw) > 1:
+            raise _FieldError("dilation", f"strides {(sh, sw)} > 1 together with dilation {(dh, dw)} > 1 are "
+                                          f"refused (Keras refuses them)")
         (pt, pb), (pl, pr) = self.pads(in_shape)
         if math.prod((c, h + pt + pb, w + pl + pr)) > MAX_ELEMENTS:
             raise _FieldError("kernel_size" if self.padding == "same" else "padding", f"padded input {c}x{h + pt + pb}x{w + pl + pr} is "
                                          f"{_bytes(c * (h + pt + pb) * (w + pl + pr))} of float32 per sample")
-        if kh > h + pt + pb or kw > w + pl + pr:
-            raise _FieldError("kernel_size", f"kernel {kh}x{kw} is larger than the padded input {h + pt + pb}x{w + pl + pr}")
-        out = (self.filters, (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1)
+        (kh, kw), (eh, ew) = _pair(self.kernel_size, "kernel_size"), self.extent()
+        if eh > h + pt + pb or ew > w + pl + pr:
+            dilated = f" (dilated to {eh}x{ew})" if (eh, ew) != (kh, kw) else ""
+            raise _FieldError("kernel_size", f"kernel {kh}x{kw}{dilated} is larger than the padded input "
+                                             f"{h + pt + pb}x{w + pl + pr}")
+        out = (self.filters, (h + pt + pb - eh) // sh + 1, (w + pl + pr - ew) // sw + 1)
         _check_windows(c, out, (kh, kw), "kernel_size")
         return out
 
     def param_shapes(self, in_shape):
         kh, kw = _pair(self.kernel_size, "kernel_size")
-        kernel = {"kernel": (self.filters, in_shape[0], kh, kw)}
+        kernel = {"kernel": (self.filters, in_shape[0] // self.groups, kh, kw)}
         return kernel | {"bias": (self.filters,)} if self.use_bias else kernel
 
     def flops(self, in_shape, out_shape):
         kh, kw = _pair(self.kernel_size, "kernel_size")
         n = math.prod(out_shape)
-        return 2 * n * in_shape[0] * kh * kw + n * self.use_bias + _activation_flops(self.activation, n)
+        return (2 * n * (in_shape[0] // self.groups) * kh * kw + n * self.use_bias
+                + _activation_flops(self.activation, n))
+
+
+def pool_output_size(size: int, pool: int, stride: int, before: int, after: int, ceil_mode: bool) -> int:
+    """Windows along one axis of a padded input: floor, or torch's ceil_mode (ceil, minus the last window when it
+    would start in the after-padding or beyond)."""
+    span = size + before + after - pool
+    if not ceil_mode:
+        return span // stride + 1
+    out = -(-span // stride) + 1
+    return out - 1 if (out - 1) * stride >= size + before else out
 
 
 @dataclass(frozen=True)
 class _Pool(Layer):
-    """Pooling; "same" padding is TensorFlow's (output ceil(H/s)): max ignores padded cells and the average
-    excludes them from its count."""
+    """Pooling. padding: "valid", "same" (TensorFlow's: output ceil(H/s)), an int or [[top, bottom], [left, right]],
+    each side at most half the pool (torch's limit: no window of padding only). Max ignores padded cells; the
+    average excludes them from its count unless count_include_pad. ceil_mode: torch's."""
 
     flat_order: ClassVar[str] = "new"
     size_field: ClassVar[str] = "pool_size"
     pool_size: int | tuple[int, int] = 2
     strides: int | tuple[int, int] | None = None
-    padding: str = field(default="valid", metadata=_OMIT_DEFAULT)
+    padding: str | int | tuple[tuple[int, int], tuple[int, int]] = field(default="valid", metadata=_OMIT_DEFAULT)
+    ceil_mode: bool = field(default=False, metadata=_OMIT_DEFAULT)
+    count_include_pad: bool = field(default=False, metadata=_OMIT_DEFAULT)
 
     def window(self) -> tuple[tuple[int, int], tuple[int, int]]:
         """(pool_size, strides) as pairs; strides default to the pool size."""
@@ -333,23 +406,46 @@ class _Pool(Layer):
         (kh, kw), (sh, sw) = self.window()
         if self.padding == "same":
             return same_padding(in_shape[1], kh, sh), same_padding(in_shape[2], kw, sw)
-        return (0, 0), (0, 0)
+        return _sides(0 if self.padding == "valid" else self.padding, "padding")
+
+    def overhang(self, in_shape) -> tuple[int, int]:
+        """(bottom, right): how far the last ceil_mode window reaches past the padded input (0 without ceil_mode).
+        Those cells never count, not even with count_include_pad."""
+        (kh, kw), (sh, sw) = self.window()
+        (pt, pb), (pl, pr) = self.pads(in_shape)
+        out = self.output_hw(in_shape)
+        return (max((out[0] - 1) * sh + kh - (in_shape[1] + pt + pb), 0),
+                max((out[1] - 1) * sw + kw - (in_shape[2] + pl + pr), 0))
+
+    def output_hw(self, in_shape) -> tuple[int, int]:
+        (kh, kw), (sh, sw) = self.window()
+        if self.padding == "same":
+            return -(-in_shape[1] // sh), -(-in_shape[2] // sw)
+        (pt, pb), (pl, pr) = self.pads(in_shape)
+        return (pool_output_size(in_shape[1], kh, sh, pt, pb, self.ceil_mode),
+                pool_output_size(in_shape[2], kw, sw, pl, pr, self.ceil_mode))
 
     def check(self, in_shape):
-        (kh, kw), (sh, sw) = self.window()
-        if self.padding not in ("valid", "same"):
-            raise _FieldError("padding", f"must be 'valid' or 'same', got {_short(self.padding)}")
+        (kh, kw), _ = self.window()
+        same = isinstance(self.padding, str) and self.padding == "same"
+        if not (same or self.padding == "valid"):
+            _sides(self.padding, "padding", "'valid', 'same', an int >= 0 or [[top, bottom], [left, right]]")
+        if _bool(self.ceil_mode, "ceil_mode") and same:
+            raise _FieldError("ceil_mode", "ceil_mode with padding 'same' means nothing ('same' already gives "
+                                           "ceil(H / stride) windows); use 'valid' or explicit padding")
+        _bool(self.count_include_pad, "count_include_pad")
         c, h, w = _image(in_shape, "pool_size", type(self).__name__)
-        if self.padding == "same":
-            (pt, pb), (pl, pr) = self.pads(in_shape)
-            if math.prod((c, h + pt + pb, w + pl + pr)) > MAX_ELEMENTS:
-                raise _FieldError("pool_size", f"padded input {c}x{h + pt + pb}x{w + pl + pr} is "
-                                               f"{_bytes(c * (h + pt + pb) * (w + pl + pr))} of float32 per sample")
-            out = (c, -(-h // sh), -(-w // sw))
-        else:
-            if kh > h or kw > w:
-                raise _FieldError("pool_size", f"pool {kh}x{kw} is larger than the input {h}x{w}")
-            out = (c, (h - kh) // sh + 1, (w - kw) // sw + 1)
+        (pt, pb), (pl, pr) = self.pads(in_shape)
+        if not same and (max(pt, pb) > kh // 2 or max(pl, pr) > kw // 2):
+            raise _FieldError("padding", f"padding {_short(self.padding)} is more than half the pool {kh}x{kw} on "
+                                         f"a side: a window could hold padding only (torch's limit)")
+        if math.prod((c, h + pt + pb, w + pl + pr)) > MAX_ELEMENTS:
+            raise _FieldError("pool_size" if same else "padding", f"padded input {c}x{h + pt + pb}x{w + pl + pr} is "
+                                           f"{_bytes(c * (h + pt + pb) * (w + pl + pr))} of float32 per sample")
+        if not same and (kh > h + pt + pb or kw > w + pl + pr):
+            padded = "padded input" if pt + pb + pl + pr else "input"
+            raise _FieldError("pool_size", f"pool {kh}x{kw} is larger than the {padded} {h + pt + pb}x{w + pl + pr}")
+        out = (c,) + self.output_hw(in_shape)
         _check_windows(c, out, (kh, kw), "pool_size")
         return out
 
@@ -362,6 +458,12 @@ class _Pool(Layer):
 class MaxPool2D(_Pool):
     kind: ClassVar[str] = "maxpool2d"
 
+    def check(self, in_shape):
+        if self.count_include_pad is not False:
+            raise _FieldError("count_include_pad", f"is for AvgPool2D only (max pooling never counts), got "
+                                                   f"{_short(self.count_include_pad)}")
+        return super().check(in_shape)
+
 
 @dataclass(frozen=True)
 class AvgPool2D(_Pool):
@@ -370,17 +472,66 @@ class AvgPool2D(_Pool):
 
 @dataclass(frozen=True)
 class GlobalAveragePooling2D(Layer):
-    """Mean over the spatial dimensions: (C, H, W) -> (C,)."""
+    """Mean over the spatial dimensions: (C, H, W) -> (C,), or (C, 1, 1) with keepdims."""
 
     kind: ClassVar[str] = "globalavgpool2d"
     flat_order: ClassVar[str] = "new"
+    keepdims: bool = field(default=False, metadata=_OMIT_DEFAULT)
 
     def check(self, in_shape):
+        _bool(self.keepdims, "keepdims")
         c, _, _ = _image(in_shape, "inputs", "GlobalAveragePooling2D")
-        return (c,)
+        return (c, 1, 1) if self.keepdims else (c,)
 
     def flops(self, in_shape, out_shape):
         return math.prod(in_shape)
+
+
+@dataclass(frozen=True)
+class ZeroPadding2D(Layer):
+    """Zeros around an image: padding an int (every side) or ((top, bottom), (left, right))."""
+
+    kind: ClassVar[str] = "zeropadding2d"
+    flat_order: ClassVar[str] = "new"
+    size_field: ClassVar[str] = "padding"
+    padding: int | tuple[tuple[int, int], tuple[int, int]]
+
+    def pads(self, in_shape=None) -> tuple[tuple[int, int], tuple[int, int]]:
+        return _sides(self.padding, "padding")
+
+    def check(self, in_shape):
+        (t, b), (l, r) = self.pads()
+        c, h, w = _image(in_shape, "padding", "ZeroPadding2D")
+        return c, h + t + b, w + l + r
+
+
+def adaptive_bins(size: int, out: int) -> tuple[tuple[int, int], ...]:
+    """torch's adaptive pooling bins along one axis: [floor(i * size / out), ceil((i + 1) * size / out))."""
+    return tuple((i * size // out, -(-(i + 1) * size // out)) for i in range(out))
+
+
+@dataclass(frozen=True)
+class AdaptiveAvgPool2D(Layer):
+    """Average over torch's adaptive bins to a fixed (oh, ow); an output larger than the input repeats cells."""
+
+    kind: ClassVar[str] = "adaptiveavgpool2d"
+    flat_order: ClassVar[str] = "new"
+    size_field: ClassVar[str] = "output_size"
+    output_size: int | tuple[int, int]
+
+    def check(self, in_shape):
+        oh, ow = _pair(self.output_size, "output_size")
+        c, h, w = _image(in_shape, "output_size", "AdaptiveAvgPool2D")
+        # the oracle averages rows, then columns: its intermediate is the smaller of these
+        if min(c * oh * w, c * h * ow) > MAX_ELEMENTS:
+            raise _FieldError("output_size", f"{oh}x{ow} bins of a {h}x{w} input need "
+                                             f"{_bytes(min(c * oh * w, c * h * ow))} of float32 per sample")
+        return c, oh, ow
+
+    def flops(self, in_shape, out_shape):
+        rows = sum(b - a for a, b in adaptive_bins(in_shape[1], out_shape[1]))
+        cols = sum(b - a for a, b in adaptive_bins(in_shape[2], out_shape[2]))
+        return in_shape[0] * rows * cols + math.prod(out_shape)
 
 
 @dataclass(frozen=True)
@@ -417,6 +568,17 @@ class Dropout(Layer):
         return in_shape
 
 
+def _epsilon(value: Any) -> float:
+    """A normalisation epsilon: in [MIN_BN_EPSILON, 1]."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not 0 < value <= 1):  # NaN fails the comparison; an int of any size is compared exactly
+        raise _FieldError("epsilon", f"must be a finite positive number at most 1, got {_short(value)}")
+    if value < MIN_BN_EPSILON:
+        raise _FieldError("epsilon", f"must be at least {MIN_BN_EPSILON:g} (float32 frameworks part from the "
+                                     f"float64 oracle on near-constant channels below it), got {_short(value)}")
+    return value
+
+
 @dataclass(frozen=True)
 class BatchNorm(Layer):
     """Batch normalisation over channels (images) or features (flat).
@@ -432,12 +594,7 @@ class BatchNorm(Layer):
 
     def check(self, in_shape):
         _unit_interval(self.momentum, "momentum")
-        if (isinstance(self.epsilon, bool) or not isinstance(self.epsilon, (int, float))
-                or not 0 < self.epsilon <= 1):  # NaN fails the comparison; an int of any size is compared exactly
-            raise _FieldError("epsilon", f"must be a finite positive number at most 1, got {_short(self.epsilon)}")
-        if self.epsilon < MIN_BN_EPSILON:
-            raise _FieldError("epsilon", f"must be at least {MIN_BN_EPSILON:g} (float32 frameworks part from the "
-                                         f"float64 oracle on near-constant channels below it), got {_short(self.epsilon)}")
+        _epsilon(self.epsilon)
         if len(in_shape) not in (1, 3):
             raise _FieldError("momentum", f"BatchNorm needs a (C, H, W) or (features,) input, got {in_shape}")
         return in_shape
@@ -448,6 +605,68 @@ class BatchNorm(Layer):
 
     def flops(self, in_shape, out_shape):
         return 2 * math.prod(out_shape)
+
+
+@dataclass(frozen=True)
+class Rescaling(Layer):
+    """y = x * scale + offset (Keras' Rescaling), no weights."""
+
+    kind: ClassVar[str] = "rescaling"
+    flat_order: ClassVar[str] = "elementwise"
+    scale: float
+    offset: float = 0.0
+
+    def check(self, in_shape):
+        if 0 < abs(_number(self.scale, "scale")) < MIN_SLOPE:
+            raise _FieldError("scale", f"must be 0 or at least {MIN_SLOPE:g} in size (float32 holds it), "
+                                       f"got {_short(self.scale)}")
+        _number(self.offset, "offset")
+        return in_shape
+
+    def flops(self, in_shape, out_shape):
+        return 2 * math.prod(out_shape)
+
+
+@dataclass(frozen=True)
+class Normalization(Layer):
+    """y = (x - mean) / max(sqrt(variance), 1e-7) per channel (image) or feature (flat): Keras 3's Normalization.
+    mean and variance are non-trainable weights (initially 0 and 1)."""
+
+    kind: ClassVar[str] = "normalization"
+    flat_order: ClassVar[str] = "elementwise"
+
+    def check(self, in_shape):
+        if len(in_shape) not in (1, 3):
+            raise _FieldError("inputs", f"Normalization needs a (C, H, W) or (features,) input, got {in_shape}")
+        return in_shape
+
+    def param_shapes(self, in_shape):
+        return {"mean": (in_shape[0],), "variance": (in_shape[0],)}
+
+    def flops(self, in_shape, out_shape):
+        return 2 * math.prod(out_shape)
+
+
+@dataclass(frozen=True)
+class LayerNormalization(Layer):
+    """Normalization over the channels of an image at each position (ConvNeXt's channels-last LayerNorm) or over
+    the features of a flat input, biased variance; trainable gamma (ones) and beta (zeros), each (C,)."""
+
+    kind: ClassVar[str] = "layernorm"
+    flat_order: ClassVar[str] = "elementwise"
+    epsilon: float = 1e-3
+
+    def check(self, in_shape):
+        _epsilon(self.epsilon)
+        if len(in_shape) not in (1, 3):
+            raise _FieldError("epsilon", f"LayerNormalization needs a (C, H, W) or (features,) input, got {in_shape}")
+        return in_shape
+
+    def param_shapes(self, in_shape):
+        return {"gamma": (in_shape[0],), "beta": (in_shape[0],)}
+
+    def flops(self, in_shape, out_shape):
+        return 7 * math.prod(out_shape)  # mean, variance, normalise, scale and shift
 
 
 @dataclass(frozen=True)
@@ -487,6 +706,40 @@ class Concatenate(Layer):
                 raise _FieldError("inputs", f"cannot concatenate {name!r} of shape {shape} with {names[0]!r} of "
                                             f"shape {first}: spatial sizes {shape[1:]} and {first[1:]} differ")
         return (sum(s[0] for s in in_shapes),) + first[1:]
+
+
+@dataclass(frozen=True)
+class Multiply(Layer):
+    """Elementwise product of two or more inputs of equal shape, or of exactly two: an image (C, H, W) and a
+    per-channel gate (C,) or (C, 1, 1) broadcast over H and W (squeeze-and-excitation); the image's shape out."""
+
+    kind: ClassVar[str] = "multiply"
+    flat_order: ClassVar[str] = "merge"
+    merges: ClassVar[bool] = True
+
+    @staticmethod
+    def gate(in_shapes) -> int | None:
+        """The index of the broadcast per-channel gate among the input shapes, None when all shapes are equal."""
+        if len(in_shapes) != 2 or in_shapes[0] == in_shapes[1]:
+            return None
+        for g, image in ((0, in_shapes[1]), (1, in_shapes[0])):
+            if len(image) == 3 and tuple(in_shapes[g]) in ((image[0],), (image[0], 1, 1)):
+                return g
+        return None
+
+    def check_inputs(self, in_shapes, names):
+        g = self.gate(in_shapes)
+        if g is not None:
+            return in_shapes[1 - g]
+        for shape, name in zip(in_shapes[1:], names[1:]):
+            if shape != in_shapes[0]:
+                raise _FieldError("inputs", f"cannot multiply {name!r} of shape {shape} with {names[0]!r} of shape "
+                                            f"{in_shapes[0]}: Multiply needs equal shapes, or exactly two inputs: "
+                                            f"an image (C, H, W) and a per-channel gate (C,) or (C, 1, 1)")
+        return in_shapes[0]
+
+    def flops(self, in_shape, out_shape):
+        return (len(self.inputs) - 1) * math.prod(out_shape)
 
 
 

@@ -120,6 +120,8 @@ def test_same_pooling_keeps_ceil_size_even_when_the_pool_is_larger_than_the_inpu
     ("relu", ("relu", None)), ("gelu", ("gelu", None)), ("gelu_tanh", ("gelu_tanh", None)),
     ("leaky_relu", ("leaky_relu", 0.2)), ("leaky_relu(0.1)", ("leaky_relu", 0.1)),
     ("leaky_relu(0)", ("leaky_relu", 0.0)), ("elu", ("elu", 1.0)), ("silu", ("silu", None)),
+    ("elu(0.5)", ("elu", 0.5)), ("elu(2)", ("elu", 2.0)), ("relu6", ("relu6", None)),
+    ("hard_sigmoid", ("hard_sigmoid", None)), ("hard_swish", ("hard_swish", None)),
 ])
 def test_parse_activation(text, parsed):
     assert parse_activation(text) == parsed
@@ -127,7 +129,8 @@ def test_parse_activation(text, parsed):
 
 
 @pytest.mark.parametrize("text", ["swish", "leaky_relu()", "leaky_relu(-1)", "leaky_relu(nan)", "leaky_relu(inf)",
-                                  "leaky_relu(1e999)", "leaky_relu(x)", "elu(2)", "", ["relu"], None])
+                                  "leaky_relu(1e999)", "leaky_relu(x)", "elu(-1)", "elu()", "elu(nan)", "elu(1e39)",
+                                  "relu6(2)", "hard_sigmoid(0.2)", "", ["relu"], None])
 def test_bad_activations_are_spec_errors(text):
     with pytest.raises(SpecError, match="layer 0 \\(dense_0\\): field 'activation'"):
         ModelSpec("m", (3,), (Dense(2, activation=text),))
