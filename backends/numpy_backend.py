@@ -10,8 +10,10 @@ import math
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ..models import (INPUT, Activation, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense, Dropout, Flatten,
-                      GlobalAveragePooling2D, MaxPool2D, init_weights, parse_activation)
+from ..models import (INPUT, Activation, AdaptiveAvgPool2D, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense,
+                      Dropout, Flatten, GlobalAveragePooling2D, LayerNormalization, MaxPool2D, Multiply, Normalization,
+                      Rescaling, ZeroPadding2D, adaptive_bins, init_weights, parse_activation)
+from ..models.spec import NORMALIZATION_EPSILON
 
 from .base import Adam, Adapter, BackendError, SGD, as_inputs, converter, loss_and_dlogits, parse_device
 
@@ -33,10 +35,19 @@ def expit(x: np.ndarray) -> np.ndarray:
 
 
 # --- activations ---------------------------------------------------------------------------------
+# At a kink the gradient is that of the outer piece, as relu's is 0 at 0: relu6' is 1 on (0, 6) only, hard_sigmoid'
+# 1/6 on (-3, 3) only, hard_swish' 0 at -3 and 1 at 3. Frameworks differ exactly there (torch's hardswish takes the
+# middle piece at both); tests keep their inputs off the kinks.
 def act_forward(activation: str, x: np.ndarray) -> np.ndarray:
     kind, alpha = parse_activation(activation)
     if kind == "relu":
         return np.maximum(x, 0)
+    if kind == "relu6":
+        return np.clip(x, 0, 6)
+    if kind == "hard_sigmoid":
+        return np.clip(x + 3, 0, 6) / 6
+    if kind == "hard_swish":
+        return x * np.clip(x + 3, 0, 6) / 6
     if kind == "leaky_relu":
         return np.where(x > 0, x, alpha * x)
     if kind == "elu":
@@ -63,6 +74,12 @@ def act_backward(activation: str, x: np.ndarray, y: np.ndarray, dy: np.ndarray) 
     kind, alpha = parse_activation(activation)
     if kind == "relu":
         return dy * (x > 0)
+    if kind == "relu6":
+        return dy * ((x > 0) & (x < 6))
+    if kind == "hard_sigmoid":
+        return dy * ((x > -3) & (x < 3)) / 6
+    if kind == "hard_swish":
+        return dy * np.where(x <= -3, 0.0, np.where(x >= 3, 1.0, (2 * x + 3) / 6))
     if kind == "leaky_relu":
         return dy * np.where(x > 0, 1.0, alpha)
     if kind == "elu":
@@ -87,18 +104,20 @@ def act_backward(activation: str, x: np.ndarray, y: np.ndarray, dy: np.ndarray) 
 
 
 # --- windows (convolution and pooling) -----------------------------------------------------------
-def _windows(x: np.ndarray, k: tuple[int, int], s: tuple[int, int]) -> np.ndarray:
-    """(N, C, OH, OW, kh, kw) strided view of every window."""
-    return sliding_window_view(x, k, axis=(2, 3))[:, :, ::s[0], ::s[1]]
+def _windows(x: np.ndarray, k: tuple[int, int], s: tuple[int, int], d: tuple[int, int] = (1, 1)) -> np.ndarray:
+    """(N, C, OH, OW, kh, kw) strided view of every window (its cells d apart: dilation)."""
+    extent = ((k[0] - 1) * d[0] + 1, (k[1] - 1) * d[1] + 1)
+    return sliding_window_view(x, extent, axis=(2, 3))[:, :, ::s[0], ::s[1], ::d[0], ::d[1]]
 
 
-def _scatter_windows(dwin: np.ndarray, shape: tuple, s: tuple[int, int]) -> np.ndarray:
+def _scatter_windows(dwin: np.ndarray, shape: tuple, s: tuple[int, int], d: tuple[int, int] = (1, 1)) -> np.ndarray:
     """Adjoint of _windows: add each window's gradient back at its input position."""
     dx = np.zeros(shape, dwin.dtype)
     _, _, oh, ow, kh, kw = dwin.shape
     for i in range(kh):
         for j in range(kw):
-            dx[:, :, i:i + s[0] * (oh - 1) + 1:s[0], j:j + s[1] * (ow - 1) + 1:s[1]] += dwin[..., i, j]
+            r, c = i * d[0], j * d[1]
+            dx[:, :, r:r + s[0] * (oh - 1) + 1:s[0], c:c + s[1] * (ow - 1) + 1:s[1]] += dwin[..., i, j]
     return dx
 
 
@@ -114,6 +133,12 @@ def _pad(x: np.ndarray, pads, value: float = 0.0) -> np.ndarray:
 def _crop(dxp: np.ndarray, pads, shape: tuple) -> np.ndarray:
     (pt, _), (pl, _) = pads
     return dxp[:, :, pt:pt + shape[2], pl:pl + shape[3]]
+
+
+def _pool_pads(layer, in_shape):
+    """The pool's padding with the cells a ceil_mode window hangs beyond it added after (bottom, right)."""
+    ((pt, pb), (pl, pr)), (eh, ew) = layer.pads(in_shape), layer.overhang(in_shape)
+    return (pt, pb + eh), (pl, pr + ew)
 
 
 # --- nodes: one per layer kind -------------------------------------------------------------------
@@ -148,39 +173,53 @@ class DenseNode(Node):
 
 
 class Conv2DNode(Node):
+    """Convolution in `groups` independent groups of channels: one batched matrix product of each group's
+    windows (rows: output positions, columns: its channels x kernel cells) with its filters."""
+
     def forward(self, w, xs, training):
         x, layer = xs[0], self.layer
         pads = layer.pads(x.shape[1:])
         xp = _pad(x, pads)
-        k = w[f"{self.name}/kernel"]
-        win = _windows(xp, k.shape[2:], _pair(layer.strides))
-        z = np.tensordot(win, k, axes=([1, 4, 5], [1, 2, 3])).transpose(0, 3, 1, 2)
+        k, g = w[f"{self.name}/kernel"], layer.groups
+        f, cg, kh, kw = k.shape
+        win = _windows(xp, (kh, kw), _pair(layer.strides), _pair(layer.dilation))
+        n, c, oh, ow = win.shape[:4]
+        cols = (win.reshape(n, g, cg, oh, ow, kh, kw).transpose(1, 0, 3, 4, 2, 5, 6)
+                .reshape(g, n * oh * ow, cg * kh * kw))
+        z = cols @ k.reshape(g, f // g, cg * kh * kw).transpose(0, 2, 1)  # (g, positions, filters of the group)
+        z = z.reshape(g, n, oh, ow, f // g).transpose(1, 0, 4, 2, 3).reshape(n, f, oh, ow)
         if layer.use_bias:
             z = z + w[f"{self.name}/bias"][None, :, None, None]
         y = act_forward(layer.activation, z)
-        return y, (x.shape, xp.shape, pads, win, z, y)
+        return y, (x.shape, xp.shape, pads, cols, z, y)
 
     def backward(self, w, cache, dy, grads):
-        xshape, xpshape, pads, win, z, y = cache
-        dz = act_backward(self.layer.activation, z, y, dy)
-        k = w[f"{self.name}/kernel"]
-        grads[f"{self.name}/kernel"] = np.tensordot(dz, win, axes=([0, 2, 3], [0, 2, 3]))
-        if self.layer.use_bias:
+        xshape, xpshape, pads, cols, z, y = cache
+        layer, k = self.layer, w[f"{self.name}/kernel"]
+        g, (f, cg, kh, kw) = layer.groups, k.shape
+        dz = act_backward(layer.activation, z, y, dy)
+        n, _, oh, ow = dz.shape
+        dzm = dz.reshape(n, g, f // g, oh, ow).transpose(1, 0, 3, 4, 2).reshape(g, n * oh * ow, f // g)
+        grads[f"{self.name}/kernel"] = (cols.transpose(0, 2, 1) @ dzm).transpose(0, 2, 1).reshape(k.shape)
+        if layer.use_bias:
             grads[f"{self.name}/bias"] = dz.sum(axis=(0, 2, 3))
-        dwin = np.tensordot(dz, k, axes=([1], [0]))  # (N, OH, OW, C, kh, kw)
-        dxp = _scatter_windows(dwin.transpose(0, 3, 1, 2, 4, 5), xpshape, _pair(self.layer.strides))
+        dcols = dzm @ k.reshape(g, f // g, cg * kh * kw)
+        dwin = (dcols.reshape(g, n, oh, ow, cg, kh, kw).transpose(1, 0, 4, 2, 3, 5, 6)
+                .reshape(n, g * cg, oh, ow, kh, kw))
+        dxp = _scatter_windows(dwin, xpshape, _pair(layer.strides), _pair(layer.dilation))
         return (_crop(dxp, pads, xshape),)
 
 
 class MaxPoolNode(Node):
-    """Max over each window; "same" pads with -inf so padded cells never win."""
+    """Max over each window; padding (and a ceil_mode window's overhang) is -inf, so padded cells never win."""
 
     def forward(self, w, xs, training):
         x = xs[0]
         k, s = self.layer.window()
-        pads = self.layer.pads(x.shape[1:])
+        pads = _pool_pads(self.layer, x.shape[1:])
         xp = _pad(x, pads, -np.inf)
-        flat = _windows(xp, k, s).reshape(*((len(x), x.shape[1]) + self.info.out_shape[1:]), -1)
+        win = _windows(xp, k, s)
+        flat = win.reshape(win.shape[:4] + (-1,))
         arg = flat.argmax(axis=-1)
         return np.take_along_axis(flat, arg[..., None], -1)[..., 0], (x.shape, xp.shape, pads, arg)
 
@@ -192,14 +231,20 @@ class MaxPoolNode(Node):
 
 
 class AvgPoolNode(Node):
-    """Mean over each window's real cells: "same" padding is excluded from the count (TensorFlow's meaning)."""
+    """Mean over each window. The divisor counts the real cells (TensorFlow's meaning), or with count_include_pad
+    the padded ones too, but never the cells a ceil_mode window hangs beyond the padded input (torch's rule)."""
 
     def forward(self, w, xs, training):
-        x = xs[0]
-        k, s = self.layer.window()
-        pads = self.layer.pads(x.shape[1:])
+        x, layer = xs[0], self.layer
+        k, s = layer.window()
+        pads = _pool_pads(layer, x.shape[1:])
         xp = _pad(x, pads)
-        count = _windows(_pad(np.ones((1, 1) + x.shape[2:]), pads), k, s).sum(axis=(4, 5))  # (1, 1, OH, OW)
+        if layer.count_include_pad:
+            ((pt, pb), (pl, pr)), (eh, ew) = layer.pads(x.shape[1:]), layer.overhang(x.shape[1:])
+            counted = np.pad(np.ones((1, 1, x.shape[2] + pt + pb, x.shape[3] + pl + pr)), ((0, 0), (0, 0), (0, eh), (0, ew)))
+        else:
+            counted = _pad(np.ones((1, 1) + x.shape[2:]), pads)
+        count = _windows(counted, k, s).sum(axis=(4, 5))  # (1, 1, OH, OW)
         return _windows(xp, k, s).sum(axis=(4, 5)) / count, (x.shape, xp.shape, pads, count)
 
     def backward(self, w, cache, dy, grads):
@@ -209,12 +254,45 @@ class AvgPoolNode(Node):
         return (_crop(_scatter_windows(dwin, xpshape, s), pads, xshape),)
 
 
+class ZeroPaddingNode(Node):
+    def forward(self, w, xs, training):
+        pads = self.layer.pads()
+        return _pad(xs[0], pads), (pads, xs[0].shape)
+
+    def backward(self, w, cache, dy, grads):
+        return (_crop(dy, *cache),)
+
+
+class AdaptiveAvgPoolNode(Node):
+    """Each output the mean of its torch bin: a bin is a rectangle, so rows and columns average apart, as two
+    products with averaging matrices (rows first when that intermediate is the smaller)."""
+
+    def forward(self, w, xs, training):
+        x = xs[0]
+        _, oh, ow = self.info.out_shape
+        rows, cols = self._averaging(x.shape[2], oh), self._averaging(x.shape[3], ow)
+        rows_first = oh * x.shape[3] <= x.shape[2] * ow
+        y = (rows @ x) @ cols.T if rows_first else rows @ (x @ cols.T)
+        return y, (rows, cols)
+
+    def backward(self, w, cache, dy, grads):
+        rows, cols = cache
+        return (rows.T @ (dy @ cols),)
+
+    @staticmethod
+    def _averaging(size: int, out: int) -> np.ndarray:
+        m = np.zeros((out, size))
+        for i, (a, b) in enumerate(adaptive_bins(size, out)):
+            m[i, a:b] = 1 / (b - a)
+        return m
+
+
 class GlobalAvgPoolNode(Node):
     def forward(self, w, xs, training):
-        return xs[0].mean(axis=(2, 3)), xs[0].shape
+        return xs[0].mean(axis=(2, 3), keepdims=self.layer.keepdims), xs[0].shape
 
     def backward(self, w, shape, dy, grads):
-        return (np.broadcast_to(dy[:, :, None, None] / (shape[2] * shape[3]), shape),)
+        return (np.broadcast_to(dy.reshape(shape[:2] + (1, 1)) / (shape[2] * shape[3]), shape),)
 
 
 class FlattenNode(Node):
@@ -279,6 +357,51 @@ class BatchNormNode(Node):
             w[key] = m * w[key] + (1 - m) * batch
 
 
+class RescalingNode(Node):
+    def forward(self, w, xs, training):
+        return xs[0] * self.layer.scale + self.layer.offset, None
+
+    def backward(self, w, cache, dy, grads):
+        return (dy * self.layer.scale,)
+
+
+class NormalizationNode(Node):
+    """(x - mean) / max(sqrt(variance), 1e-7), per channel or feature; mean and variance take no gradient."""
+
+    def forward(self, w, xs, training):
+        x = xs[0]
+        bshape = (1, -1) + (1,) * (x.ndim - 2)
+        mean, var = w[f"{self.name}/mean"].reshape(bshape), w[f"{self.name}/variance"].reshape(bshape)
+        scale = np.maximum(np.sqrt(var), NORMALIZATION_EPSILON)
+        return (x - mean) / scale, scale
+
+    def backward(self, w, scale, dy, grads):
+        return (dy / scale,)
+
+
+class LayerNormNode(Node):
+    """Normalized over axis 1 (the channels at each position, or the features), biased variance."""
+
+    def forward(self, w, xs, training):
+        x = xs[0]
+        bshape = (1, -1) + (1,) * (x.ndim - 2)
+        mean, var = x.mean(axis=1, keepdims=True), x.var(axis=1, keepdims=True)
+        inv = 1 / np.sqrt(var + self.layer.epsilon)
+        xhat = (x - mean) * inv
+        y = xhat * w[f"{self.name}/gamma"].reshape(bshape) + w[f"{self.name}/beta"].reshape(bshape)
+        return y, (xhat, inv, bshape)
+
+    def backward(self, w, cache, dy, grads):
+        xhat, inv, bshape = cache
+        axes = (0,) + tuple(range(2, dy.ndim))
+        grads[f"{self.name}/gamma"] = (dy * xhat).sum(axis=axes)
+        grads[f"{self.name}/beta"] = dy.sum(axis=axes)
+        dxhat = dy * w[f"{self.name}/gamma"].reshape(bshape)
+        c = dy.shape[1]
+        return ((inv / c) * (c * dxhat - dxhat.sum(axis=1, keepdims=True)
+                             - xhat * (dxhat * xhat).sum(axis=1, keepdims=True)),)
+
+
 class AddNode(Node):
     def forward(self, w, xs, training):
         return sum(xs[1:], xs[0]), len(xs)
@@ -295,10 +418,33 @@ class ConcatenateNode(Node):
         return tuple(np.split(dy, splits, axis=1))
 
 
+class MultiplyNode(Node):
+    """Elementwise product; a per-channel gate (C,) or (C, 1, 1) broadcasts over the image's H and W, and its
+    gradient sums over them."""
+
+    def forward(self, w, xs, training):
+        g = Multiply.gate(self.info.in_shapes)
+        if g is None:
+            return np.prod(np.stack(xs), axis=0), (xs, None)
+        image, gate = xs[1 - g], xs[g]
+        return image * gate.reshape(gate.shape[:2] + (1, 1)), (xs, g)
+
+    def backward(self, w, cache, dy, grads):
+        xs, g = cache
+        if g is None:  # each input's gradient: dy times the product of the others (no division: zeros are fine)
+            return tuple(dy * np.prod(np.stack(xs[:i] + xs[i + 1:]), axis=0) for i in range(len(xs)))
+        image, gate = xs[1 - g], xs[g]
+        dgate = (dy * image).sum(axis=(2, 3)).reshape(gate.shape)
+        dimage = dy * gate.reshape(gate.shape[:2] + (1, 1))
+        return (dgate, dimage) if g == 0 else (dimage, dgate)
+
+
 CONVERTERS = {
     Dense: DenseNode, Conv2D: Conv2DNode, MaxPool2D: MaxPoolNode, AvgPool2D: AvgPoolNode,
     GlobalAveragePooling2D: GlobalAvgPoolNode, Flatten: FlattenNode, Activation: ActivationNode,
     Dropout: DropoutNode, BatchNorm: BatchNormNode, Add: AddNode, Concatenate: ConcatenateNode,
+    ZeroPadding2D: ZeroPaddingNode, AdaptiveAvgPool2D: AdaptiveAvgPoolNode, Multiply: MultiplyNode,
+    Rescaling: RescalingNode, Normalization: NormalizationNode, LayerNormalization: LayerNormNode,
 }
 
 
