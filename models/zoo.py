@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from .spec import (INPUT, Activation, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense, Dropout, Flatten,
-                   GlobalAveragePooling2D, Layer, MaxPool2D, ModelSpec, SpecError)
+                   GlobalAveragePooling2D, Layer, MaxPool2D, ModelSpec, Multiply, Normalization, Rescaling, SpecError,
+                   ZeroPadding2D)
 
 
 def perceptron() -> ModelSpec:
@@ -144,8 +145,109 @@ def every_kind() -> ModelSpec:
         Dense(3, activation="softmax", name="out")))
 
 
+def _inverted_residual(name: str, source: str, c_in: int, expand: int, c_out: int, stride: int) -> tuple[Layer, ...]:
+    """A MobileNetV2 block reading `source`: 1x1 expand (unless expand == 1) -> BN -> relu6 -> 3x3 depthwise ->
+    BN -> relu6 -> 1x1 linear projection -> BN, plus the input when the shape is kept. A stride-2 depthwise conv
+    is "valid" after ZeroPadding2D ((0, 1), (0, 1)), as Keras' MobileNetV2 pads an even input."""
+    c, layers = c_in * expand, []
+    if expand != 1:
+        layers += [Conv2D(c, 1, use_bias=False, name=f"{name}_expand", inputs=(source,)),
+                   BatchNorm(name=f"{name}_expand_bn"), Activation("relu6", name=f"{name}_expand_relu")]
+    first = {"inputs": (source,)} if expand == 1 else {}
+    if stride == 2:
+        layers += [ZeroPadding2D(((0, 1), (0, 1)), name=f"{name}_pad", **first),
+                   Conv2D(c, 3, strides=2, groups=c, use_bias=False, name=f"{name}_dw")]
+    else:
+        layers += [Conv2D(c, 3, padding="same", groups=c, use_bias=False, name=f"{name}_dw", **first)]
+    layers += [BatchNorm(name=f"{name}_dw_bn"), Activation("relu6", name=f"{name}_dw_relu"),
+               Conv2D(c_out, 1, use_bias=False, name=f"{name}_project"), BatchNorm(name=f"{name}_project_bn")]
+    if stride == 1 and c_in == c_out:
+        layers += [Add(name=f"{name}_add", inputs=(source, f"{name}_project_bn"))]
+    return tuple(layers)
+
+
+def mobilenet_mini() -> ModelSpec:
+    """A small CIFAR-10 MobileNetV2 (Sandler et al. 2018): a stride-2 conv stem, five inverted residual blocks
+    (depthwise 3x3 convs, relu6, linear bottlenecks, two stride-2 blocks, two residual Adds), a 1x1 conv to 64
+    channels, global average pooling and Dense(10). No biases before BatchNorm.
+
+    Parameters (BatchNorm: 4 per channel, 2 of them the non-trainable moving statistics):
+      stem    16*3*9 + 4*16                                                  =    496
+      b1 (16 -> 16, t 1 -> 8)   dw 16*9 + 64, project 8*16 + 32             =    368
+      b2 (8 -> 48 -> 12, s2)    expand 48*8 + 192, dw 48*9 + 192, project 12*48 + 48   =  1,824
+      b3 (12 -> 72 -> 12, add)  expand 72*12 + 288, dw 72*9 + 288, project 12*72 + 48  =  3,000
+      b4 (12 -> 72 -> 16, s2)   expand 864 + 288, dw 648 + 288, project 16*72 + 64     =  3,304
+      b5 (16 -> 96 -> 16, add)  expand 96*16 + 384, dw 96*9 + 384, project 16*96 + 64 =  4,768
+      head    64*16 + 4*64 = 1,280; Dense 64*10 + 10 = 650                  =  1,930
+      total                                                                   15,690
+    """
+    layers: list[Layer] = [Conv2D(16, 3, strides=2, padding="same", use_bias=False, name="stem"),  # (16, 16, 16)
+                           BatchNorm(name="stem_bn"), Activation("relu6", name="stem_relu")]
+    previous, c_in = "stem_relu", 16
+    for i, (expand, c_out, stride) in enumerate(((1, 8, 1), (6, 12, 2), (6, 12, 1), (6, 16, 2), (6, 16, 1)), 1):
+        block = _inverted_residual(f"b{i}", previous, c_in, expand, c_out, stride)
+        layers += block
+        previous, c_in = block[-1].name, c_out
+    return ModelSpec("mobilenet_mini", (3, 32, 32), tuple(layers) + (          # (16, 4, 4) here
+        Conv2D(64, 1, use_bias=False, name="head", inputs=(previous,)), BatchNorm(name="head_bn"),
+        Activation("relu6", name="head_relu"), GlobalAveragePooling2D(name="pool"), Dense(10, name="fc")))
+
+
+def _mbconv(name: str, source: str, c_in: int, c_out: int, kernel: int, stride: int, expand: int = 1,
+            multiplier: int = 1) -> tuple[Layer, ...]:
+    """An EfficientNet MBConv block reading `source`: 1x1 expand (expand > 1) -> BN -> silu -> depthwise conv
+    (channel multiplier `multiplier`) -> BN -> silu -> squeeze-and-excitation (global pool kept 1x1 -> 1x1 conv
+    to c_in / 4 channels, silu -> 1x1 conv back, sigmoid -> Multiply) -> 1x1 projection -> BN, plus the input
+    when the shape is kept."""
+    c, layers = c_in * expand, []
+    if expand != 1:
+        layers += [Conv2D(c, 1, use_bias=False, name=f"{name}_expand", inputs=(source,)),
+                   BatchNorm(name=f"{name}_expand_bn"), Activation("silu", name=f"{name}_expand_act")]
+    first = {"inputs": (source,)} if expand == 1 else {}
+    layers += [Conv2D(c * multiplier, kernel, strides=stride, padding="same", groups=c, use_bias=False,
+                      name=f"{name}_dw", **first),
+               BatchNorm(name=f"{name}_dw_bn"), Activation("silu", name=f"{name}_dw_act"),
+               GlobalAveragePooling2D(keepdims=True, name=f"{name}_se_squeeze"),
+               Conv2D(max(1, c_in // 4), 1, activation="silu", name=f"{name}_se_reduce"),
+               Conv2D(c * multiplier, 1, activation="sigmoid", name=f"{name}_se_expand"),
+               Multiply(name=f"{name}_se_excite", inputs=(f"{name}_dw_act", f"{name}_se_expand")),
+               Conv2D(c_out, 1, use_bias=False, name=f"{name}_project"), BatchNorm(name=f"{name}_project_bn")]
+    if stride == 1 and c_in == c_out and multiplier == 1:
+        layers += [Add(name=f"{name}_add", inputs=(f"{name}_project_bn", source))]
+    return tuple(layers)
+
+
+def efficientnet_mini() -> ModelSpec:
+    """A small CIFAR-10 EfficientNet (Tan & Le 2019): Rescaling(1/255) and Normalization at the input (its mean
+    and variance are weights, 0 and 1 until set), a stride-2 conv stem, three MBConv blocks with
+    squeeze-and-excitation and silu (the second a stride-2 depthwise conv with channel multiplier 2, the third a
+    5x5 depthwise conv after a 1x1 expansion to 96 channels), a 1x1 conv to 64 channels, global average pooling
+    and Dense(10).
+
+    Parameters (BatchNorm: 4 per channel; Normalization: 2 per channel, all non-trainable statistics):
+      normalize  2*3                                                                    =      6
+      stem       16*3*9 + 4*16                                                          =    496
+      mb1 (16 -> 16, add)  dw 16*9 + 64, se 4*16+4 + 16*4+16, project 16*16 + 64       =    676
+      mb2 (16 -> 32 by multiplier 2, s2 -> 24)  dw 32*1*9 + 128, se 4*32+4 + 32*4+32,
+                           project 24*32 + 96                                           =  1,572
+      mb3 (24 -> 96 -> 24, 5x5, add)  expand 96*24 + 384, dw 96*25 + 384,
+                           se 6*96+6 + 96*6+96, project 24*96 + 96                      =  9,126
+      head       64*24 + 4*64 = 1,792; Dense 64*10 + 10 = 650                           =  2,442
+      total                                                                                14,318
+    """
+    layers: list[Layer] = [Rescaling(1 / 255, name="rescale"), Normalization(name="normalize"),
+                           Conv2D(16, 3, strides=2, padding="same", use_bias=False, name="stem"),  # (16, 16, 16)
+                           BatchNorm(name="stem_bn"), Activation("silu", name="stem_act")]
+    layers += _mbconv("mb1", "stem_act", 16, 16, 3, 1)
+    layers += _mbconv("mb2", layers[-1].name, 16, 24, 3, 2, multiplier=2)                   # (24, 8, 8)
+    layers += _mbconv("mb3", layers[-1].name, 24, 24, 5, 1, expand=4)
+    return ModelSpec("efficientnet_mini", (3, 32, 32), tuple(layers) + (
+        Conv2D(64, 1, use_bias=False, name="head", inputs=(layers[-1].name,)), BatchNorm(name="head_bn"),
+        Activation("silu", name="head_act"), GlobalAveragePooling2D(name="pool"), Dense(10, name="fc")))
+
+
 _ZOO = {f.__name__: f for f in (perceptron, mlp, lenet5, cifar_cnn, digits_mlp, digits_cnn, resnet20, inception_mini,
-                                residual_mlp, every_kind)}
+                                residual_mlp, every_kind, mobilenet_mini, efficientnet_mini)}
 
 
 def names() -> list[str]:
