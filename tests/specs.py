@@ -1,6 +1,7 @@
 """Hand-written specs that together exercise every layer kind, activation, odd sizes, strides, paddings and graphs."""
-from nncompare.models import (INPUT, Activation, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense, Dropout,
-                              Flatten, GlobalAveragePooling2D, MaxPool2D, ModelSpec)
+from nncompare.models import (INPUT, Activation, AdaptiveAvgPool2D, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D,
+                              Dense, Dropout, Flatten, GlobalAveragePooling2D, LayerNormalization, MaxPool2D, ModelSpec,
+                              Multiply, Normalization, Rescaling, ZeroPadding2D)
 
 EVERY_LAYER = {
     "conv_same_stride2": ModelSpec("conv_same_stride2", (2, 7, 6), (
@@ -55,4 +56,62 @@ GRAPHS = {
         Dense(4, activation="softplus", name="c", inputs=("a",)),
         Concatenate(name="cat", inputs=("bn", "c")),
         Dense(1, activation="sigmoid", name="out"))),
+}
+
+# The standard CNN families' vocabulary, every new option at least once, on odd non-square shapes. Kept apart from
+# EVERY_LAYER and GRAPHS so the suites over those stay green while a backend's converters for these land.
+CNN_ACTIVATIONS = ("relu6", "hard_sigmoid", "hard_swish", "elu(0.5)")
+CNN_SPECS = {
+    # the input scaled by 4 spreads the pre-activations across every kink (0, 6; -3, 3)
+    **{f"cnn_act_{a.replace('(', '_').replace(')', '').replace('.', '')}": ModelSpec(
+        f"cnn_act_{a.replace('(', '_').replace(')', '').replace('.', '')}", (5,), (
+            Rescaling(4.0), Dense(6, activation=a), Activation(a), Dense(3))) for a in CNN_ACTIVATIONS},
+    # groups 2 with dilation 2 and "same" (extent 5), explicit asymmetric padding with groups 3, a depthwise conv
+    # with multiplier 2 and stride 2, a non-square dilation, int padding
+    "grouped_dilated_convs": ModelSpec("grouped_dilated_convs", (4, 9, 8), (
+        Conv2D(6, 3, padding="same", groups=2, dilation=2, activation="relu6"),
+        Conv2D(6, (3, 2), padding=((1, 0), (2, 1)), groups=3, use_bias=False), BatchNorm(),
+        Conv2D(12, 3, strides=2, padding="same", groups=6, activation="hard_swish"),
+        Conv2D(4, (2, 3), padding=1, dilation=(2, 1), activation="elu(0.5)"), Flatten(), Dense(3))),
+    # ceil_mode with and without padding (the last-window rule firing, and windows hanging past the padded input),
+    # count_include_pad with int, explicit and "same" pads, adaptive pools that shrink and grow their input
+    "pools_ceil_and_pads": ModelSpec("pools_ceil_and_pads", (2, 7, 8), (
+        MaxPool2D(3, strides=3, padding=1, ceil_mode=True, name="max_ceil_rule"),                 # (2, 3, 3)
+        AvgPool2D(3, strides=2, padding=1, ceil_mode=True, count_include_pad=True, name="avg_ceil_include",
+                  inputs=(INPUT,)),                                                              # (2, 4, 5)
+        AvgPool2D(2, strides=2, padding=((0, 1), (1, 0)), ceil_mode=True, count_include_pad=True,
+                  name="avg_ceil_explicit"),                                                     # (2, 2, 3)
+        MaxPool2D(2, strides=2, ceil_mode=True, name="max_ceil", inputs=(INPUT,)),               # (2, 4, 4)
+        AvgPool2D(3, strides=2, padding=1, ceil_mode=True, name="avg_ceil_exclude"),             # (2, 3, 3)
+        AvgPool2D(3, strides=2, padding="same", count_include_pad=True, name="avg_same_include",
+                  inputs=(INPUT,)),                                                              # (2, 4, 4)
+        AvgPool2D(3, strides=1, padding=((1, 1), (0, 1)), count_include_pad=True, name="avg_explicit",
+                  inputs=(INPUT,)),                                                              # (2, 7, 7)
+        AdaptiveAvgPool2D((3, 2), name="adaptive_down"),                                          # (2, 3, 2)
+        AdaptiveAvgPool2D(5, name="adaptive_up", inputs=("avg_ceil_exclude",)),                  # (2, 5, 5)
+        Flatten(name="f1", inputs=("max_ceil_rule",)), Flatten(name="f2", inputs=("avg_ceil_explicit",)),
+        Flatten(name="f3", inputs=("avg_same_include",)), Flatten(name="f4", inputs=("adaptive_down",)),
+        Flatten(name="f5", inputs=("adaptive_up",)),
+        Concatenate(name="cat", inputs=("f1", "f2", "f3", "f4", "f5")), Dense(3, name="out"))),
+    # Keras' stride-2 depthwise block: explicit ((0, 1), (0, 1)) zero padding, then "valid"
+    "zero_padding_depthwise": ModelSpec("zero_padding_depthwise", (3, 8, 7), (
+        ZeroPadding2D(((0, 1), (0, 1))), Conv2D(6, 3, strides=2, groups=3, use_bias=False), BatchNorm(),
+        Activation("relu6"), ZeroPadding2D(1), Conv2D(4, 1), ZeroPadding2D(((2, 0), (1, 3))),
+        GlobalAveragePooling2D(), Dense(2, activation="softmax"))),
+    # squeeze-and-excitation with a (C, 1, 1) gate and a flat (C,) gate, gate first and second; a 3-input
+    # product; Rescaling, Normalization and LayerNormalization on images and on flat features
+    "squeeze_excite": ModelSpec("squeeze_excite", (3, 6, 5), (
+        Rescaling(0.5, offset=-0.25, name="rescale"), Normalization(name="norm"),
+        Conv2D(4, 3, padding="same", activation="silu", name="conv"),
+        GlobalAveragePooling2D(keepdims=True, name="squeeze"),
+        Conv2D(2, 1, activation="silu", name="reduce"), Conv2D(4, 1, activation="hard_sigmoid", name="expand"),
+        Multiply(name="excite", inputs=("conv", "expand")),
+        GlobalAveragePooling2D(name="flat_squeeze", inputs=("conv",)), Dense(4, activation="sigmoid", name="gate"),
+        Multiply(name="flat_excite", inputs=("gate", "excite")),
+        LayerNormalization(name="ln_image"),
+        Multiply(name="triple", inputs=("ln_image", "conv", "excite")),
+        GlobalAveragePooling2D(name="gap"), Normalization(name="norm_flat"), LayerNormalization(epsilon=1e-5,
+                                                                                               name="ln_flat"),
+        Dense(5, activation="hard_swish", name="fc"), Multiply(name="square", inputs=("fc", "fc")),
+        Dense(3, activation="softmax", name="out"))),
 }
