@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from nncompare.backends import Adam, SGD, get_adapter
-from nncompare.models import INPUT, Add, AvgPool2D, Conv2D, Dense, GlobalAveragePooling2D, MaxPool2D, ModelSpec, zoo
+from nncompare.models import (INPUT, Add, AvgPool2D, Conv2D, Dense, Flatten, GlobalAveragePooling2D, LayerNormalization,
+                              MaxPool2D, ModelSpec, Multiply, Normalization, Rescaling, zoo)
 
 from .gradcheck import max_relative_fd_error
 from .randspec import random_graph_spec
-from .specs import ACTIVATION_SPECS, EVERY_LAYER, GRAPHS
+from .specs import ACTIVATION_SPECS, CNN_SPECS, EVERY_LAYER, GRAPHS
 
 NumpyAdapter = get_adapter("numpy")
 
@@ -45,7 +46,8 @@ def test_gradients_match_finite_differences_for_every_layer_kind(name):
 @pytest.mark.parametrize("name", [n for n in zoo.names()])
 def test_gradients_match_finite_differences_for_zoo_models(name):
     spec = zoo.get(name).without_dropout()
-    if name in ("resnet20", "inception_mini"):  # the same layers on an 8x8 input keep the check to seconds
+    if name in ("resnet20", "inception_mini", "mobilenet_mini", "efficientnet_mini"):
+        # the same layers on an 8x8 input keep the check to seconds
         spec = dataclasses.replace(spec, input_shape=(3, 8, 8))
     net = perturbed(spec)
     small = name in ("cifar_cnn", "resnet20")  # many weights at float64: sample a few per tensor
@@ -234,6 +236,102 @@ def test_first_divergence_names_the_first_node_in_topological_order():
     assert first_divergence(net, oracle, x) == "b3"
     assert first_divergence(Reversed(), oracle, x) == "b3"
     assert first_divergence(oracle, oracle, x) is None
+
+
+# --- the standard CNN families' vocabulary --------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(CNN_SPECS))
+def test_gradients_match_finite_differences_for_the_cnn_vocabulary(name):
+    """Groups, dilation, explicit pads, ceil_mode, count_include_pad, ZeroPadding2D, adaptive pooling, keepdims,
+    Multiply (gates of both shapes, either side), Rescaling, Normalization, LayerNormalization, new activations."""
+    spec = CNN_SPECS[name]
+    assert max_relative_fd_error(perturbed(spec), *batch(spec), per_param=20) < 1e-6
+
+
+def test_new_activation_values_at_known_points():
+    from nncompare.backends.numpy_backend import act_forward
+    x = np.array([-4.0, -3.0, -1.5, 0.0, 1.5, 3.0, 4.0, 6.0, 7.0])
+    np.testing.assert_allclose(act_forward("relu6", x), [0, 0, 0, 0, 1.5, 3, 4, 6, 6])
+    # relu6(x + 3) / 6 (Keras 3, torch): not Keras 2's clip(0.2 x + 0.5, 0, 1), which gives 0.2 at -1.5
+    np.testing.assert_allclose(act_forward("hard_sigmoid", x), [0, 0, 0.25, 0.5, 0.75, 1, 1, 1, 1])
+    np.testing.assert_allclose(act_forward("hard_swish", x), x * np.array([0, 0, 0.25, 0.5, 0.75, 1, 1, 1, 1]))
+    np.testing.assert_allclose(act_forward("elu(0.5)", np.array([-2.0, 1.0])), [0.5 * np.expm1(-2), 1])
+
+
+def test_activation_gradients_at_the_kinks_take_the_outer_piece():
+    from nncompare.backends.numpy_backend import act_backward, act_forward
+    x = np.array([-3.0, 0.0, 3.0, 6.0])
+
+    def grad(a):
+        return act_backward(a, x, act_forward(a, x), np.ones_like(x))
+    np.testing.assert_array_equal(grad("relu6"), [0, 0, 1, 0])
+    np.testing.assert_array_equal(grad("hard_sigmoid"), [0, 1 / 6, 0, 0])
+    np.testing.assert_array_equal(grad("hard_swish"), [0, 0.5, 1, 1])
+
+
+def test_global_average_pooling_keepdims_gives_c_1_1():
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 5)).astype(np.float32).astype(np.float64)
+    spec = ModelSpec("g", (3, 4, 5), (GlobalAveragePooling2D(keepdims=True, name="g"), Flatten(), Dense(2)))
+    assert spec.infos[0].out_shape == (3, 1, 1)
+    np.testing.assert_allclose(NumpyAdapter.build(spec).layer_outputs(x)["g"], x.mean(axis=(2, 3), keepdims=True))
+
+
+@pytest.mark.parametrize("gate_shape,gate_first", [((3,), False), ((3, 1, 1), False), ((3,), True),
+                                                   ((3, 1, 1), True)])
+def test_multiply_broadcasts_a_per_channel_gate_over_the_image(gate_shape, gate_first):
+    gate = GlobalAveragePooling2D(keepdims=len(gate_shape) == 3, name="gate", inputs=(INPUT,))
+    inputs = ("gate", "input") if gate_first else ("input", "gate")
+    spec = ModelSpec("m", (3, 4, 5), (gate, Multiply(name="mul", inputs=inputs), Flatten(), Dense(2)))
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 5)).astype(np.float32).astype(np.float64)
+    assert spec.infos[1].out_shape == (3, 4, 5)
+    np.testing.assert_allclose(NumpyAdapter.build(spec).layer_outputs(x)["mul"],
+                               x * x.mean(axis=(2, 3), keepdims=True))
+    assert max_relative_fd_error(perturbed(spec), x, [0, 1]) < 1e-6
+
+
+def test_multiply_of_equal_shapes_is_the_elementwise_product_even_with_a_node_read_twice():
+    spec = ModelSpec("m", (4,), (Dense(4, name="a"), Dense(4, name="b", inputs=(INPUT,)),
+                                 Multiply(name="m", inputs=("a", "b", "a")), Dense(2)))
+    net = perturbed(spec)
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32).astype(np.float64)
+    outs = net.layer_outputs(x)
+    np.testing.assert_allclose(outs["m"], outs["a"] ** 2 * outs["b"])
+    assert max_relative_fd_error(net, x, [0, 1, 1]) < 1e-6
+
+
+def test_rescaling_normalization_and_layernorm_follow_their_formulas():
+    spec = ModelSpec("n", (3, 2, 2), (Rescaling(0.5, offset=2.0, name="r"), Normalization(name="n"),
+                                      LayerNormalization(epsilon=1e-3, name="ln"), Flatten(), Dense(2)))
+    net = perturbed(spec)
+    x = np.random.default_rng(0).standard_normal((2, 3, 2, 2)).astype(np.float32).astype(np.float64)
+    w = dict(net.w)
+    w["n/variance"] = np.array([4.0, 0.0, 1e-16])  # a variance of 0 (or below 1e-14) divides by 1e-7: Keras 3's floor
+    net.set_weights(w)
+    outs = net.layer_outputs(x)
+    r = x * 0.5 + 2.0
+    np.testing.assert_allclose(outs["r"], r)
+    n = (r - w["n/mean"][None, :, None, None]) / np.array([2.0, 1e-7, 1e-7])[None, :, None, None]
+    np.testing.assert_allclose(outs["n"], n)
+    mean, var = n.mean(axis=1, keepdims=True), n.var(axis=1, keepdims=True)  # over channels, per position
+    ln = (n - mean) / np.sqrt(var + 1e-3) * w["ln/gamma"][None, :, None, None] + w["ln/beta"][None, :, None, None]
+    np.testing.assert_allclose(outs["ln"], ln)
+
+
+def test_normalization_statistics_are_weights_that_never_train():
+    from nncompare.models import init_weights
+    spec = ModelSpec("n", (3,), (Normalization(name="n"), Dense(2, name="d")))
+    assert list(spec.param_shapes()) == ["n/mean", "n/variance", "d/kernel", "d/bias"]
+    assert spec.trainable_keys() == ["d/kernel", "d/bias"] and spec.trainable_params == 8
+    w0 = init_weights(spec)
+    assert (w0["n/mean"] == 0).all() and (w0["n/variance"] == 1).all()
+    net = perturbed(spec)
+    before = net.get_weights()
+    x = np.random.default_rng(0).standard_normal((4, 3))
+    assert set(net.loss_and_grads(x, [0, 1, 0, 1])[1]) == {"d/kernel", "d/bias"}
+    net.set_optimizer(SGD(lr=0.5))
+    net.train_step(x, [0, 1, 0, 1])
+    after = net.get_weights()
+    assert (after["n/mean"] == before["n/mean"]).all() and (after["n/variance"] == before["n/variance"]).all()
+    assert not (after["d/kernel"] == before["d/kernel"]).all()
 
 
 # --- what the oracle needs ------------------------------------------------------------------------

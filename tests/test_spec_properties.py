@@ -11,14 +11,25 @@ from nncompare.backends import get_adapter
 from nncompare.models import LAYER_KINDS, ModelSpec, SpecError
 
 sizes = st.sampled_from([1, 2, 3, 4, 5, 2, 3, 0, -1])  # mostly valid, sometimes not
+explicit_pads = st.lists(st.lists(st.sampled_from([0, 1, 2, -1]), min_size=2, max_size=2), min_size=2, max_size=2)
+paddings = st.one_of(st.sampled_from(["valid", "same", "same", 1, 0, "full"]), explicit_pads)
 layer_dicts = st.one_of(
     st.fixed_dictionaries({"type": st.just("dense"), "units": sizes,
-                           "activation": st.sampled_from(["linear", "relu", "tanh", "softmax", "swish"])}),
+                           "activation": st.sampled_from(["linear", "relu", "tanh", "softmax", "swish", "relu6",
+                                                          "hard_sigmoid", "hard_swish", "elu(0.5)"])}),
     st.fixed_dictionaries({"type": st.just("conv2d"), "filters": sizes,
                            "kernel_size": st.one_of(sizes, st.lists(sizes, min_size=2, max_size=2)),
-                           "strides": st.sampled_from([1, 2, 3, 0]),
-                           "padding": st.sampled_from(["valid", "same", "same", 1, 0, "full"])}),
-    st.fixed_dictionaries({"type": st.sampled_from(["maxpool2d", "avgpool2d"]), "pool_size": sizes}),
+                           "strides": st.sampled_from([1, 2, 3, 0]), "padding": paddings},
+                          optional={"groups": st.sampled_from([1, 2, 3, 0]), "dilation": st.sampled_from([1, 2, 0])}),
+    st.fixed_dictionaries({"type": st.sampled_from(["maxpool2d", "avgpool2d"]), "pool_size": sizes},
+                          optional={"strides": st.sampled_from([1, 2, 3]), "padding": paddings,
+                                    "ceil_mode": st.booleans(), "count_include_pad": st.booleans()}),
+    st.fixed_dictionaries({"type": st.just("zeropadding2d"), "padding": st.one_of(sizes, explicit_pads)}),
+    st.fixed_dictionaries({"type": st.just("adaptiveavgpool2d"),
+                           "output_size": st.one_of(sizes, st.lists(sizes, min_size=2, max_size=2))}),
+    st.fixed_dictionaries({"type": st.just("globalavgpool2d")}, optional={"keepdims": st.booleans()}),
+    st.fixed_dictionaries({"type": st.sampled_from(["normalization", "layernorm"])}),
+    st.fixed_dictionaries({"type": st.just("rescaling"), "scale": st.floats(-3, 3)}),
     st.fixed_dictionaries({"type": st.just("flatten")}),
     st.fixed_dictionaries({"type": st.just("dropout"), "rate": st.floats(-0.5, 1.5)}),
     st.fixed_dictionaries({"type": st.just("batchnorm"), "momentum": st.floats(0, 1.2)}),
@@ -88,7 +99,9 @@ any_layer = st.builds(
     lambda kind, fields, name, inputs: {"type": kind, **fields, **name, **inputs},
     st.sampled_from(sorted(LAYER_KINDS)),
     st.dictionaries(st.sampled_from(["units", "filters", "kernel_size", "strides", "padding", "activation",
-                                     "use_bias", "pool_size", "rate", "momentum", "epsilon"]), json_values, max_size=3),
+                                     "use_bias", "pool_size", "rate", "momentum", "epsilon", "groups", "dilation",
+                                     "ceil_mode", "count_include_pad", "keepdims", "output_size", "scale", "offset"]),
+                    json_values, max_size=3),
     st.one_of(st.just({}), st.fixed_dictionaries({"name": st.one_of(st.sampled_from(["a", "b", "c"]), json_values)})),
     st.one_of(st.just({}), st.fixed_dictionaries({"inputs": st.one_of(st.lists(node_names, max_size=3),
                                                                       json_values)})))
