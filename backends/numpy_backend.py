@@ -241,7 +241,7 @@ class AvgPoolNode(Node):
         xp = _pad(x, pads)
         if layer.count_include_pad:
             ((pt, pb), (pl, pr)), (eh, ew) = layer.pads(x.shape[1:]), layer.overhang(x.shape[1:])
-            counted = np.pad(np.ones((1, 1, x.shape[2] + pt + pb, x.shape[3] + pl + pr)), ((0, 0), (0, 0), (0, eh), (0, ew)))
+            counted = _pad(np.ones((1, 1, x.shape[2] + pt + pb, x.shape[3] + pl + pr)), ((0, eh), (0, ew)))
         else:
             counted = _pad(np.ones((1, 1) + x.shape[2:]), pads)
         count = _windows(counted, k, s).sum(axis=(4, 5))  # (1, 1, OH, OW)
