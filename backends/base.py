@@ -1,7 +1,6 @@
 """The adapter contract every framework implements, optimizer configs, and shared helpers."""
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 import numbers
@@ -254,73 +253,16 @@ def converter(table: Mapping, info, backend: str, error: type[Exception] = Backe
     return convert
 
 
-def _guard_set_weights(impl):
-    @functools.wraps(impl)
-    def set_weights(self, weights):
-        return impl(self, self._check_weights(weights))
-    return set_weights
-
-
-def _guard_set_optimizer(impl):
-    @functools.wraps(impl)
-    def set_optimizer(self, optimizer):
-        optimizer = check_optimizer(optimizer)
-        self._check_trainable()  # frameworks refuse an optimizer over no parameters, each its own way
-        return impl(self, optimizer)
-    return set_optimizer
-
-
-def _guard_loss_and_grads(impl):
-    @functools.wraps(impl)
-    def loss_and_grads(self, x, y):
-        self._check_trainable()
-        x = as_inputs(self.spec, x)
-        return impl(self, x, as_labels(self.spec, y, len(x)))
-    return loss_and_grads
-
-
-def _guard_to_device(impl):
-    @functools.wraps(impl)
-    def to_device(self, x, y):
-        x = as_inputs(self.spec, x)
-        return impl(self, x, as_labels(self.spec, y, len(x)))
-    return to_device
-
-
-def _guard_set_threads(impl):
-    func = impl.__func__  # a classmethod
-
-    @functools.wraps(func)
-    def set_threads(cls, n):
-        return func(cls, _check_int("threads", n, 1))
-    return classmethod(set_threads)
-
-
-# Public methods each backend implements under its own name: __init_subclass__ wraps them with these checks.
-_GUARDS = {"set_weights": _guard_set_weights, "set_optimizer": _guard_set_optimizer,
-           "loss_and_grads": _guard_loss_and_grads, "to_device": _guard_to_device, "set_threads": _guard_set_threads}
-
-
 class Adapter(ABC):
     """One framework's build of a ModelSpec, speaking the canonical weight layout.
 
-    Subclasses build their native network in `_build` and keep it in `self.native`. Arguments are checked
-    here, once for every framework: the shared methods check their own, and a subclass's set_weights,
-    set_optimizer, loss_and_grads, to_device and set_threads are wrapped at class creation so the checks
-    run before its code;
-    logits and layer_outputs are checked by `as_inputs`, which every backend calls.
+    The public methods live here and check their arguments once, for every framework, then call the backend's
+    implementation: `_build`, `get_weights`, `_set_weights`, `logits`, `layer_outputs`, `_loss_and_grads`,
+    `_set_optimizer`, `_train_batch`, and where it has them `_to_device`, `_set_threads`, `thread_choices`,
+    `use_threads`, `settings`. logits and layer_outputs check their inputs with `as_inputs`.
     """
 
     name: ClassVar[str] = ""
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        for method, guard in _GUARDS.items():
-            impl = cls.__dict__.get(method)
-            if impl is not None and not getattr(getattr(impl, "__func__", impl), "_guarded", False):
-                wrapped = guard(impl)
-                getattr(wrapped, "__func__", wrapped)._guarded = True
-                setattr(cls, method, wrapped)
 
     def __init__(self, spec: ModelSpec, device: str = "cpu", compile: bool = False, native_init: bool = True):
         """native_init=False: weights are loaded right after, so the framework may skip its own initialisers."""
@@ -360,7 +302,7 @@ class Adapter(ABC):
             net.set_optimizer(SGD() if optimizer is None else optimizer)
         return net
 
-    # --- the contract ------------------------------------------------------------------------------
+    # --- what each backend implements --------------------------------------------------------------
     @abstractmethod
     def _build(self) -> None:
         """Create the native network on self.device."""
@@ -370,8 +312,8 @@ class Adapter(ABC):
         """All weights (BatchNorm statistics included) as a canonical ordered dict of float32 arrays."""
 
     @abstractmethod
-    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
-        """Load a canonical weight dict (checked by _check_weights before the backend's code runs)."""
+    def _set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        """Load a canonical weight dict that _check_weights has checked."""
 
     @abstractmethod
     def logits(self, x: np.ndarray) -> np.ndarray:
@@ -382,18 +324,71 @@ class Adapter(ABC):
         """Inference-mode output of every logits layer, keyed by layer name, in canonical (NCHW) layout."""
 
     @abstractmethod
-    def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
-        """Training-mode mean loss and canonical gradients of the trainable weights; changes no state.
-        The backend's code receives checked float32 inputs and int64 (N,) labels."""
+    def _loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+        """Training-mode mean loss and canonical gradients on checked float32 inputs and int64 (N,) labels."""
 
     @abstractmethod
+    def _set_optimizer(self, optimizer: Optimizer) -> None:
+        """Use a checked `optimizer` (fresh state) for training."""
+
+    @abstractmethod
+    def _train_batch(self, x: Any, y: Any) -> Any:
+        """One optimizer step on checked inputs (host arrays, or what _to_device returned); returns the loss
+        as a framework value, not yet fetched to the host."""
+
+    def _to_device(self, x: np.ndarray, y: np.ndarray) -> tuple[Any, Any]:
+        """Checked host arrays as the framework's resident tensors; by default they stay host arrays."""
+        return x, y
+
+    @classmethod
+    def _set_threads(cls, n: int) -> None:
+        """Size the framework's CPU thread pools to a checked n (its variables are set before it loads)."""
+
+    # --- the contract: public, checked once here ----------------------------------------------------
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        """Load a canonical weight dict (every key and shape of the spec, finite float32 values)."""
+        self._set_weights(self._check_weights(weights))
+
+    def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+        """Training-mode mean loss and canonical gradients of the trainable weights; changes no state."""
+        self._check_trainable()
+        x = as_inputs(self.spec, x)
+        return self._loss_and_grads(x, as_labels(self.spec, y, len(x)))
+
     def set_optimizer(self, optimizer: Optimizer) -> None:
         """Use `optimizer` (fresh state) for train_step and fit."""
+        optimizer = check_optimizer(optimizer)
+        self._check_trainable()  # frameworks refuse an optimizer over no parameters, each its own way
+        self._set_optimizer(optimizer)
 
-    @abstractmethod
-    def _train_batch(self, x: np.ndarray, y: np.ndarray) -> Any:
-        """One optimizer step on checked float32 inputs and int64 (N,) labels; returns the loss as a
-        framework value (not yet fetched to host)."""
+    def to_device(self, x: np.ndarray, y: np.ndarray) -> tuple[Any, Any]:
+        """A batch as the framework's own tensors on its device, for train_batch (the timer keeps them resident)."""
+        x = as_inputs(self.spec, x)
+        return self._to_device(x, as_labels(self.spec, y, len(x)))
+
+    def train_batch(self, x: Any, y: Any) -> Any:
+        """One optimizer step on a batch from to_device, unchecked: the timer's call. Returns the loss as a
+        framework value (float() fetches it)."""
+        return self._train_batch(x, y)
+
+    @classmethod
+    def set_threads(cls, n: int) -> None:
+        """Size the framework's CPU thread pools, n >= 1 (the environment variables are set before it loads)."""
+        cls._set_threads(_check_int("threads", n, 1))
+
+    def thread_choices(self, threads: int) -> list[int]:
+        """Operator thread counts worth timing for a cell of `threads` (first: the framework's own choice);
+        empty where the framework's count is fixed once it has loaded."""
+        return []
+
+    def use_threads(self, n: int) -> None:
+        """Run the framework's operators on n threads from now on (only counts thread_choices offered)."""
+        raise BackendError(f"{self.name}: its operator thread count cannot change after it loaded")
+
+    @property
+    def settings(self) -> dict:
+        """What the adapter chose for speed or numerics (recorded in every result row)."""
+        return {}
 
     def sync(self) -> None:
         """Wait until all queued work on the device is done."""
@@ -406,11 +401,6 @@ class Adapter(ABC):
     @classmethod
     def version(cls) -> str:
         return ""
-
-    @classmethod
-    def set_threads(cls, n: int) -> None:
-        """Size the framework's CPU thread pools, n >= 1 (the environment variables are set before it loads)."""
-        _check_int("threads", n, 1)
 
     @property
     def device_name(self) -> str:

@@ -52,7 +52,7 @@ def time_budget() -> float:
 
 def _framework(backend: str | None) -> str | None:
     """The framework whose thread pools a backend's cell sizes ("keras-torch" runs torch kernels)."""
-    return None if backend is None else BACKENDS[backend].framework
+    return BACKENDS[backend].framework if backend in BACKENDS else backend
 
 
 def tool_env(threads: int, backend: str | None = None) -> dict[str, str]:
@@ -231,7 +231,7 @@ def _framework_settings(net: Any, backend: str) -> dict:
         jax = sys.modules["jax"]
         s["jax.devices"] = [str(d) for d in jax.devices()]
     try:  # the per-framework practices the adapter chose (memory format, fused BatchNorm, static_alloc, ...)
-        chosen = getattr(net, "settings", None)
+        chosen = net.settings
     except (AttributeError, RuntimeError):  # a report must not fail the timing it describes
         chosen = None
     if isinstance(chosen, dict):
@@ -267,9 +267,9 @@ def measure(backend: str, spec: ModelSpec, device: str, batch_size: int, steps: 
     `repeats` are minimums, repeats go on until the spread settles or `budget_s` (split 2:1 between training
     and inference; default $NNCOMPARE_TIME_BUDGET, else TIME_BUDGET_S; 0 = exactly the minimums) is spent.
     Where the adapter offers thread_choices (MXNet), the operator thread count is chosen first by timing each
-    (choose_threads), inside the training budget. data="resident" feeds the adapter's own device tensors
-    where it offers `to_device`, else host NumPy arrays every step (data="host", what a data loader does);
-    the row says which."""
+    (choose_threads), inside the training budget. data="resident" feeds the adapter's own tensors made once
+    by `to_device`; data="host" feeds host NumPy arrays every step (what a data loader does); the row says
+    which."""
     if data not in ("host", "resident"):
         raise ValueError(f"data must be 'host' or 'resident', got {data!r}")
     if budget_s is None:
@@ -289,7 +289,7 @@ def measure(backend: str, spec: ModelSpec, device: str, batch_size: int, steps: 
     build_s = time.perf_counter() - t0
 
     placed = "host"
-    if data == "resident" and callable(getattr(net, "to_device", None)):
+    if data == "resident":  # the framework's own tensors, made once (host arrays where it has no device copy)
         pool = [tuple(net.to_device(x, y)) for x, y in pool]
         placed = "resident"
 
@@ -297,7 +297,7 @@ def measure(backend: str, spec: ModelSpec, device: str, batch_size: int, steps: 
 
     def train(n: int) -> None:
         for i in range(n):
-            handle = net._train_batch(*pool[i % len(pool)])
+            handle = net.train_batch(*pool[i % len(pool)])
         last["loss"] = float(handle)  # fetching the last loss waits for queued steps (MXNet engine, CUDA)
         net.sync()
         last["steps"] += n
@@ -313,8 +313,7 @@ def measure(backend: str, spec: ModelSpec, device: str, batch_size: int, steps: 
     loss = last["loss"]
 
     t0 = time.perf_counter()
-    offered = getattr(net, "thread_choices", None)
-    choices = offered(threads) if callable(offered) else []
+    choices = net.thread_choices(threads)
     probe: dict[int, float] = {}
     if len(choices) > 1:  # a framework whose best thread count depends on the model (docs/performance.md)
         full = budget_s or Turns.from_env() is not None  # else budget 0: exactly the minimums

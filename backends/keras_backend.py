@@ -361,7 +361,7 @@ class _KerasAdapter(Adapter):
         return {k: self._to_canonical(ops.convert_to_numpy(v.value), conv, perm)
                 for k, (v, conv, perm) in self._params.items()}
 
-    def set_weights(self, weights):
+    def _set_weights(self, weights):
         with self._on_device():
             for k, (v, conv, perm) in self._params.items():
                 v.assign(self._to_native(np.asarray(weights[k], np.float32), conv, perm))
@@ -421,7 +421,7 @@ class KerasAdapter(_KerasAdapter):
         return {**super().settings, "jit": "tf.function", "xla": self.compile, "tf32": False if self._gpu else None}
 
     @classmethod
-    def set_threads(cls, n: int) -> None:
+    def _set_threads(cls, n: int) -> None:
         try:
             tf.config.threading.set_intra_op_parallelism_threads(n)
             tf.config.threading.set_inter_op_parallelism_threads(n)
@@ -474,12 +474,12 @@ class KerasAdapter(_KerasAdapter):
         with self._on_device():
             return self._logits_fn(self._input(as_inputs(self.spec, x))).numpy()
 
-    def loss_and_grads(self, x, y):
+    def _loss_and_grads(self, x, y):
         with self._on_device():
             loss, grads = self._grads_fn(self._input(x), np.asarray(y, np.int64))
         return float(loss), self._grads_to_canonical(grads)
 
-    def set_optimizer(self, optimizer):
+    def _set_optimizer(self, optimizer):
         opt = _keras_optimizer(optimizer)
         with self._on_device():
             opt.build(self._trainable)  # slots created eagerly, outside the traced step
@@ -487,7 +487,7 @@ class KerasAdapter(_KerasAdapter):
         self._step_fn = tf.function(self._step_graph, reduce_retracing=True,  # traces against the new slots
                                     jit_compile=self.compile)
 
-    def to_device(self, x, y):
+    def _to_device(self, x, y):
         """Inputs and labels resident on the device, for timing without host copies."""
         with self._on_device():
             return tf.constant(self._input(x)), tf.constant(np.asarray(y, np.int64))
@@ -598,9 +598,9 @@ class KerasJaxAdapter(_KerasAdapter):
         self._push()
         return super().get_weights()
 
-    def set_weights(self, weights):
+    def _set_weights(self, weights):
         self._push()  # keeps the optimizer state
-        super().set_weights(weights)
+        super()._set_weights(weights)
 
     def layer_outputs(self, x):
         self._push()
@@ -614,13 +614,13 @@ class KerasJaxAdapter(_KerasAdapter):
         with self._on_device():
             return np.asarray(self._logits_fn(tv, ntv, self._input(as_inputs(self.spec, x))))
 
-    def loss_and_grads(self, x, y):
+    def _loss_and_grads(self, x, y):
         tv, ntv, _ = self._pull()
         with self._on_device():
             loss, grads = self._grads_fn(tv, ntv, self._input(x), self._labels(y))
         return float(loss), self._grads_to_canonical([grads[i] for i in self._grad_index])
 
-    def set_optimizer(self, optimizer):
+    def _set_optimizer(self, optimizer):
         opt = _keras_optimizer(optimizer)
         self._push()
         with self._on_device():
@@ -629,7 +629,7 @@ class KerasJaxAdapter(_KerasAdapter):
         # traced anew: the step reads the optimizer's Python-level settings (momentum, betas) at trace time
         self._step_fn = jax.jit(self._step, donate_argnums=0 if self._gpu else ())  # the old state dies
 
-    def to_device(self, x, y):
+    def _to_device(self, x, y):
         """Inputs and labels resident on the device, for timing without host copies."""
         return jax.device_put((self._input(x), self._labels(y)), self._jdev)
 
@@ -671,7 +671,7 @@ class KerasTorchAdapter(_KerasAdapter):
                 "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if self._gpu else None}
 
     @classmethod
-    def set_threads(cls, n: int) -> None:
+    def _set_threads(cls, n: int) -> None:
         torch.set_num_threads(n)
 
     def _gpu_count(self):
@@ -710,7 +710,7 @@ class KerasTorchAdapter(_KerasAdapter):
         loss.backward()
         return loss.detach()
 
-    def loss_and_grads(self, x, y):
+    def _loss_and_grads(self, x, y):
         saved = [v.value.detach().clone() for v in self._stats]  # the training call moves BatchNorm statistics
         with self._on_device():
             loss = self._backward(self._input(x), self._labels(y))
@@ -722,13 +722,13 @@ class KerasTorchAdapter(_KerasAdapter):
             v.value.grad = None
         return float(loss), self._grads_to_canonical(grads)
 
-    def set_optimizer(self, optimizer):
+    def _set_optimizer(self, optimizer):
         opt = _keras_optimizer(optimizer)
         with self._on_device():
             opt.build(self._trainable)
         self.optimizer, self._opt = optimizer, opt
 
-    def to_device(self, x, y):
+    def _to_device(self, x, y):
         """Inputs and labels resident on the device, for timing without host copies."""
         return self._input(as_inputs(self.spec, x)), self._labels(y)
 

@@ -404,8 +404,7 @@ class MXNetAdapter(Adapter):
             out[k] = np.ascontiguousarray(a.T if tr else a, dtype=np.float32)
         return out
 
-    def set_weights(self, weights):
-        self._check_weights(weights)
+    def _set_weights(self, weights):
         for k, (p, tr) in self._params.items():
             w = np.asarray(weights[k], np.float32)
             p.set_data(_nd(w.T if tr else w, self.ctx))  # in place: keeps static_alloc
@@ -417,7 +416,7 @@ class MXNetAdapter(Adapter):
     def _labels(self, y) -> nd.NDArray:
         return _nd(y, self.ctx)  # pick() and the BCE take float labels
 
-    def to_device(self, x, y) -> tuple[nd.NDArray, nd.NDArray]:
+    def _to_device(self, x, y) -> tuple[nd.NDArray, nd.NDArray]:
         """One batch as NDArrays on this network's context, for _train_batch. Make one pair per batch:
         slicing one big NDArray inside autograd.record halves training speed (docs/design.md trap 14)."""
         return self._array(x), self._labels(y)
@@ -438,11 +437,11 @@ class MXNetAdapter(Adapter):
         loss.backward()
         return loss
 
-    def loss_and_grads(self, x, y):
+    def _loss_and_grads(self, x, y):
         # MXNet's BatchNorm moves its running statistics during backward: save them and put them back.
         stats = [p for k, (p, _) in self._params.items() if k.endswith(("/moving_mean", "/moving_var"))]
         saved = [p.data().copy() for p in stats]
-        loss = self._forward_backward(*self.to_device(x, y))
+        loss = self._forward_backward(*self._to_device(x, y))
         for p, v in zip(stats, saved):
             p.set_data(v)
         grads = {}
@@ -452,7 +451,7 @@ class MXNetAdapter(Adapter):
             grads[k] = np.ascontiguousarray(g.T if tr else g)
         return float(loss.asscalar()), grads
 
-    def set_optimizer(self, optimizer):
+    def _set_optimizer(self, optimizer):
         self.optimizer = optimizer
         params = self.native.collect_params()
         if isinstance(optimizer, SGD):  # MXNet's momentum form equals the canonical one at constant lr

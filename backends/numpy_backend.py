@@ -473,10 +473,10 @@ class NumpyAdapter(Adapter):
     def get_weights(self):
         return {k: v.astype(np.float32) for k, v in self.w.items()}
 
-    def set_weights(self, weights):
+    def _set_weights(self, weights):
         self.w = {k: np.array(weights[k], dtype=np.float64) for k in self.spec.param_shapes()}
 
-    def set_optimizer(self, optimizer):
+    def _set_optimizer(self, optimizer):
         self.optimizer, self.state, self.t = optimizer, {}, 0
 
     # --- the graph walk ----------------------------------------------------------------------
@@ -514,7 +514,7 @@ class NumpyAdapter(Adapter):
         """Inference-mode output of every logits node, keyed by layer name, in topological order."""
         return self.walk(as_inputs(self.spec, x))[1]
 
-    def loss_and_grads(self, x, y):
+    def _loss_and_grads(self, x, y):
         loss, grads, _ = self._forward_backward(as_inputs(self.spec, x), y)
         return loss, {k: grads[k] for k in self.spec.trainable_keys()}
 

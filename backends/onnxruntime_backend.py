@@ -30,7 +30,7 @@ class OnnxRuntimeAdapter(Adapter):
         return f"onnxruntime {ort.__version__}"
 
     @classmethod
-    def set_threads(cls, n: int) -> None:
+    def _set_threads(cls, n: int) -> None:
         cls._threads = n
 
     @property
@@ -81,7 +81,7 @@ class OnnxRuntimeAdapter(Adapter):
     def get_weights(self):
         return {k: v.copy() for k, v in self._weights.items()}
 
-    def set_weights(self, weights):
+    def _set_weights(self, weights):
         self._load(weights)
 
     # --- inference -------------------------------------------------------------------------------
@@ -95,10 +95,10 @@ class OnnxRuntimeAdapter(Adapter):
         return dict(zip(names, self._all.run(None, {INPUT: as_inputs(self.spec, x)})))
 
     # --- training: none --------------------------------------------------------------------------
-    def set_optimizer(self, optimizer):
+    def _set_optimizer(self, optimizer):
         self.optimizer = optimizer
 
-    def loss_and_grads(self, x, y):
+    def _loss_and_grads(self, x, y):
         raise BackendError(_NO_TRAINING)
 
     def _train_batch(self, x, y):

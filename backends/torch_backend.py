@@ -238,7 +238,7 @@ class TorchAdapter(Adapter):
         return s
 
     @classmethod
-    def set_threads(cls, n: int) -> None:
+    def _set_threads(cls, n: int) -> None:
         torch.set_num_threads(n)
 
     @property
@@ -281,8 +281,7 @@ class TorchAdapter(Adapter):
             out[k] = (t.T if tr else t).cpu().numpy().astype(np.float32, copy=True)
         return out
 
-    def set_weights(self, weights):
-        self._check_weights(weights)
+    def _set_weights(self, weights):
         with torch.no_grad():
             for k, (get, tr) in self._params.items():
                 w = torch.as_tensor(np.asarray(weights[k], np.float32))
@@ -296,7 +295,7 @@ class TorchAdapter(Adapter):
     def _tensor(self, x) -> torch.Tensor:
         return self._place(torch.from_numpy(as_inputs(self.spec, x)))
 
-    def to_device(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+    def _to_device(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch as tensors on this network's device (and memory format), for _train_batch; copies, so
         the tensors never alias the host arrays (on the CPU from_numpy would share their memory)."""
         x = self._place(torch.tensor(as_inputs(self.spec, x)))
@@ -326,12 +325,12 @@ class TorchAdapter(Adapter):
             return F.binary_cross_entropy_with_logits(z.reshape(-1), y.to(z.dtype))
         return F.cross_entropy(z if self._flat_logits else z.reshape(len(z), -1), y)
 
-    def loss_and_grads(self, x, y):
+    def _loss_and_grads(self, x, y):
         tensors = {k: (get(), tr) for k, (get, tr) in self._params.items()}
         saved = {k: t.detach().clone() for k, (t, _) in tensors.items() if not t.requires_grad}
         self._mode(True)
         self.native.zero_grad(set_to_none=True)
-        xt, yt = self.to_device(x, y)
+        xt, yt = self._to_device(x, y)
         loss = self._loss(self.native(xt), yt)
         loss.backward()
         with torch.no_grad():  # a training forward moved the BatchNorm statistics: put them back
@@ -344,7 +343,7 @@ class TorchAdapter(Adapter):
         self.native.zero_grad(set_to_none=True)
         return float(loss.detach()), grads
 
-    def set_optimizer(self, optimizer):
+    def _set_optimizer(self, optimizer):
         self.optimizer = optimizer
         params = self.native.parameters()
         if isinstance(optimizer, SGD):

@@ -144,7 +144,7 @@ def check(backend: str) -> dict:
         for i in range(3):
             x, y = sample_batch(spec, 8, seed=i)
             a.train_step(x, y)
-            float(b._train_batch(*b.to_device(x, y)))
+            float(b.train_batch(*b.to_device(x, y)))
         wa, wb = a.get_weights(), b.get_weights()
         return {"equal": all(np.array_equal(wa[k], wb[k]) for k in wa), "settings": b.settings,
                 "path": b.execution_path, "version": cls.version()}
@@ -242,7 +242,7 @@ def check(backend: str) -> dict:
         for data in ("host", "resident"):  # numpy batches (train_step), device arrays (what timing feeds)
             net = cls.build(spec, optimizer=SGD(0.05, 0.9))
             step = (lambda: net.train_step(x, y)) if data == "host" else (
-                lambda batch=net.to_device(x, y): float(net._train_batch(*batch)))
+                lambda batch=net.to_device(x, y): float(net.train_batch(*batch)))
             start = len(events)
             step()
             first = len(events)

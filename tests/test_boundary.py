@@ -1,5 +1,5 @@
 """The adapter boundary: bad labels, non-finite or empty inputs, bad weights and API misuse each give one
-BackendError naming what is wrong and where, for every installed backend (issue 10)."""
+BackendError naming what is wrong and where, for every installed backend."""
 import math
 import re
 import warnings

@@ -69,8 +69,8 @@ def test_to_device_batches_train_exactly_like_numpy_batches(mxnet):
     batches[0][0][:] = 0  # to_device copied: the NDArrays do not alias the host arrays
     assert float(nd.abs(device_batches[0][0]).sum().asscalar()) > 0
     batches[0] = sample_batch(spec, 8, 0)
-    host_losses = [float(host._train_batch(x, y)) for x, y in batches]
-    placed_losses = [float(placed._train_batch(x, y)) for x, y in device_batches]
+    host_losses = [float(host.train_batch(x, y)) for x, y in batches]
+    placed_losses = [float(placed.train_batch(x, y)) for x, y in device_batches]
     assert host_losses == placed_losses
     for k, w in host.get_weights().items():
         np.testing.assert_array_equal(placed.get_weights()[k], w, err_msg=k)

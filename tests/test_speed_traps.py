@@ -97,7 +97,7 @@ if out["choices"]:
     x, y = bench.batch_pool(spec, 16, n=1)[0]
     for n in (1, 2, 1):
         net.use_threads(n)
-        float(net._train_batch(*net.to_device(x, y)))
+        float(net.train_batch(*net.to_device(x, y)))
         out.setdefault("seen", []).append(net.omp_threads)
     try:
         net.use_threads(0)
@@ -494,6 +494,16 @@ def fake_adapter(resident: bool):
 
         def peak_device_memory(self): return None
 
+        settings = {}
+
+        def thread_choices(self, threads): return []
+
+        def to_device(self, x, y):
+            return (("device", x), ("device", y)) if resident else (x, y)
+
+        def train_batch(self, x, y):
+            return self._train_batch(x, y)
+
         def _train_batch(self, x, y):
             seen.append(x)
             return FakeLoss()
@@ -501,8 +511,6 @@ def fake_adapter(resident: bool):
         def predict(self, x):
             return np.zeros((len(x), 10), np.float32)
 
-    if resident:
-        Fake.to_device = lambda self, x, y: (("device", x), ("device", y))
     return Fake, seen
 
 
@@ -513,7 +521,7 @@ def test_trap14_timed_loop_feeds_separate_per_batch_arrays(monkeypatch, resident
     cls, seen = fake_adapter(resident)
     monkeypatch.setattr("nncompare.backends.get_adapter", lambda name: cls)
     row = measure("fake", zoo.get("mlp"), "cpu", 16, steps=2, repeats=2, warmup=1,
-                  optimizer=SGD(0.01, 0.9), threads=1, budget_s=0.2)
+                  optimizer=SGD(0.01, 0.9), threads=1, budget_s=0.2, data="resident" if resident else "host")
     assert row["data"] == row["settings"]["data"] == ("resident" if resident else "host")
     arrays = [x[1] for x in seen] if resident else seen
     if resident:
@@ -636,7 +644,7 @@ import numpy as np, mxnet as mx
 x = np.random.default_rng(0).standard_normal((512, 784)).astype(np.float32)
 y = np.zeros(512, np.int64)
 for _ in range(2):
-    float(net._train_batch(*net.to_device(x, y)))
+    float(net.train_batch(*net.to_device(x, y)))
 net.predict(x)
 mx.nd.waitall()
 before = threads()
@@ -660,7 +668,7 @@ def test_keras_tf_steps_are_traced_for_the_batch_shape_and_retrace_once_for_othe
     net = get_adapter("keras").build(spec, optimizer=SGD(lr=0.01, momentum=0.9))
     x, y = bench.batch_pool(spec, 32, n=1)[0]
     for _ in range(3):
-        net._train_batch(*net.to_device(x, y))
+        net.train_batch(*net.to_device(x, y))
     step = net._step_fn
     assert step.experimental_get_tracing_count() == 1
     traced = step.get_concrete_function(*net.to_device(x, y))
