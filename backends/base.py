@@ -492,7 +492,7 @@ class Adapter(ABC):
             if a.shape != tuple(shape):
                 raise BackendError(f"weight {k!r}: shape {a.shape}, the spec needs {tuple(shape)}")
             a32 = _as_float32(f"weight {k!r}", a)
-            if k.endswith("/moving_var") and (a32 < 0).any():
+            if k.endswith(("/moving_var", "/variance")) and (a32 < 0).any():
                 i = _first_bad(a32 < 0)
                 raise BackendError(f"weight {k!r}: variance {a[i].item()!r} at index {i} is negative")
             checked[k] = np.ascontiguousarray(a)  # a view with negative strides (np.flip) reaches no framework
