@@ -10,6 +10,7 @@ import pytest
 from .conftest import ROOT, require
 
 FAST = ["--steps", "1", "--repeats", "1", "--warmup", "0", "--quiet", "--threads", "1"]
+NODE = {"node_id", "node_ip"}  # what a Ray row adds: the node it ran on
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_a_ray_sweep_gives_the_rows_of_the_local_executor(tmp_path, address):
     rows = {name: json.loads((tmp_path / f"{name}.json").read_text())["rows"] for name in ("local", "ray")}
     assert len(rows["ray"]) == len(rows["local"]) == 8
     for a, b in zip(rows["local"], rows["ray"]):
-        assert a.keys() == b.keys() and "error" not in b
+        assert a.keys() | NODE == b.keys() and "error" not in b
         assert (a["model"], a["backend"], a["batch_size"]) == (b["model"], b["backend"], b["batch_size"])
         assert f"{a['loss']:.6f}" == f"{b['loss']:.6f}", (a["model"], a["backend"], a["batch_size"])
         assert (a["executor"], b["executor"]) == ("local", "ray")
@@ -59,7 +60,7 @@ def test_ray_training_cells_learn_exactly_as_local_ones(tmp_path, address):
         assert out.returncode == 0, out.stderr
         results[name] = json.loads((tmp_path / f"{name}.json").read_text())["results"]
     for a, b in zip(results["local"], results["ray"], strict=True):
-        assert a.keys() == b.keys() and a["backend"] == b["backend"] and "error" not in b
+        assert a.keys() | NODE == b.keys() and a["backend"] == b["backend"] and "error" not in b
         for key in ("train_loss", "test_loss", "test_accuracy"):
             assert [f"{v:.6f}" for v in a[key]] == [f"{v:.6f}" for v in b[key]], (a["backend"], key)
 
@@ -111,3 +112,13 @@ def test_a_wrong_address_is_one_line_in_seconds_not_minutes_of_retries(address, 
     out = run("--models", "perceptron", "--backends", "numpy", *FAST, "--executor", "ray", "--address", address,
               timeout=60)
     assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "--concurrency", "4"], "--concurrency needs --executor ray"),
+    (["check", "perceptron", "--executor", "ray", "--concurrency", "2"], "unrecognized arguments: --concurrency 2"),
+    (["train", "--executor", "ray", "--concurrency", "2"], "unrecognized arguments: --concurrency 2")])
+def test_an_option_that_does_nothing_with_the_executor_is_refused(args, message):
+    out = subprocess.run([sys.executable, "compare.py", *args, "--backends", "numpy"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
