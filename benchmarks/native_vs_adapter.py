@@ -47,7 +47,7 @@ def sides(backend: str, model: str, batch: int, args) -> dict[str, tuple[list[st
     from nncompare.backends import SGD
     from nncompare.backends.bench import tool_env
     from nncompare.models import zoo
-    from nncompare.runner import RESULT_MARK, Task, cell_command, cell_env
+    from nncompare.cell import RESULT_MARK, Task, cell_command, cell_env
     native = [sys.executable, str(NATIVE), backend, model, str(batch), "--steps", str(args.steps),
               "--repeats", str(args.repeats)]
     opt = SGD(lr=0.01, momentum=0.9)

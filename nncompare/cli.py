@@ -19,12 +19,16 @@ from tabulate import tabulate
 
 from .backends import COMPILERS, BackendError, available_backends, check_backend, make_optimizer, names
 from .backends.base import cpu_name
+from .cell import Task
+from .devices import canonical_device, gpu_names
+from .errors import Interrupted, UsageError
+from .executors import make_executor, sweep
+from .files import (Journal, check_input, check_outputs, check_plot, read_results, rows_to_csv, short, strict_json,
+                    write_atomic)
 from .models import ModelSpec, SpecError, resolve, zoo
 from .models.data import NAMES as DATASETS, DataError
 from .report import add_ratios, compile_notes, escape, render_check, render_scaling, render_table, render_training
-from .runner import (Journal, Task, UsageError, canonical_device, cell_main, check_input, check_outputs,
-                     check_plot, gpu_names, Interrupted, interruptible, make_executor, read_results, rows_to_csv,
-                     short, strict_json, sweep, uninterruptible, write_atomic)
+from .signals import interruptible, uninterruptible
 
 FRAMEWORKS = ("keras", "keras-jax", "keras-torch", "torch", "mxnet")
 
@@ -768,8 +772,6 @@ class _Stdout:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["_cell"]:
-        return cell_main(argv[1])
     parser = build_parser()
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["run", *argv]

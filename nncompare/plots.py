@@ -1,11 +1,11 @@
 """Charts for compare.py (matplotlib, no display needed): training curves, throughput bars, thread scaling.
-Each is written whole or not at all (runner.write_atomic), in the format the file name's extension names."""
+Each is written whole or not at all (files.write_atomic), in the format the file name's extension names."""
 from __future__ import annotations
 
 import io
 import os
 
-from .runner import write_atomic
+from .files import write_atomic
 
 
 def _pyplot():

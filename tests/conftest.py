@@ -1,9 +1,11 @@
-"""Shared fixtures: backend availability (skip with a reason, or fail when CI requires it)."""
+"""Shared fixtures: backend availability (skip with a reason, or fail when CI requires it), the helper that runs
+compare.py, and the cell process with test hooks (tests/fault_cell.py)."""
 from __future__ import annotations
 
 import importlib.util
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +22,8 @@ from nncompare.backends import BACKENDS, available_backends, frameworks  # noqa:
 
 # Cells time exactly their minimum steps and repeats: tests assert behaviour, never speed (see docs/performance.md).
 os.environ.setdefault("NNCOMPARE_TIME_BUDGET", "0")
+# Every cell a test starts, through compare.py or not, runs tests/fault_cell.py: the cell with its test hooks.
+os.environ.setdefault("NNCOMPARE_CELL_MODULE", "tests.fault_cell")
 
 # The frameworks this process hosts: Keras on TensorFlow is the one Keras engine it loads; keras-jax and
 # keras-torch run in their own processes (tests/keras_worker.py).
@@ -47,3 +51,9 @@ def interruptible() -> None:
     """preexec_fn for a child a test sends SIGINT: a shell's background job (`pytest &`) ignores SIGINT, the
     child would inherit that, and Python installs no KeyboardInterrupt handler for an ignored signal."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def compare(*args, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python compare.py ARGS` from the checkout, its output captured; `env` added to this process's."""
+    return subprocess.run([sys.executable, "compare.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, **(env or {})))

@@ -1,15 +1,7 @@
 """compare.py: list, summary and bad input (one line, exit code 2, no traceback)."""
-import subprocess
-import sys
-
 import pytest
 
-from .conftest import ROOT
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "compare.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+from .conftest import compare as cli
 
 
 def test_list_shows_models_backends_and_devices():
@@ -58,9 +50,7 @@ def one_line_exit_2(out, message):
 
 
 def cli_quick(*args, env=None):
-    import os
-    return subprocess.run([sys.executable, "compare.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60, env=dict(os.environ, **(env or {})))
+    return cli(*args, env=env, timeout=60)
 
 
 @pytest.mark.parametrize("command", [["summary"], ["check"], ["run", "--quiet", "--models"], ["train", "--model"]])

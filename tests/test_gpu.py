@@ -1,7 +1,7 @@
 """The GPU paths, where this machine has a GPU that the framework sees; skipped with the reason elsewhere."""
 import pytest
 
-from nncompare import runner as cli
+from nncompare import devices
 from nncompare.backends import BackendError, get_adapter
 from nncompare.backends.check import TOLERANCE, compare
 from nncompare.models import zoo
@@ -13,7 +13,7 @@ from .conftest import FRAMEWORKS, require
 @pytest.mark.parametrize("backend", FRAMEWORKS)
 def test_gpu_matches_the_oracle(backend, model):
     require(backend)
-    if len(cli.available_devices()) == 1:
+    if len(devices.available_devices()) == 1:
         pytest.skip("no GPU on this machine")
     try:
         report = compare(get_adapter(backend), get_adapter("numpy"), zoo.get(model).without_dropout(), device="gpu:0")

@@ -9,16 +9,12 @@ import sys
 
 import pytest
 
-from nncompare import runner
+from nncompare import devices, executors, files
+from nncompare.cell import Task
 
-from .conftest import ROOT, interruptible
+from .conftest import ROOT, compare as cli, interruptible
 
 FAST = ["--steps", "1", "--repeats", "1", "--warmup", "0", "--quiet", "--backends", "numpy", "--threads", "1"]
-
-
-def cli(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "compare.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ, **(env or {})))
 
 
 class RecordingExecutor:
@@ -44,13 +40,13 @@ def make_row(task, result):
 
 
 def test_resume_runs_again_the_cells_whose_finished_row_is_corrupted_or_from_another_host():
-    tasks = [runner.Task("measure", backend="numpy", model_name=m, batch_size=8) for m in "abcde"]
+    tasks = [Task("measure", backend="numpy", model_name=m, batch_size=8) for m in "abcde"]
     good = {**make_row(tasks[0], {"train_samples_s": 5.0, "host": socket.gethostname()}), "cell": tasks[0].key}
     finished = {tasks[0].key: good, tasks[1].key: {}, tasks[2].key: {"model": 5},
                 tasks[3].key: {**good, "model": "b"},  # another cell's row under this key
                 tasks[4].key: {**make_row(tasks[4], {"train_samples_s": 1e9}), "host": "some-other-machine"}}
     ex = RecordingExecutor()
-    rows, code = runner.sweep(tasks, make_row, ex, finished=finished, quiet=True)
+    rows, code = executors.sweep(tasks, make_row, ex, finished=finished, quiet=True)
     assert code is None and [t.model_name for t in ex.ran] == ["b", "c", "d", "e"]
     assert rows[0] is good and [r["model"] for r in rows] == list("abcde")
 
@@ -59,7 +55,7 @@ def test_a_journal_with_undecodable_bytes_keeps_its_good_lines(tmp_path):
     path = tmp_path / "r.json.journal"
     path.write_bytes(b'\xff\xfe garbage\n' + json.dumps({"cell": "k", "row": {"model": "m"}}).encode()
                      + b'\n{"cell": "x", "row": {"model": "\xe9"}}\n')
-    assert runner.Journal(str(path)).read() == {"k": {"model": "m"}}
+    assert files.Journal(str(path)).read() == {"k": {"model": "m"}}
     out = cli("run", "--models", "perceptron", *FAST, "--json", str(tmp_path / "r.json"), timeout=60)
     assert out.returncode == 2 and "--resume" in out.stderr and "Traceback" not in out.stderr
 
@@ -162,7 +158,7 @@ def test_standard_output_that_cannot_be_written_loses_no_results(tmp_path):
 @pytest.mark.parametrize("command", [["run", "--models", "perceptron", *FAST], ["train", "--backends", "numpy"]])
 def test_a_command_line_with_no_cell_to_run_is_bad_input(command, monkeypatch, capsys, tmp_path):
     from nncompare import cli as compare
-    monkeypatch.setattr(runner, "available_devices", lambda: ["cpu", "gpu:0"])
+    monkeypatch.setattr(devices, "available_devices", lambda: ["cpu", "gpu:0"])
     code = compare.main([*command, "--devices", "gpu:0", "--json", str(tmp_path / "r.json")])
     err = capsys.readouterr().err
     assert code == 2 and "nothing to run: the numpy reference runs on the CPU only" in err, err

@@ -1,12 +1,10 @@
 """compare.py report: results of several machines in one table, ratios only within a machine, device and settings,
 rows of different settings kept apart with the difference shown."""
 import json
-import subprocess
-import sys
 
 from nncompare import report
 
-from .conftest import ROOT
+from .conftest import compare
 
 
 def row(backend, sps, device="cpu", threads=4, **extra):
@@ -23,7 +21,7 @@ def save(path, host, rows, **extra):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "compare.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return compare(*args, timeout=120)
 
 
 def test_report_merges_machines_and_never_mixes_settings(tmp_path):
@@ -176,8 +174,7 @@ def test_report_reads_a_bom_and_refuses_hostile_files_in_one_line(tmp_path):
     for path, message in ((deep, "is not JSON: nested too deeply"), (huge, "is not JSON: an integer of 401 digits"),
                           (fifo, "is not a regular file"), ("/dev/zero", "is not a regular file"),
                           (tmp_path, "is not a regular file")):
-        out = subprocess.run([sys.executable, "compare.py", "report", str(path)], cwd=ROOT, capture_output=True,
-                             text=True, timeout=30)
+        out = compare("report", str(path), timeout=30)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, (path, out.stderr)
         assert len(out.stderr.strip().splitlines()) == 1
 

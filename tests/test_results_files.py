@@ -8,16 +8,11 @@ import sys
 
 import pytest
 
-from nncompare import cli, runner
+from nncompare import cli, files
 
-from .conftest import ROOT, require
+from .conftest import ROOT, compare as run, require
 
 FAST = ["--steps", "1", "--repeats", "1", "--warmup", "0", "--quiet", "--backends", "numpy", "--threads", "1"]
-
-
-def run(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "compare.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ, **(env or {})))
 
 
 def one_line_exit_2(out, message):
@@ -75,14 +70,14 @@ def test_plot_without_matplotlib_is_refused_up_front(tmp_path):
 def test_new_files_get_the_umask_and_replaced_files_keep_their_mode(tmp_path):
     old = os.umask(0o027)
     try:
-        runner.write_atomic(str(tmp_path / "new.json"), "x")
+        files.write_atomic(str(tmp_path / "new.json"), "x")
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "new.json").st_mode) == 0o640
     kept = tmp_path / "kept.json"
     kept.write_text("old")
     os.chmod(kept, 0o604)
-    runner.write_atomic(str(kept), b"new")
+    files.write_atomic(str(kept), b"new")
     assert kept.read_text() == "new" and stat.S_IMODE(os.stat(kept).st_mode) == 0o604
 
 
@@ -91,7 +86,7 @@ def test_the_final_write_never_replaces_a_special_file_or_link(tmp_path):
     os.symlink(tmp_path / "target", tmp_path / "link")
     for name in ("fifo", "link"):
         with pytest.raises(OSError, match="will not write over"):
-            runner.write_atomic(str(tmp_path / name), "x")
+            files.write_atomic(str(tmp_path / name), "x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "link"]  # no temporary left, no target made
 
 
@@ -134,7 +129,7 @@ def test_json_is_strict_even_when_the_loss_diverges(tmp_path):
         raise ValueError(f"bare {name} in JSON")
     row = json.loads(path.read_text(), parse_constant=reject)["rows"][0]
     assert row["loss"] is None  # NaN or inf written as null
-    assert runner.strict_json({"a": [float("nan"), float("inf"), 1.5]}, indent=None) == '{"a": [null, null, 1.5]}'
+    assert files.strict_json({"a": [float("nan"), float("inf"), 1.5]}, indent=None) == '{"a": [null, null, 1.5]}'
 
 
 def test_two_specs_with_one_name_stay_two_models(tmp_path):
@@ -160,8 +155,7 @@ def test_a_closed_pipe_ends_quietly():
 def test_train_without_arguments_trains_a_small_model_on_digits(tmp_path):
     args = cli.build_parser().parse_args(["train"])
     assert (args.model, args.dataset, args.optimizer) == ("digits_mlp", "digits", "adam")
-    out = subprocess.run([sys.executable, "compare.py", "train", "--backends", "numpy", "--epochs", "2"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    out = run("train", "--backends", "numpy", "--epochs", "2")
     assert out.returncode == 0, out.stderr
     assert "digits_mlp on digits" in out.stdout and "Final accuracy" in out.stdout
 
@@ -219,9 +213,9 @@ def test_a_second_run_on_the_same_results_is_refused_while_the_first_holds_them(
 
 def test_a_journal_is_locked_by_whoever_opened_it(tmp_path):
     path = str(tmp_path / "r.json.journal")
-    one, two = runner.Journal(path), runner.Journal(path)
+    one, two = files.Journal(path), files.Journal(path)
     one.open()
-    with pytest.raises(runner.UsageError, match="another run is writing these results"):
+    with pytest.raises(files.UsageError, match="another run is writing these results"):
         two.open()
     one.append("k", {"model": "m"})
     one.remove()  # finished: the journal goes, and with it the lock
@@ -233,12 +227,12 @@ def test_a_journal_is_locked_by_whoever_opened_it(tmp_path):
 def test_a_line_cut_short_by_a_crash_does_not_swallow_the_next_row(tmp_path):
     path = tmp_path / "r.json.journal"
     path.write_text(json.dumps({"cell": "a", "row": {"model": "m"}}) + '\n{"cell": "b", "row": {"mod')
-    journal = runner.Journal(str(path))
+    journal = files.Journal(str(path))
     journal.open()
     journal.fresh = False  # --resume
     journal.append("c", {"model": "n"})
     journal.close()
-    assert runner.Journal(str(path)).read() == {"a": {"model": "m"}, "c": {"model": "n"}}
+    assert files.Journal(str(path)).read() == {"a": {"model": "m"}, "c": {"model": "n"}}
     assert path.read_text().endswith('"n"}}\n') and path.read_text().count("\n") == 2
 
 
@@ -247,7 +241,7 @@ def test_a_journal_of_hostile_lines_keeps_its_good_ones(tmp_path):
     good = json.dumps({"cell": "k", "row": {"model": "m"}})
     path.write_text("[" * 100_000 + "]" * 100_000 + "\n" + '{"cell": "x", "row": {"n": 1' + "0" * 400 + "}}\n"
                     + good + "\n")
-    assert runner.Journal(str(path)).read() == {"k": {"model": "m"}}
+    assert files.Journal(str(path)).read() == {"k": {"model": "m"}}
 
 
 @pytest.mark.parametrize("length", [250, 300])
@@ -336,7 +330,7 @@ def test_run_exits_1_when_every_cell_failed(tmp_path):
 def test_a_journal_that_cannot_be_appended_to_loses_no_results(tmp_path, monkeypatch, capsys):
     def full(self, key, row):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(runner.Journal, "append", full)
+    monkeypatch.setattr(files.Journal, "append", full)
     code = cli.main(["run", "--models", "perceptron", "digits_mlp", *FAST, "--json", str(tmp_path / "r.json")])
     err = capsys.readouterr().err
     assert code == 0 and err.count("cannot append to the journal") == 1, err

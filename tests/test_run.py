@@ -3,23 +3,16 @@
 No timing assertions: speed is measured by compare.py and benchmarks/, not by tests.
 """
 import json
-import os
 import re
-import subprocess
 import sys
 
 import pytest
 
-from nncompare import cli as compare, report, runner
+from nncompare import cell, cli as compare, files, report, runner
 
-from .conftest import ROOT, require
+from .conftest import compare as cli, require
 
 FAST = ["--steps", "1", "--repeats", "1", "--warmup", "0", "--quiet", "--backends", "numpy"]
-
-
-def cli(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "compare.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ, **(env or {})))
 
 
 def test_parser_defaults_are_the_documented_comparison():
@@ -109,7 +102,7 @@ def test_a_frameworks_cpu_timing_cells_share_one_process_and_say_so(tmp_path):
 
 def test_process_groups_share_only_cpu_timing_cells_of_one_framework_and_thread_count():
     def task(backend, device="cpu", threads=2, kind="measure", compile=False):
-        return runner.Task(kind, device=device, threads=threads, backend=backend, compile=compile)
+        return cell.Task(kind, device=device, threads=threads, backend=backend, compile=compile)
     tasks = [task("torch"), task("mxnet"), task("torch", threads=1), task("torch"), task("torch", device="gpu:0"),
              task("torch", device="gpu:0"), task("torch", kind="check"), task("torch", kind="check"),
              task("mxnet"), task("torch", compile=True)]
@@ -120,12 +113,12 @@ def test_process_groups_share_only_cpu_timing_cells_of_one_framework_and_thread_
 def test_peak_memory_restarts_for_each_cell_of_a_shared_process():
     import numpy as np
     import resource
-    if not runner._reset_peak_rss():
+    if not cell._reset_peak_rss():
         pytest.skip("this kernel does not let a process reset its peak memory (/proc/self/clear_refs)")
     block = np.ones(300 * 2**20 // 8)  # 300 MB touched
     del block
     high = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    assert runner._reset_peak_rss()
+    assert cell._reset_peak_rss()
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < high - 200 * 1024  # KiB
 
 
@@ -138,7 +131,7 @@ def test_write_atomic_leaves_the_old_file_when_writing_fails(tmp_path):
             raise RuntimeError("boom")
 
     with pytest.raises(TypeError):
-        runner.write_atomic(str(path), Boom())
+        files.write_atomic(str(path), Boom())
     assert path.read_text() == "old" and len(list(tmp_path.iterdir())) == 1
 
 

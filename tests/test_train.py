@@ -9,12 +9,11 @@ import pytest
 
 from nncompare import cli as compare
 
-from .conftest import FRAMEWORKS, ROOT, require
+from .conftest import FRAMEWORKS, ROOT, compare as compare_py, require
 
 
 def train(*args, timeout=900):
-    return subprocess.run([sys.executable, "compare.py", "train", "--quiet", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    return compare_py("train", "--quiet", *args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
