@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import math
 import os
 import re
 import socket
 import sys
 import time
+from dataclasses import dataclass
 
 from tabulate import tabulate
 
-from .backends import COMPILERS, BackendError, available_backends, check_backend, make_optimizer, names
+from .backends import (BACKENDS, COMPILERS, BackendError, available_backends, check_backend, make_optimizer,
+                       names)
 from .backends.base import cpu_name
 from .cell import Task
 from .devices import canonical_device, gpu_names
@@ -28,9 +29,8 @@ from .files import (Journal, check_input, check_outputs, check_plot, read_result
 from .models import ModelSpec, SpecError, resolve, zoo
 from .models.data import NAMES as DATASETS, DataError
 from .report import add_ratios, compile_notes, escape, render_check, render_scaling, render_table, render_training
+from .rows import Row, TrainRow, check_schema, echo, is_whole, results_payload
 from .signals import interruptible, uninterruptible
-
-FRAMEWORKS = ("keras", "keras-jax", "keras-torch", "torch", "mxnet")
 
 
 # --- option types ----------------------------------------------------------------------------------
@@ -94,9 +94,22 @@ def accuracy(text: str) -> float:
 
 
 # --- shared plumbing -------------------------------------------------------------------------------
+def reference(backend: str) -> bool:
+    """Whether `backend` is the float64 oracle: CPU only, and what every other backend is checked against."""
+    return BACKENDS[backend].reference
+
+
 def default_backends() -> list[str]:
+    """run and train without --backends: every installed default framework, then the reference."""
     info = available_backends()
-    return [b for b in FRAMEWORKS if info[b]["installed"]] + ["numpy"]
+    return ([b.name for b in BACKENDS.values() if b.default and not b.reference and info[b.name]["installed"]]
+            + [b.name for b in BACKENDS.values() if b.reference])
+
+
+def check_backends() -> list[str]:
+    """check without --backends: every installed backend but the reference it is checked against."""
+    info = available_backends()
+    return [b.name for b in BACKENDS.values() if not b.reference and info[b.name]["installed"]]
 
 
 def checked_backends(args, default: list[str]) -> list[str]:
@@ -160,6 +173,7 @@ def plan_outputs(args, inputs: list[str], rows_key: str) -> tuple[Journal | None
                 rows = payload.get(rows_key) if isinstance(payload, dict) else None
                 if not isinstance(rows, list):
                     raise UsageError(f"--resume: {short(args.json)} is not a results file of this command")
+                check_schema(payload, args.json)
                 finished = {r["cell"]: r for r in rows if isinstance(r, dict) and isinstance(r.get("cell"), str)}
             finished.update(journal.read())
         elif journal.read():
@@ -168,7 +182,7 @@ def plan_outputs(args, inputs: list[str], rows_key: str) -> tuple[Journal | None
     except BaseException:
         journal.close()
         raise
-    problem = run_row_problem if rows_key == "rows" else train_row_problem
+    problem = (Row if rows_key == "rows" else TrainRow).problem
     bad = {k: p for k, p in ((k, problem(r)) for k, r in finished.items()) if p}
     if bad:
         n = len(bad)
@@ -266,7 +280,23 @@ def check_batches(models, batch_sizes: list[int], executor: str) -> None:
                                  f"batch's activations, more than this machine's {memory / 2 ** 30:,.0f} GiB")
 
 
-def cmd_run(args) -> int:
+@dataclass
+class RunPlan:
+    """What `run` will do, settled and checked before any cell starts."""
+
+    models: list[tuple[str, ModelSpec, str | None]]
+    batch_sizes: list[int]
+    backends: list[str]
+    devices: list[str]
+    threads: list[int]
+    optimizer: object
+    journal: Journal | None
+    finished: dict[str, dict]
+    executor: object
+
+
+def plan_run(args) -> RunPlan:
+    """Every input checked, the outputs planned (journal locked), the executor started and its devices known."""
     from .backends.bench import time_budget
     try:
         time_budget()  # read again in every cell: refused here, before any work
@@ -287,75 +317,100 @@ def cmd_run(args) -> int:
     except BaseException:
         executor.close()
         raise
-    threads = list(dict.fromkeys(args.threads))
-    opt_task = {"type": args.optimizer, "args": vars(optimizer)}
+    return RunPlan(models, batch_sizes, backends, devices, list(dict.fromkeys(args.threads)), optimizer, journal,
+                   finished, executor)
+
+
+def run_tasks(args, plan: RunPlan) -> list[Task]:
+    """One measure task per (model, device, batch, threads, backend, compile mode); the reference only on the CPU,
+    and without --backends only where it is quick."""
+    opt_task = {"type": args.optimizer, "args": vars(plan.optimizer)}
     # --compile: the compiled path beside the eager one, so a compiler that is slower here shows as such
     modes = (False, True) if args.compile else (False,)
-    tasks = [Task("measure", device=d, threads=t, backend=b, model_name=label, spec=spec.to_dict(), batch_size=bs,
-                  optimizer=opt_task, steps=args.steps, repeats=args.repeats, warmup=args.warmup, compile=c)
-             for label, spec, _ in models for d in devices for bs in batch_sizes for t in threads
-             for b in backends for c in modes
-             if (b != "numpy" or d == "cpu" and (args.backends or reference_is_quick(spec, bs, args)))
-             and (not c or b in COMPILERS)]
-    check_resume(args, finished, tasks, executor)
-    by_label = {label: (spec, f) for label, spec, f in models}
-    peaks: dict = {}
-    code = None
+    return [Task("measure", device=d, threads=t, backend=b, model_name=label, spec=spec.to_dict(), batch_size=bs,
+                 optimizer=opt_task, steps=args.steps, repeats=args.repeats, warmup=args.warmup, compile=c)
+            for label, spec, _ in plan.models for d in plan.devices for bs in plan.batch_sizes for t in plan.threads
+            for b in plan.backends for c in modes
+            if (not reference(b) or d == "cpu" and (args.backends or reference_is_quick(spec, bs, args)))
+            and (not c or b in COMPILERS)]
+
+
+def measure_peaks(plan: RunPlan) -> tuple[dict, int | None]:
+    """Each device's GEMM peak ({(host, device): GFLOP/s}), and the exit code if a signal stopped it."""
     try:
         with interruptible():
-            peaks = executor.peaks(devices, max(threads))
+            return plan.executor.peaks(plan.devices, max(plan.threads)), None
     except KeyboardInterrupt:
-        code = 130
+        return {}, 130
     except Interrupted as e:
-        code = e.code
+        return {}, e.code
+
+
+def sweep_run(args, plan: RunPlan, tasks: list[Task]) -> tuple[list[dict], dict, int | None]:
+    """The rows (with their ratios to the baseline), the devices' peaks, and the exit code if a signal stopped it."""
+    peaks, code = measure_peaks(plan)
+    by_label = {label: (spec, f) for label, spec, f in plan.models}
 
     def make_row(task: Task, result: dict) -> dict:
         spec, spec_file = by_label[task.model_name]
-        result = {k: v for k, v in result.items() if k != "bad_input"}
-        row = {"model": task.model_name, "backend": task.backend, "device": task.device,
-               "batch_size": task.batch_size, "threads": task.threads, "optimizer": args.optimizer,
-               "lr": optimizer.lr, "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
-               "compile": task.compile, "model_params": spec.params, "model_flops": spec.flops,
-               **({"spec_file": spec_file} if spec_file else {}), "executor": executor.name, **result}
-        peak = peaks.get((row.get("host"), task.device))
-        row["gemm_peak_gflops"] = peak
-        if row.get("train_gflops") and peak:
-            row["peak_pct"] = 100 * row["train_gflops"] / peak
-        return row
+        return Row.measured(task, result, spec.params, spec.flops, spec_file, plan.executor.name, peaks).to_dict()
 
     rows = []
     if code is None:
-        rows, code = sweep(tasks, make_row, executor, journal, finished,
+        rows, code = sweep(tasks, make_row, plan.executor, plan.journal, plan.finished,
                            lambda t: f"{t.model_name} {t.backend} {t.device} b{t.batch_size} t{t.threads}",
                            quiet=args.quiet or not sys.stderr.isatty())
     else:
-        executor.close()
+        plan.executor.close()
     add_ratios(rows, args.baseline)
-    payload = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
-               "host_cpu": cpu_name(), "baseline": args.baseline, "partial": code is not None,
-               "cells": len(tasks), "rows": rows}
+    return rows, peaks, code
+
+
+def write_run_outputs(args, plan: RunPlan, rows: list[dict], code: int | None, cells: int) -> list[str]:
+    """--json, --csv and --plot, unless a signal came before any cell finished (then earlier files stay)."""
+    payload = results_payload("rows", rows, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), host=socket.gethostname(),
+                              host_cpu=cpu_name(), baseline=args.baseline, partial=code is not None, cells=cells)
     from . import plots
-    chart = plots.scaling_chart if len(threads) > 1 else plots.throughput_chart
-    failures = write_outputs([(args.json, lambda p: strict_json(payload) + "\n"),
-                              (args.csv, lambda p: rows_to_csv(rows)),
-                              (args.plot, lambda p: chart(rows, p))] if rows or code is None else [])
+    chart = plots.scaling_chart if len(plan.threads) > 1 else plots.throughput_chart
+    return write_outputs([(args.json, lambda p: strict_json(payload) + "\n"),
+                          (args.csv, lambda p: rows_to_csv(rows)),
+                          (args.plot, lambda p: chart(rows, p))] if rows or code is None else [])
+
+
+def print_run(args, plan: RunPlan, rows: list[dict], peaks: dict) -> None:
+    """The table (and the scaling table with several thread counts), its notes, and what was timed."""
     print(render_table(rows, args.baseline))
-    if len(threads) > 1:
+    if len(plan.threads) > 1:
         print("\n" + render_scaling(rows))
     for note in compile_notes(rows):
         print("note: " + escape(note))
-    if args.compile and set(backends) - set(COMPILERS):
-        print(f"note: {', '.join(b for b in backends if b not in COMPILERS)}: no compiler apart from the default "
+    if args.compile and set(plan.backends) - set(COMPILERS):
+        print(f"note: {', '.join(b for b in plan.backends if b not in COMPILERS)}: no compiler apart from the default "
               "path (Gluon is always hybridized, keras-jax always XLA; numpy, keras-torch: none)")
     print(f"\n{timed_counts(rows, args)}; optimizer {args.optimizer} "
-          f"lr {optimizer.lr:g}; threads {', '.join(map(str, threads))}" + "".join(
+          f"lr {plan.optimizer.lr:g}; threads {', '.join(map(str, plan.threads))}" + "".join(
               f"; {d} GEMM peak {v:.0f} GFLOP/s" + (f" ({h})" if len({h for h, _ in peaks}) > 1 else "")
               for (h, d), v in peaks.items() if v))
-    exit_code = finish(args, journal, failures, code, len(rows), len(tasks))
-    if exit_code is not None:
-        return exit_code
+
+
+def exit_code(args, journal: Journal | None, failures: list[str], code: int | None, rows: list[dict],
+              cells: int) -> int:
+    """run and train: the interrupt's code, 1 when a file could not be written or the cells failed, else 0."""
+    finished = finish(args, journal, failures, code, len(rows), cells)
+    if finished is not None:
+        return finished
     errors = sum("error" in r for r in rows)
     return 1 if errors and (args.strict or errors == len(rows)) else 0
+
+
+def cmd_run(args) -> int:
+    plan = plan_run(args)
+    tasks = run_tasks(args, plan)
+    check_resume(args, plan.finished, tasks, plan.executor)
+    rows, peaks, code = sweep_run(args, plan, tasks)
+    failures = write_run_outputs(args, plan, rows, code, len(tasks))
+    print_run(args, plan, rows, peaks)
+    return exit_code(args, plan.journal, failures, code, rows, len(tasks))
 
 
 def _span(values: list[int]) -> str:
@@ -400,19 +455,17 @@ def cmd_train(args) -> int:
     tasks = [Task("train", device=d, threads=args.threads, backend=b, model_name=label, spec=spec.to_dict(),
                   batch_size=args.batch_size, optimizer={"type": args.optimizer, "args": vars(optimizer)},
                   dataset=args.dataset, epochs=args.epochs, target=args.target, data_dir=args.data_dir)
-             for d in devices for b in backends if not (b == "numpy" and d != "cpu")]
+             for d in devices for b in backends if not (reference(b) and d != "cpu")]
     check_resume(args, finished, tasks, executor)
 
     def make_row(task: Task, result: dict) -> dict:
-        result = {k: v for k, v in result.items() if k != "bad_input"}
-        return {"model": label, "dataset": args.dataset, "backend": task.backend, "device": task.device,
-                "epochs": args.epochs, "batch_size": args.batch_size, "optimizer": args.optimizer, "lr": optimizer.lr,
-                "threads": args.threads, "dropout": spec.has_dropout, "executor": executor.name, **result}
+        return TrainRow.trained(task, result, spec.has_dropout, executor.name).to_dict()
 
     results, code = sweep(tasks, make_row, executor, journal, finished, lambda t: f"{t.backend} {t.device}",
                           quiet=args.quiet or not sys.stderr.isatty())
-    payload = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
-               "host_cpu": cpu_name(), "partial": code is not None, "cells": len(tasks), "results": results}
+    payload = results_payload("results", results, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                              host=socket.gethostname(), host_cpu=cpu_name(), partial=code is not None,
+                              cells=len(tasks))
     curves = []  # CSV: one row per (framework, epoch); a framework that failed keeps one row, with its error
     for r in results:
         flat = {k: v for k, v in r.items() if not isinstance(v, list)}
@@ -426,11 +479,7 @@ def cmd_train(args) -> int:
             results, p, f"{spec.name} on {args.dataset}, {args.optimizer}, batch {args.batch_size}"))]
         if results or code is None else [])  # interrupted before any cell finished: earlier files stay
     print(render_training(results, args.target))
-    exit_code = finish(args, journal, failures, code, len(results), len(tasks))
-    if exit_code is not None:
-        return exit_code
-    errors = sum("error" in r for r in results)
-    return 1 if errors and (args.strict or errors == len(results)) else 0
+    return exit_code(args, journal, failures, code, results, len(tasks))
 
 
 # --- check -----------------------------------------------------------------------------------------
@@ -440,7 +489,7 @@ def cmd_check(args) -> int:
     dropout = [i.name for i in spec.infos if getattr(i.layer, "rate", 0) > 0]
     if dropout:
         spec = spec.without_dropout()  # live dropout is random per framework: compare without it
-    backends = checked_backends(args, [b for b in names() if b != "numpy" and available_backends()[b]["installed"]])
+    backends = checked_backends(args, check_backends())
     device = canonical_device(args.device)
     executor = executor_for(args)
     threads = 1 if args.executor == "ray" else os.cpu_count() or 1  # under Ray: one CPU each, side by side
@@ -468,13 +517,14 @@ def load_results(path: str) -> dict:
     payload = read_results(path)
     if not isinstance(payload, dict) or not isinstance(payload.get("rows"), list):
         raise UsageError(f"{short(path)} is not a results file of `compare.py run --json`")
+    check_schema(payload, path)
     for i, r in enumerate(payload["rows"]):
-        problem = run_row_problem(r)
+        problem = Row.problem(r)
         if problem:
             raise UsageError(f"{short(path)}, row {i}{_row_name(r)}: {problem}")
     for key in ("host", "host_cpu"):
         if not isinstance(payload.get(key), (str, type(None))):
-            raise UsageError(f"{short(path)}: {key!r} must be a string, got {_echo(payload[key])}")
+            raise UsageError(f"{short(path)}: {key!r} must be a string, got {echo(payload[key])}")
     return payload
 
 
@@ -482,106 +532,6 @@ def _row_name(r) -> str:
     if not isinstance(r, dict):
         return ""
     return f" ({escape(str(r.get('model')))[:40]} {escape(str(r.get('backend')))[:20]})"
-
-
-def _echo(value) -> str:
-    """A bad value as it reads in the file, cut short (a container is described, never dumped whole)."""
-    if isinstance(value, (list, dict)) and len(value) > 8:
-        return f"{'an object' if isinstance(value, dict) else 'a list'} of {len(value):,} items"
-    try:
-        text = json.dumps(value)
-    except (ValueError, RecursionError):
-        text = repr(value)
-    return text[:60] + ("..." if len(text) > 60 else "")
-
-
-def _is_number(v) -> bool:
-    """A finite JSON number (Python's json reads NaN and 1e400 as floats; runs never write them)."""
-    return (isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2 ** 63
-            or isinstance(v, float) and math.isfinite(v))
-
-
-def _is_whole(v, least: int) -> bool:
-    return _is_number(v) and (isinstance(v, int) or v.is_integer()) and v >= least
-
-
-def _at_least_0(v) -> bool:
-    return _is_number(v) and v >= 0
-
-
-def _numbers(v) -> bool:
-    return isinstance(v, list) and all(x is None or _is_number(x) for x in v)
-
-
-# The row fields `report` (and --resume) read, by kind; a results file edited by hand is checked against these.
-_ROW_FIELDS = {
-    **dict.fromkeys(("model", "backend", "device"), ("a string", lambda v: isinstance(v, str) and v != "")),
-    **dict.fromkeys(("batch_size", "threads"), ("a whole number >= 1", lambda v: _is_whole(v, 1))),
-    **dict.fromkeys(("steps", "repeats", "warmup"),
-                    ("a whole number >= 0 or null", lambda v: v is None or _is_whole(v, 0))),
-    "train_samples_s": ("a number >= 0", _at_least_0),
-    **dict.fromkeys(("first_step_s", "train_spread", "infer_samples_s", "infer_spread", "host_rss_mb",
-                     "device_mem_mb", "train_gflops", "peak_pct", "gemm_peak_gflops"),
-                    ("a number >= 0 or null", lambda v: v is None or _at_least_0(v))),
-    **dict.fromkeys(("loss", "lr"), ("a number or null", lambda v: v is None or _is_number(v))),
-    **dict.fromkeys(("train_repeats", "train_steps"), ("a whole number >= 1", lambda v: _is_whole(v, 1))),
-    "error": ("a string", lambda v: isinstance(v, str)),
-    **dict.fromkeys(("version", "path", "device_name", "cpu_name", "host", "optimizer", "source"),
-                    ("a string or null", lambda v: v is None or isinstance(v, str))),
-    "compile": ("true or false", lambda v: isinstance(v, bool)),
-    "settings": ("an object", lambda v: isinstance(v, dict)),
-}
-
-
-def _field_problem(key: str, value, fields: dict = _ROW_FIELDS) -> str | None:
-    """What a row field should be, if `value` is not that (None for fields report does not read)."""
-    kind = fields.get(key)
-    return kind[0] if kind and not kind[1](value) else None
-
-
-def _row_problem(r, fields: dict, needed: tuple[str, ...], result: str) -> str | None:
-    if not isinstance(r, dict):
-        return "not an object"
-    for key in needed:
-        if key not in r:
-            return f"no field {key!r}"
-    if "error" not in r and result not in r:
-        return f"neither 'error' nor {result!r}"
-    for key, value in r.items():
-        problem = _field_problem(key, value, fields)
-        if problem:
-            return f"field {escape(key)[:40]!r}: expected {problem}, got {_echo(value)}"
-    return None
-
-
-def run_row_problem(r) -> str | None:
-    """Why `r` is not a usable row of `run --json` (None when it is)."""
-    return _row_problem(r, _ROW_FIELDS, ("model", "backend", "device", "batch_size", "threads"), "train_samples_s")
-
-
-_CURVES = ("train_loss", "test_loss", "test_accuracy", "epoch_s")
-_TRAIN_FIELDS = {
-    **{k: v for k, v in _ROW_FIELDS.items() if k in ("model", "backend", "device", "batch_size", "threads", "lr",
-                                                      "error", "version", "path", "device_name", "optimizer")},
-    "epochs": ("a whole number >= 1", lambda v: _is_whole(v, 1)),
-    **dict.fromkeys(_CURVES, ("a list of numbers", _numbers)),
-    **dict.fromkeys(("final_accuracy", "time_to_target_s"), ("a number or null", lambda v: v is None or _is_number(v))),
-    "train_s": ("a number >= 0", _at_least_0),
-    "epochs_to_target": ("a whole number >= 1 or null", lambda v: v is None or _is_whole(v, 1)),
-}
-
-
-def train_row_problem(r) -> str | None:
-    """Why `r` is not a usable result of `train --json` (None when it is)."""
-    problem = _row_problem(r, _TRAIN_FIELDS, ("backend", "device"), "train_loss")
-    if problem or "error" in r:
-        return problem
-    for key in (*_CURVES, "train_s"):
-        if key not in r:
-            return f"no field {key!r}"
-    if len({len(r[k]) for k in _CURVES}) > 1 or not r["train_loss"]:
-        return "its per-epoch lists are empty or of different lengths"
-    return None
 
 
 def cmd_report(args) -> int:
@@ -596,7 +546,7 @@ def cmd_report(args) -> int:
         if payload.get("partial"):
             cells = payload.get("cells")
             notes.append(f"{path} is partial: {len(payload['rows'])} of "
-                         f"{cells if _is_whole(cells, 0) else '?'} cells")
+                         f"{cells if is_whole(cells, 0) else '?'} cells")
     if not rows:
         print("no rows in " + escape(", ".join(args.files)))
         return 0

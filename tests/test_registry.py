@@ -14,7 +14,7 @@ FRAMEWORK_MODULES = ("tensorflow", "keras", "torch", "mxnet")
 
 
 def test_importing_models_and_backends_imports_no_framework():
-    code = ("import sys\nfrom nncompare import models, backends, cli, runner, report\n"
+    code = ("import sys\nfrom nncompare import models, backends, cli, cell, runner, executors, rows, report\n"
             "backends.available_backends(); backends.get_adapter('numpy'); models.zoo.get('lenet5').summary()\n"
             f"print(sorted(m for m in {FRAMEWORK_MODULES!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
