@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.spec import (INPUT, Activation, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense, Dropout,
-                           Flatten, GlobalAveragePooling2D, MaxPool2D, parse_activation)
+from ..models.spec import (INPUT, Activation, AdaptiveAvgPool2D, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D,
+                           Dense, Dropout, Flatten, GlobalAveragePooling2D, LayerNormalization, MaxPool2D, Multiply,
+                           NORMALIZATION_EPSILON, Normalization, Rescaling, ZeroPadding2D, parse_activation)
 
 from .base import Adam, Adapter, BackendError, SGD, as_inputs, converter, gpu_index
 
@@ -71,13 +72,75 @@ class _Concat(nn.Module):
         return torch.cat(xs, dim=1)
 
 
+class _Multiply(nn.Module):
+    """Elementwise product; with a per-channel gate (index `gate`) it broadcasts over H and W."""
+
+    def __init__(self, gate: int | None):
+        super().__init__()
+        self.gate = gate
+
+    def forward(self, x, *rest):
+        if self.gate is not None:
+            xs = (x,) + rest
+            image, gate = xs[1 - self.gate], xs[self.gate]
+            return image * gate.reshape(gate.shape[0], gate.shape[1], 1, 1)
+        for t in rest:
+            x = x * t
+        return x
+
+
 class _GlobalAvgPool(nn.Module):
+    def __init__(self, keepdims: bool = False):
+        super().__init__()
+        self.keepdims = keepdims
+
     def forward(self, x):
-        return x.mean(dim=(2, 3))
+        return x.mean(dim=(2, 3), keepdim=self.keepdims)
 
 
-class _SamePadMaxPool(nn.Module):
-    """Max pooling with TF "same" asymmetric pads: the padded cells hold -inf, so they never win."""
+class _Rescaling(nn.Module):
+    def __init__(self, scale: float, offset: float):
+        super().__init__()
+        self.scale, self.offset = scale, offset
+
+    def forward(self, x):
+        return x * self.scale + self.offset
+
+
+class _Normalization(nn.Module):
+    """(x - mean) / max(sqrt(variance), 1e-7) per channel or feature; mean and variance are buffers (no gradient)."""
+
+    def __init__(self, channels: int, image: bool):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("variance", torch.ones(channels))
+        self.shape = (1, channels, 1, 1) if image else (1, channels)
+
+    def forward(self, x):
+        scale = self.variance.sqrt().clamp(min=NORMALIZATION_EPSILON)
+        return (x - self.mean.reshape(self.shape)) / scale.reshape(self.shape)
+
+
+class _LayerNorm(nn.LayerNorm):
+    """LayerNorm over dim 1: the channels of an NCHW image at each position (moved last for torch's kernel, which
+    normalises trailing dims), or the features of a flat input."""
+
+    def forward(self, x):
+        if self.normalized_shape[0] == 1:
+            # x - mean is exactly 0 over one channel; the fused kernel's x * rstd - mean * rstd leaves rounding
+            # noise there, whose gamma gradient Adam scales up to a step of its own
+            xc = x - x.mean(dim=1, keepdim=True)
+            shape = (1, 1) + (1,) * (x.dim() - 2)
+            y = xc * torch.rsqrt(xc.square().mean(dim=1, keepdim=True) + self.eps)
+            return y * self.weight.reshape(shape) + self.bias.reshape(shape)
+        if x.dim() == 2:
+            return super().forward(x)
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class _PaddedMaxPool(nn.Module):
+    """Max pooling with asymmetric pads (TF "same", explicit) and any ceil_mode overhang padded here with -inf, so
+    padded cells never win; then a plain floor pool."""
 
     def __init__(self, pads, kernel, strides):
         super().__init__()
@@ -88,17 +151,17 @@ class _SamePadMaxPool(nn.Module):
         return F.max_pool2d(F.pad(x, self.pad, value=float("-inf")), self.kernel, self.strides)
 
 
-class _SamePadAvgPool(nn.Module):
-    """Average pooling with TF "same" asymmetric pads, padded cells excluded: a window sum over the
-    zero-padded input divided by the number of real cells under each window (computed once: the input
-    size is fixed by the spec)."""
+class _PaddedAvgPool(nn.Module):
+    """Average pooling with asymmetric pads (and any ceil_mode overhang) padded here: a window sum over the
+    zero-padded input divided by the cells the spec counts under each window (`counted`: 1 on a counted cell of
+    the padded input), computed once: the input size is fixed by the spec."""
 
-    def __init__(self, pads, kernel, strides, in_hw):
+    def __init__(self, pads, kernel, strides, counted: torch.Tensor):
         super().__init__()
         (pt, pb), (pl, pr) = pads
         self.pad, self.kernel, self.strides = (pl, pr, pt, pb), kernel, strides
-        ones = F.pad(torch.ones(1, 1, *in_hw), self.pad)
-        self.register_buffer("count", F.avg_pool2d(ones, kernel, strides, divisor_override=1), persistent=False)
+        self.register_buffer("count", F.avg_pool2d(counted[None, None], kernel, strides, divisor_override=1),
+                             persistent=False)
 
     def forward(self, x):
         return F.avg_pool2d(F.pad(x, self.pad), self.kernel, self.strides, divisor_override=1) / self.count
@@ -118,7 +181,9 @@ def _activation(spec: str) -> nn.Module | None:
     return {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "softmax": Softmax1,
             "leaky_relu": lambda: nn.LeakyReLU(alpha),  # torch's default slope is 0.01, the spec's 0.2
             "elu": lambda: nn.ELU(alpha), "softplus": nn.Softplus, "silu": nn.SiLU,
-            "gelu": lambda: nn.GELU(approximate="none"), "gelu_tanh": lambda: nn.GELU(approximate="tanh")}[kind]()
+            "gelu": lambda: nn.GELU(approximate="none"), "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+            "relu6": nn.ReLU6, "hard_sigmoid": nn.Hardsigmoid,  # relu6(x + 3) / 6: the spec's (trap 28)
+            "hard_swish": nn.Hardswish}[kind]()
 
 
 def _sequence(*parts: nn.Module | None) -> nn.Module:
@@ -136,21 +201,49 @@ def _conv2d(layer: Conv2D, info):
     (pt, pb), (pl, pr) = layer.pads(info.in_shape)
     symmetric = pt == pb and pl == pr
     kh, kw = layer.param_shapes(info.in_shape)["kernel"][2:]
-    # TF "same" puts the odd pixel bottom/right; torch's padding="same" refuses stride > 1
+    # torch pads symmetrically only: TF "same" puts the odd pixel bottom/right (and torch's padding="same"
+    # refuses stride > 1), explicit pads may differ on every side
     pad = None if symmetric else nn.ZeroPad2d((pl, pr, pt, pb))
+    # weight (out, in // groups, kh, kw): the canonical layout, grouped and depthwise included
     core = nn.Conv2d(info.in_shape[0], layer.filters, (kh, kw), layer.strides, (pt, pl) if symmetric else 0,
-                     bias=layer.use_bias)  # weight OIHW: the canonical layout
+                     dilation=layer.dilation, groups=layer.groups, bias=layer.use_bias)
     params = {"kernel": _binding(core, "weight")} | ({"bias": _binding(core, "bias")} if layer.use_bias else {})
     return _sequence(pad, core, _activation(layer.activation)), params
 
 
 def _pool(layer, info):
-    (k, s), pads = layer.window(), layer.pads(info.in_shape)
-    (pt, pb), (pl, pr) = pads
+    (k, s), ((pt, pb), (pl, pr)) = layer.window(), layer.pads(info.in_shape)
     is_max = isinstance(layer, MaxPool2D)
-    if pt == pb and pl == pr:  # max pads with -inf; count_include_pad=False is TF's average
-        return (nn.MaxPool2d(k, s, (pt, pl)) if is_max else nn.AvgPool2d(k, s, (pt, pl), count_include_pad=False)), {}
-    return (_SamePadMaxPool(pads, k, s) if is_max else _SamePadAvgPool(pads, k, s, info.in_shape[1:])), {}
+    if pt == pb and pl == pr:
+        # torch's own: -inf padding for max; its ceil_mode is the spec's, and its average divisor clips a ceil_mode
+        # window to the padded input, as the spec does (count_include_pad=False is TF's average, trap 17)
+        if is_max:
+            return nn.MaxPool2d(k, s, (pt, pl), ceil_mode=layer.ceil_mode), {}
+        return nn.AvgPool2d(k, s, (pt, pl), ceil_mode=layer.ceil_mode, count_include_pad=layer.count_include_pad), {}
+    eh, ew = layer.overhang(info.in_shape)
+    pads = (pt, pb + eh), (pl, pr + ew)  # the overhang of a ceil_mode window padded too: then a floor pool
+    if is_max:
+        return _PaddedMaxPool(pads, k, s), {}
+    h, w = info.in_shape[1:]
+    if layer.count_include_pad:  # the explicit pads count, the overhang never does
+        counted = F.pad(torch.ones(h + pt + pb, w + pl + pr), (0, ew, 0, eh))
+    else:
+        counted = F.pad(torch.ones(h, w), (pl, pr + ew, pt, pb + eh))
+    return _PaddedAvgPool(pads, k, s, counted), {}
+
+
+def _multiply(layer: Multiply, info):
+    return _Multiply(Multiply.gate(info.in_shapes)), {}
+
+
+def _normalization(layer: Normalization, info):
+    norm = _Normalization(info.in_shape[0], len(info.in_shape) == 3)
+    return norm, {"mean": _binding(norm, "mean"), "variance": _binding(norm, "variance")}
+
+
+def _layernorm(layer: LayerNormalization, info):
+    ln = _LayerNorm(info.in_shape[0], eps=layer.epsilon)  # biased variance, as the spec's
+    return ln, {"gamma": _binding(ln, "weight"), "beta": _binding(ln, "bias")}
 
 
 def _batchnorm(layer: BatchNorm, info):
@@ -164,13 +257,19 @@ CONVERTERS = {
     Conv2D: _conv2d,
     MaxPool2D: _pool,
     AvgPool2D: _pool,
-    GlobalAveragePooling2D: lambda layer, info: (_GlobalAvgPool(), {}),
+    GlobalAveragePooling2D: lambda layer, info: (_GlobalAvgPool(layer.keepdims), {}),
+    AdaptiveAvgPool2D: lambda layer, info: (nn.AdaptiveAvgPool2d(info.out_shape[1:]), {}),  # the spec's bins
+    ZeroPadding2D: lambda layer, info: (nn.ZeroPad2d(tuple(v for p in layer.pads()[::-1] for v in p)), {}),
     Flatten: lambda layer, info: (nn.Flatten(), {}),  # logical (C, H, W) order, whatever the memory format
     Activation: lambda layer, info: (_sequence(_activation(layer.activation)), {}),
     Dropout: lambda layer, info: (nn.Dropout(layer.rate), {}),
     BatchNorm: _batchnorm,
     Add: lambda layer, info: (_Add(), {}),
     Concatenate: lambda layer, info: (_Concat(), {}),
+    Multiply: _multiply,
+    Rescaling: lambda layer, info: (_Rescaling(layer.scale, layer.offset), {}),
+    Normalization: _normalization,
+    LayerNormalization: _layernorm,
 }
 
 
