@@ -3,6 +3,7 @@ gluon.Trainer SGD/Adam. Layer kinds map to Gluon blocks through CONVERTERS."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import math
 import os
 import platform
@@ -43,8 +44,10 @@ import mxnet as mx  # noqa: E402
 from mxnet import autograd, gluon, nd  # noqa: E402
 from mxnet.gluon import nn  # noqa: E402
 
-from ..models.spec import (INPUT, Activation, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense,  # noqa: E402
-                           Dropout, Flatten, GlobalAveragePooling2D, MaxPool2D, parse_activation)
+from ..models.spec import (INPUT, NORMALIZATION_EPSILON, Activation, AdaptiveAvgPool2D, Add,  # noqa: E402
+                           AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense, Dropout, Flatten, GlobalAveragePooling2D,
+                           LayerNormalization, MaxPool2D, Multiply, Normalization, Rescaling, ZeroPadding2D,
+                           parse_activation)
 
 from .base import Adam, Adapter, BackendError, SGD, _check_int, as_inputs, converter, gpu_index  # noqa: E402
 
@@ -88,23 +91,75 @@ class _Pad(nn.HybridBlock):
         return F.pad(x, mode="constant", constant_value=self._value, pad_width=self._width)
 
 
-class _SamePadAvgPool(nn.HybridBlock):
-    """Average pooling with TF "same" asymmetric pads, padded cells excluded: a window sum over the
-    zero-padded input divided by the number of real cells under each window (a constant map)."""
+class _PaddedAvgPool(nn.HybridBlock):
+    """Average pooling with asymmetric pads (and any ceil_mode overhang) padded here: a window sum over the
+    zero-padded input divided by the cells the spec counts under each window (`counted`: 1 on a counted cell of
+    the padded input; the divisors a constant map)."""
 
-    def __init__(self, pads, kernel, strides, in_hw, **kwargs):
+    def __init__(self, pads, kernel, strides, counted: np.ndarray, **kwargs):
         super().__init__(**kwargs)
-        (pt, pb), (pl, pr) = pads
         self._pad, self._kernel, self._strides = _Pad(pads), kernel, strides
-        ones = np.pad(np.ones(in_hw), ((pt, pb), (pl, pr)))
         (kh, kw), (sh, sw) = kernel, strides
-        count = np.lib.stride_tricks.sliding_window_view(ones, (kh, kw))[::sh, ::sw].sum(axis=(2, 3))
+        count = np.lib.stride_tricks.sliding_window_view(counted, (kh, kw))[::sh, ::sw].sum(axis=(2, 3))
         self.count = self.params.get_constant("count", count[None, None].astype(np.float32))
 
     def hybrid_forward(self, F, x, count):
         s = F.Pooling(self._pad(x), kernel=self._kernel, stride=self._strides, pool_type="sum",
                       pooling_convention="valid")
         return F.broadcast_div(s, count)
+
+
+class _Multiply(nn.HybridBlock):
+    """Elementwise product; with a per-channel gate (index `gate`) it broadcasts over H and W."""
+
+    def __init__(self, gate: int | None, **kwargs):
+        super().__init__(**kwargs)
+        self._gate = gate
+
+    def hybrid_forward(self, F, x, *rest):
+        if self._gate is not None:
+            xs = (x,) + rest
+            image, gate = xs[1 - self._gate], xs[self._gate]
+            return F.broadcast_mul(image, F.reshape(gate, (0, 0, 1, 1)))  # (N, C) or (N, C, 1, 1) -> (N, C, 1, 1)
+        for t in rest:
+            x = x * t
+        return x
+
+
+class _Normalization(nn.HybridBlock):
+    """(x - mean) / max(sqrt(variance), 1e-7) per channel or feature; mean and variance take no gradient."""
+
+    def __init__(self, channels: int, image: bool, **kwargs):
+        super().__init__(**kwargs)
+        self._shape = (1, channels, 1, 1) if image else (1, channels)
+        self.mean = self.params.get("mean", shape=(channels,), init="zeros", grad_req="null")
+        self.variance = self.params.get("variance", shape=(channels,), init="ones", grad_req="null")
+
+    def hybrid_forward(self, F, x, mean, variance):
+        scale = F.maximum(F.sqrt(variance), NORMALIZATION_EPSILON)
+        return F.broadcast_div(F.broadcast_sub(x, F.reshape(mean, self._shape)), F.reshape(scale, self._shape))
+
+
+class _Elementwise(nn.HybridBlock):
+    """A pointwise function of one input, written with MXNet's operators (fn(F, x))."""
+
+    def __init__(self, fn, **kwargs):
+        super().__init__(**kwargs)
+        self._fn = fn
+
+    def hybrid_forward(self, F, x):
+        return self._fn(F, x)
+
+
+def _relu6(F, x):
+    # MXNet's clip passes the gradient at its bounds 0 and 6 too; the spec's relu6, as relu at 0, does not there
+    inside = F.broadcast_logical_and(x > 0, x < 6)
+    return F.where(inside, x, F.BlockGrad(F.clip(x, 0, 6)))
+
+
+def _hard_sigmoid(F, x):
+    # relu6(x + 3) / 6, the spec's: MXNet's own defaults (alpha 0.2, beta 0.5) are Keras 2's (trap 28)
+    return F.hard_sigmoid(x, alpha=1 / 6, beta=0.5)
 
 
 class _Merge(nn.HybridBlock):
@@ -223,7 +278,10 @@ def _activation(spec: str) -> nn.HybridBlock | None:
     return {"softplus": lambda: nn.Activation("softrelu"), "softmax": _Softmax,
             "leaky_relu": lambda: nn.LeakyReLU(alpha), "elu": lambda: nn.ELU(alpha),
             "silu": nn.Swish, "gelu": nn.GELU,  # GELU: LeakyReLU(act_type='gelu'), the exact erf form
-            "gelu_tanh": _GeluTanh}[kind]()
+            "gelu_tanh": _GeluTanh,
+            "relu6": lambda: _Elementwise(_relu6),
+            "hard_sigmoid": lambda: _Elementwise(_hard_sigmoid),
+            "hard_swish": lambda: _Elementwise(lambda F, x: x * _hard_sigmoid(F, x))}[kind]()
 
 
 def _sequence(*parts: nn.HybridBlock | None) -> nn.HybridBlock:
@@ -244,27 +302,52 @@ def _dense(layer: Dense, info):
 def _conv2d(layer: Conv2D, info):
     (pt, pb), (pl, pr) = layer.pads(info.in_shape)
     symmetric = pt == pb and pl == pr
+    # kernel (out, in // groups, kh, kw): the canonical layout, grouped and depthwise included
     core = nn.Conv2D(layer.filters, layer.param_shapes(info.in_shape)["kernel"][2:], strides=layer.strides,
-                     padding=(pt, pl) if symmetric else (0, 0), in_channels=info.in_shape[0],
-                     use_bias=layer.use_bias)  # kernel OIHW: the canonical layout
+                     padding=(pt, pl) if symmetric else (0, 0), dilation=layer.dilation, groups=layer.groups,
+                     in_channels=info.in_shape[0], use_bias=layer.use_bias)
     params = {"kernel": (core.weight, False)} | ({"bias": (core.bias, False)} if layer.use_bias else {})
     pad = None if symmetric else _Pad(((pt, pb), (pl, pr)))
     return _sequence(pad, core, _activation(layer.activation)), params
 
 
 def _pool(layer, info):
-    (k, s), pads = layer.window(), layer.pads(info.in_shape)
-    (pt, pb), (pl, pr) = pads
+    (k, s), ((pt, pb), (pl, pr)) = layer.window(), layer.pads(info.in_shape)
     is_max = isinstance(layer, MaxPool2D)
-    if pt == pb and pl == pr:  # MXNet's max ignores padded cells; count_include_pad=False: TF's average
-        kw = {} if is_max else {"count_include_pad": False}
+    floor = dataclasses.replace(layer, ceil_mode=False, name=info.name).output_hw(info.in_shape)
+    if pt == pb and pl == pr and layer.output_hw(info.in_shape) == floor:
+        # MXNet's max ignores padded cells; every window lies in the padded input, so count_include_pad means
+        # the spec's. Its ceil convention ('full') keeps a last window that starts in the padding, torch's drops
+        # it (trap 29): a ceil_mode that adds windows is padded here instead
+        kw = {} if is_max else {"count_include_pad": layer.count_include_pad}
         pool = (nn.MaxPool2D if is_max else nn.AvgPool2D)(pool_size=k, strides=s, padding=(pt, pl),
                                                           ceil_mode=False, **kw)  # floor: 'valid' convention
         return pool, {}
+    eh, ew = layer.overhang(info.in_shape)
+    pads = (pt, pb + eh), (pl, pr + ew)  # the overhang of a ceil_mode window padded too: then a floor pool
     if is_max:  # the lowest float32 never wins a max, and every window holds a real cell
         return _sequence(_Pad(pads, float(np.finfo(np.float32).min)),
                          nn.MaxPool2D(pool_size=k, strides=s, padding=0)), {}
-    return _SamePadAvgPool(pads, k, s, info.in_shape[1:]), {}
+    h, w = info.in_shape[1:]
+    if layer.count_include_pad:  # the explicit pads count, the overhang never does
+        counted = np.pad(np.ones((h + pt + pb, w + pl + pr)), ((0, eh), (0, ew)))
+    else:
+        counted = np.pad(np.ones((h, w)), pads)
+    return _PaddedAvgPool(pads, k, s, counted), {}
+
+
+def _multiply(layer: Multiply, info):
+    return _Multiply(Multiply.gate(info.in_shapes)), {}
+
+
+def _normalization(layer: Normalization, info):
+    norm = _Normalization(info.in_shape[0], len(info.in_shape) == 3)
+    return norm, {"mean": (norm.mean, False), "variance": (norm.variance, False)}
+
+
+def _layernorm(layer: LayerNormalization, info):
+    ln = nn.LayerNorm(axis=1, epsilon=layer.epsilon, in_channels=info.in_shape[0])  # channels of NCHW, or features
+    return ln, {"gamma": (ln.gamma, False), "beta": (ln.beta, False)}
 
 
 def _batchnorm(layer: BatchNorm, info):
@@ -279,13 +362,22 @@ CONVERTERS = {
     Conv2D: _conv2d,
     MaxPool2D: _pool,
     AvgPool2D: _pool,
-    GlobalAveragePooling2D: lambda layer, info: (nn.HybridLambda(lambda F, x: F.mean(x, axis=(2, 3))), {}),
+    GlobalAveragePooling2D: lambda layer, info: (
+        nn.HybridLambda(lambda F, x: F.mean(x, axis=(2, 3), keepdims=layer.keepdims)), {}),
+    # contrib's adaptive pooling: torch's bins (the spec's), larger outputs included
+    AdaptiveAvgPool2D: lambda layer, info: (
+        nn.HybridLambda(lambda F, x: F.contrib.AdaptiveAvgPooling2D(x, output_size=info.out_shape[1:])), {}),
+    ZeroPadding2D: lambda layer, info: (_Pad(layer.pads()), {}),
     Flatten: lambda layer, info: (nn.Flatten(), {}),  # row-major over (C, H, W): the canonical order
     Activation: lambda layer, info: (_activation(layer.activation) or nn.HybridLambda("identity"), {}),
     Dropout: lambda layer, info: (nn.Dropout(layer.rate), {}),
     BatchNorm: _batchnorm,
     Add: lambda layer, info: (_Merge(concat=False), {}),
     Concatenate: lambda layer, info: (_Merge(concat=True), {}),
+    Multiply: _multiply,
+    Rescaling: lambda layer, info: (_Elementwise(lambda F, x: x * layer.scale + layer.offset), {}),
+    Normalization: _normalization,
+    LayerNormalization: _layernorm,
 }
 
 
