@@ -1,4 +1,6 @@
-"""MXNet-specific behaviour: pre-placed per-batch NDArrays, the graph block, GELU's form, TF "same" pools."""
+"""MXNet-specific behaviour: pre-placed per-batch NDArrays, the graph block, GELU's form, TF "same" pools, the CNN
+vocabulary's traps (depthwise layout, the 'full' pooling convention, count_include_pad, asymmetric pads,
+hard_sigmoid's defaults, clip's gradient at its bounds, adaptive bins)."""
 import math
 
 import numpy as np
@@ -6,10 +8,12 @@ import pytest
 
 from nncompare.backends import SGD, get_adapter
 from nncompare.backends.check import compare, sample_batch
-from nncompare.models.spec import (LAYER_KINDS, Activation, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense,
-                                   Flatten, GlobalAveragePooling2D, MaxPool2D, ModelSpec)
+from nncompare.models.spec import (LAYER_KINDS, Activation, AdaptiveAvgPool2D, Add, AvgPool2D, BatchNorm, Concatenate,
+                                   Conv2D, Dense, Flatten, GlobalAveragePooling2D, LayerNormalization, MaxPool2D,
+                                   ModelSpec, ZeroPadding2D)
 
 from .conftest import require
+from .test_torch_backend import POOL_CASES, pool_case
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +129,97 @@ def test_same_pools_match_the_oracle(mxnet, pool, k, s):
     spec = ModelSpec("p", (2, 7, 8), (Conv2D(3, 1), pool(k, s, padding="same"), Flatten(), Dense(3)))
     report = compare(mxnet, get_adapter("numpy"), spec, checks=("logits", "grads"))
     assert report.ok(), report.diffs
+
+
+def test_depthwise_and_grouped_kernels_keep_the_canonical_layout_trap33(mxnet):
+    """Depthwise with multiplier 2: filter f reads input channel f // 2; groups 2 of 4 channels: filter f reads
+    channels 2f and 2f + 1. The native weight is the canonical (filters, in // groups, kh, kw) kernel."""
+    x = sample_batch(ModelSpec("x", (4, 3, 3), (Flatten(),)), 2)[0]
+    depthwise = ModelSpec("dw", (4, 3, 3), (Conv2D(8, 1, groups=4, use_bias=False, name="c"),))
+    k = np.arange(1, 9, dtype=np.float32).reshape(8, 1, 1, 1)
+    net = mxnet.build(depthwise, weights={"c/kernel": k})
+    assert net._params["c/kernel"][0].shape == (8, 1, 1, 1)
+    np.testing.assert_allclose(net.logits(x), k[:, 0, 0, 0][None, :, None, None] * np.repeat(x, 2, axis=1),
+                               rtol=1e-6)
+    grouped = ModelSpec("g", (4, 3, 3), (Conv2D(2, 1, groups=2, use_bias=False, name="c"),))
+    k = np.array([1, 10, 100, 1000], np.float32).reshape(2, 2, 1, 1)
+    got = mxnet.build(grouped, weights={"c/kernel": k}).logits(x)
+    np.testing.assert_allclose(got, np.stack([x[:, 0] + 10 * x[:, 1], 100 * x[:, 2] + 1000 * x[:, 3]], 1),
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(POOL_CASES))
+def test_pool_windows_and_divisors_by_hand_trap29_trap30(mxnet, name):
+    spec, x, expect = pool_case(name)
+    np.testing.assert_allclose(mxnet.build(spec).logits(x), expect, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(POOL_CASES))
+def test_pool_gradients_match_the_oracle(mxnet, name):
+    layer, width, _ = POOL_CASES[name]
+    spec = ModelSpec("p", (2, 5, width), (Conv2D(3, 1), layer, Flatten(), Dense(3)))
+    report = compare(mxnet, get_adapter("numpy"), spec, checks=("logits", "grads"))
+    assert report.ok(), report.diffs
+
+
+def test_full_pooling_convention_keeps_the_window_torch_drops_trap29(mxnet):
+    """MXNet's 'full' (ceil) convention gives 1 + ceil((8 + 2 - 3) / 3) = 4 windows where torch's ceil_mode, the
+    spec's, drops the 4th (it would start in the padding): the adapter pads and floors instead."""
+    from mxnet import nd
+    spec, x, expect = pool_case("ceil_last_window_dropped_max")
+    full = nd.Pooling(nd.array(x), kernel=(1, 3), stride=(1, 3), pad=(0, 1), pool_type="max",
+                      pooling_convention="full")
+    assert full.shape[-1] == 4 and expect.shape[-1] == spec.output_shape[-1] == 3
+
+
+def test_hard_sigmoid_defaults_are_not_the_spec_form_trap28(mxnet):
+    """MXNet's hard_sigmoid defaults to alpha 0.2, beta 0.5 (Keras 2's); the spec's is relu6(x + 3) / 6."""
+    from mxnet import nd
+    x = np.array([[-7.0, -4.0, -2.0, -0.5, 0.5, 2.0, 4.0, 7.0]], np.float32)
+    hs = np.clip(x + 3, 0, 6) / 6
+    assert np.abs(nd.hard_sigmoid(nd.array(x)).asnumpy() - hs).max() > 0.05
+    for act, expect in (("hard_sigmoid", hs), ("hard_swish", x * hs), ("relu6", np.clip(x, 0, 6))):
+        got = mxnet.build(ModelSpec("a", (8,), (Activation(act),))).logits(x)
+        np.testing.assert_allclose(got, expect, rtol=1e-6, atol=1e-7, err_msg=act)
+
+
+def test_relu6_gradient_is_zero_at_its_kinks(mxnet):
+    """MXNet's clip passes the gradient at its bounds; relu6's is 0 at 0 (as relu's) and at 6. A zero-padded
+    border with a zero bias sits exactly on the kink at 0."""
+    from mxnet import autograd, nd
+    from nncompare.backends.mxnet_backend import _activation
+    x = nd.array([-1.0, 0.0, 3.0, 6.0, 7.0])
+    x.attach_grad()
+    with autograd.record():
+        y = nd.clip(x, 0, 6)
+    y.backward()
+    assert x.grad.asnumpy().tolist() == [0, 1, 1, 1, 0]  # the trap
+    block = _activation("relu6")
+    with autograd.record():
+        y = block(x)
+    y.backward()
+    assert y.asnumpy().tolist() == [0, 0, 3, 6, 6] and x.grad.asnumpy().tolist() == [0, 0, 1, 0, 0]
+    spec = ModelSpec("r6", (1, 4, 3), (ZeroPadding2D(1), Conv2D(2, 1, activation="relu6"), Flatten(), Dense(2)))
+    report = compare(mxnet, get_adapter("numpy"), spec, checks=("grads",))
+    assert report.ok(), report.diffs
+
+
+@pytest.mark.parametrize("size", [(2, 3), (5, 7), (4, 4), (1, 1)])
+def test_adaptive_pooling_uses_torch_bins(mxnet, size):
+    """contrib.AdaptiveAvgPooling2D's bins are torch's [floor(i H / oh), ceil((i + 1) H / oh)), for outputs
+    smaller and larger than the 5x6 input."""
+    spec = ModelSpec("ad", (2, 5, 6), (AdaptiveAvgPool2D(size), Flatten(), Dense(3)))
+    report = compare(mxnet, get_adapter("numpy"), spec, checks=("logits", "grads"))
+    assert report.ok(), report.diffs
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 4), (1,)])
+def test_layernorm_over_one_channel_is_exactly_beta_with_no_gamma_gradient(mxnet, shape):
+    spec = ModelSpec("ln", shape, (LayerNormalization(epsilon=1e-5, name="ln"), Flatten(), Dense(2, name="o")))
+    w = get_adapter("numpy").build(spec).get_weights() | {"ln/gamma": np.array([1.5], np.float32),
+                                                          "ln/beta": np.array([0.25], np.float32)}
+    net = mxnet.build(spec, weights=w)
+    x, y = sample_batch(spec, 4)
+    x = x * 100 + 3
+    assert np.array_equal(net.layer_outputs(x)["ln"], np.full((4,) + shape, 0.25, np.float32))
+    assert np.array_equal(net.loss_and_grads(x, y)[1]["ln/gamma"], [0.0])

@@ -1,5 +1,6 @@
 """PyTorch-specific behaviour: the fused canonical BatchNorm, memory formats, pre-placed batches, the graph
-module and its converters, torch's defaults that differ from the spec's (leaky_relu slope, GELU form)."""
+module and its converters, torch's defaults that differ from the spec's (leaky_relu slope, GELU form), the CNN
+vocabulary's traps (depthwise layout, ceil_mode's last window, count_include_pad, asymmetric pads)."""
 import math
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 from nncompare.backends import SGD, get_adapter
 from nncompare.backends.check import TOLERANCE, compare, dict_diff, sample_batch, scaled_diff
 from nncompare.models.spec import (Activation, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense, Flatten,
-                                   GlobalAveragePooling2D, MaxPool2D, ModelSpec)
+                                   GlobalAveragePooling2D, LayerNormalization, MaxPool2D, ModelSpec)
 
 from .conftest import require
 
@@ -244,3 +245,106 @@ def test_compiled_graph_matches_the_oracle(torch_cls):
     assert scaled_diff(net.logits(x), oracle.logits(x)) <= TOLERANCE
     assert scaled_diff(net.train_step(x, y), oracle.train_step(x, y)) <= TOLERANCE
     assert dict_diff(net.get_weights(), oracle.get_weights())[0] <= TOLERANCE
+
+
+def test_depthwise_and_grouped_kernels_keep_the_canonical_layout_trap33(torch_cls):
+    """Depthwise with multiplier 2: filter f reads input channel f // 2; groups 2 of 4 channels: filter f reads
+    channels 2f and 2f + 1. The native weight is the canonical (filters, in // groups, kh, kw) kernel."""
+    x = sample_batch(ModelSpec("x", (4, 3, 3), (Flatten(),)), 2)[0]
+    depthwise = ModelSpec("dw", (4, 3, 3), (Conv2D(8, 1, groups=4, use_bias=False, name="c"),))
+    k = np.arange(1, 9, dtype=np.float32).reshape(8, 1, 1, 1)
+    net = torch_cls.build(depthwise, weights={"c/kernel": k})
+    assert tuple(net.native.nodes["c"].weight.shape) == (8, 1, 1, 1)
+    np.testing.assert_allclose(net.logits(x), k[:, 0, 0, 0][None, :, None, None] * np.repeat(x, 2, axis=1),
+                               rtol=1e-6)
+    grouped = ModelSpec("g", (4, 3, 3), (Conv2D(2, 1, groups=2, use_bias=False, name="c"),))
+    k = np.array([1, 10, 100, 1000], np.float32).reshape(2, 2, 1, 1)
+    got = torch_cls.build(grouped, weights={"c/kernel": k}).logits(x)
+    np.testing.assert_allclose(got, np.stack([x[:, 0] + 10 * x[:, 1], 100 * x[:, 2] + 1000 * x[:, 3]], 1),
+                               rtol=1e-6)
+
+
+# Pools over one row x0..x(W-1) (all negative: a padded 0 would win a max), each with its output by hand.
+_X = -np.array([3.0, 1.0, 4.0, 1.5, 5.0, 9.0, 2.0, 6.0])
+
+
+def _mean(*v):
+    return sum(v) / len(v)
+
+
+POOL_CASES = {
+    # ceil_mode: 8 + 2 - 3 = 7 -> ceil(7 / 3) + 1 = 4 windows, but the 4th would start in the right padding:
+    # torch drops it (MXNet's 'full' convention keeps it)
+    "ceil_last_window_dropped_max": (MaxPool2D((1, 3), (1, 3), ((0, 0), (1, 1)), ceil_mode=True), 8,
+                                     [max(_X[0:2]), max(_X[2:5]), max(_X[5:8])]),
+    "ceil_last_window_dropped_avg": (AvgPool2D((1, 3), (1, 3), ((0, 0), (1, 1)), ceil_mode=True,
+                                               count_include_pad=True), 8,
+                                     [sum(_X[0:2]) / 3, _mean(*_X[2:5]), _mean(*_X[5:8])]),
+    # the last ceil_mode window hangs one cell past the input: that cell never counts, even with count_include_pad
+    "ceil_overhang_never_counts": (AvgPool2D((1, 3), (1, 2), ceil_mode=True, count_include_pad=True), 6,
+                                   [_mean(*_X[0:3]), _mean(*_X[2:5]), _mean(*_X[4:6])]),
+    "ceil_overhang_max": (MaxPool2D((1, 3), (1, 2), ceil_mode=True), 6, [max(_X[0:3]), max(_X[2:5]), max(_X[4:6])]),
+    # edge windows over one padded cell: counted (/3) or not (/2)
+    "edge_windows_count_pad": (AvgPool2D((1, 3), (1, 2), ((0, 0), (1, 1)), count_include_pad=True), 5,
+                               [sum(_X[0:2]) / 3, _mean(*_X[1:4]), sum(_X[3:5]) / 3]),
+    "edge_windows_exclude_pad": (AvgPool2D((1, 3), (1, 2), ((0, 0), (1, 1))), 5,
+                                 [_mean(*_X[0:2]), _mean(*_X[1:4]), _mean(*_X[3:5])]),
+    # asymmetric explicit pads (torch's pools pad symmetrically only)
+    "asymmetric_count_pad": (AvgPool2D((1, 2), (1, 2), ((0, 0), (0, 1)), count_include_pad=True), 5,
+                             [_mean(*_X[0:2]), _mean(*_X[2:4]), _X[4] / 2]),
+    "asymmetric_exclude_pad": (AvgPool2D((1, 2), (1, 2), ((0, 0), (0, 1))), 5,
+                               [_mean(*_X[0:2]), _mean(*_X[2:4]), _X[4]]),
+    "asymmetric_max": (MaxPool2D((1, 2), (1, 2), ((0, 0), (0, 1))), 5, [max(_X[0:2]), max(_X[2:4]), _X[4]]),
+    # asymmetric pads and a ceil_mode overhang together: [pad, x0], [x1, x2], [x3, overhang]
+    "asymmetric_ceil_avg": (AvgPool2D((1, 2), (1, 2), ((0, 0), (1, 0)), ceil_mode=True, count_include_pad=True), 4,
+                            [_X[0] / 2, _mean(*_X[1:3]), _X[3]]),
+    "asymmetric_ceil_max": (MaxPool2D((1, 2), (1, 2), ((0, 0), (1, 0)), ceil_mode=True), 4,
+                            [_X[0], max(_X[1:3]), _X[3]]),
+}
+
+
+def pool_case(name):
+    """(spec, input batch, expected output) of one POOL_CASES entry."""
+    layer, width, expect = POOL_CASES[name]
+    spec = ModelSpec("p", (1, 1, width), (layer,))
+    return spec, _X[:width].astype(np.float32).reshape(1, 1, 1, width), np.array(expect).reshape(1, 1, 1, -1)
+
+
+@pytest.mark.parametrize("name", sorted(POOL_CASES))
+def test_pool_windows_and_divisors_by_hand_trap29_trap30(torch_cls, name):
+    spec, x, expect = pool_case(name)
+    assert spec.output_shape == expect.shape[1:]
+    np.testing.assert_allclose(get_adapter("numpy").build(spec).logits(x), expect, rtol=1e-6)
+    np.testing.assert_allclose(torch_cls.build(spec).logits(x), expect, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(POOL_CASES))
+def test_pool_gradients_match_the_oracle(torch_cls, name):
+    layer, width, _ = POOL_CASES[name]
+    spec = ModelSpec("p", (2, 5, width), (Conv2D(3, 1), layer, Flatten(), Dense(3)))
+    report = compare(torch_cls, get_adapter("numpy"), spec, checks=("logits", "grads"))
+    assert report.ok(), report.diffs
+
+
+def test_hard_sigmoid_hard_swish_and_relu6_are_the_spec_forms_trap28(torch_cls):
+    """hard_sigmoid is relu6(x + 3) / 6 (Keras 2's and MXNet's default is clip(0.2 x + 0.5, 0, 1))."""
+    x = np.array([[-7.0, -4.0, -2.0, -0.5, 0.5, 2.0, 4.0, 7.0]], np.float32)
+    hs = np.clip(x + 3, 0, 6) / 6
+    for act, expect in (("hard_sigmoid", hs), ("hard_swish", x * hs), ("relu6", np.clip(x, 0, 6))):
+        got = torch_cls.build(ModelSpec("a", (8,), (Activation(act),))).logits(x)
+        np.testing.assert_allclose(got, expect, rtol=1e-6, atol=1e-7, err_msg=act)
+    assert np.abs(hs - np.clip(0.2 * x + 0.5, 0, 1)).max() > 0.05
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 4), (1,)])
+def test_layernorm_over_one_channel_is_exactly_beta_with_no_gamma_gradient(torch_cls, shape):
+    """x - mean is exactly 0 over one channel: the output is beta and gamma's gradient 0, exactly (torch's fused
+    layer_norm gives gamma a gradient of rounding noise there, ~2e-3 at inputs ~100, which Adam makes a step)."""
+    spec = ModelSpec("ln", shape, (LayerNormalization(epsilon=1e-5, name="ln"), Flatten(), Dense(2, name="o")))
+    w = get_adapter("numpy").build(spec).get_weights() | {"ln/gamma": np.array([1.5], np.float32),
+                                                          "ln/beta": np.array([0.25], np.float32)}
+    net = torch_cls.build(spec, weights=w)
+    x, y = sample_batch(spec, 4)
+    x = x * 100 + 3
+    assert np.array_equal(net.layer_outputs(x)["ln"], np.full((4,) + shape, 0.25, np.float32))
+    assert np.array_equal(net.loss_and_grads(x, y)[1]["ln/gamma"], [0.0])
