@@ -15,12 +15,12 @@ from nncompare.models import BatchNorm, Dense, Dropout, ModelSpec, zoo
 
 from .conftest import FRAMEWORKS, require
 from .randspec import random_graph_spec, random_spec
-from .specs import ACTIVATION_SPECS, EVERY_LAYER, GRAPHS
+from .specs import ACTIVATION_SPECS, CNN_SPECS, EVERY_LAYER, GRAPHS
 
 CHECKS = ("logits", "loss", "grads", "sgd", "adam")
 # The zoo and every hand-written spec, in every framework: the hand-written ones go where the zoo does not.
 MODELS = {**{n: zoo.get(n).without_dropout() for n in zoo.names()}, **EVERY_LAYER, **GRAPHS,
-          **{s.name: s for s in ACTIVATION_SPECS.values()}}
+          **{s.name: s for s in ACTIVATION_SPECS.values()}, **CNN_SPECS}
 # Training checks of resnet20 on 8x8 inputs (the same graph: it ends in global pooling). At 32x32 its 131k
 # pre-activations a layer put some within float32 rounding of a ReLU kink: the float64 oracle's own gradients
 # move by 5e-3 under 1e-6 relative input noise (seed 0), and which float32 framework crosses a kink is chance
@@ -35,7 +35,9 @@ RANDOM_GRAPHS = 20  # per framework: 60 random graphs (skip connections, branche
 # specs and graphs; everything else (other frameworks, the larger zoo models, the rest of the random draws)
 # runs in the full suite.
 FAST_BACKEND = "torch"
-FAST_MODELS = set(MODELS) - {"mlp", "lenet5", "cifar_cnn", "resnet20", "inception_mini", "digits_cnn"}
+# mobilenet_mini and efficientnet_mini: 1-4 s a training check in torch on the shared 2-core machine
+FAST_MODELS = set(MODELS) - {"mlp", "lenet5", "cifar_cnn", "resnet20", "inception_mini", "digits_cnn",
+                             "mobilenet_mini", "efficientnet_mini"}
 FAST_RANDOM = 3
 
 
