@@ -20,9 +20,10 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
-from ..models import (INPUT, Activation, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense, Dropout,  # noqa: E402
-                      Flatten, GlobalAveragePooling2D, MaxPool2D)
-from ..models.spec import parse_activation  # noqa: E402
+from ..models import (INPUT, Activation, AdaptiveAvgPool2D, Add, AvgPool2D, BatchNorm, Concatenate,  # noqa: E402
+                      Conv2D, Dense, Dropout, Flatten, GlobalAveragePooling2D, LayerNormalization, MaxPool2D,
+                      Multiply, Normalization, Rescaling, ZeroPadding2D)
+from ..models.spec import NORMALIZATION_EPSILON, adaptive_bins, parse_activation  # noqa: E402
 
 from .base import Adam, Adapter, BackendError, SGD, as_inputs, converter, cpu_name, gpu_index  # noqa: E402
 
@@ -110,27 +111,103 @@ class _Gather(keras.layers.Layer):
         return (input_shape[0], len(self.index))
 
 
-class _SameAvgPool(keras.layers.Layer):
-    """TensorFlow's "same" average pooling (padded cells excluded from the mean) from zero padding, a valid
-    average pool and a per-position count. Keras on torch pads odd "same" pools by replicating edge cells,
-    which the mean then counts (docs/design.md trap 17)."""
+def _image_pads(pads) -> list:
+    """((top, bottom), (left, right)) as the four-axis padding of a batch in DATA_FORMAT."""
+    return [(0, 0), (0, 0), *pads] if DATA_FORMAT == "channels_first" else [(0, 0), *pads, (0, 0)]
 
-    def __init__(self, window, strides, pads, in_hw, **kwargs):
+
+def _spatial(a: np.ndarray) -> np.ndarray:
+    """An (H, W) array shaped to broadcast over a batch in DATA_FORMAT."""
+    return (a[None, None] if DATA_FORMAT == "channels_first" else a[None, :, :, None]).astype(np.float32)
+
+
+class _PaddedPool(keras.layers.Layer):
+    """A pool Keras has no option for (explicit padding, torch's ceil_mode, count_include_pad), built exactly:
+    the input padded by the spec's pads plus the cells a ceil_mode window hangs past them (-inf for max, zeros for
+    the average), a "valid" pool, and the average rescaled to the spec's divisor. Also TensorFlow's "same"
+    average on torch, where Keras pads odd "same" pools by replicating edge cells (docs/design.md trap 17)."""
+
+    def __init__(self, layer, in_shape, **kwargs):
         super().__init__(**kwargs)
-        self.window, self.strides, self.pads = window, strides, pads
-        (pt, pb), (pl, pr) = pads
-        ones = np.pad(np.ones(in_hw), pads)
-        (kh, kw), (sh, sw) = window, strides
-        oh, ow = (ones.shape[0] - kh) // sh + 1, (ones.shape[1] - kw) // sw + 1
-        count = np.array([[ones[i * sh:i * sh + kh, j * sw:j * sw + kw].sum() for j in range(ow)]
+        self.window, self.strides = layer.window()
+        (pt, pb), (pl, pr) = layer.pads(in_shape)
+        eh, ew = layer.overhang(in_shape)
+        self.pads = (pt, pb + eh), (pl, pr + ew)
+        self.max = isinstance(layer, MaxPool2D)
+        if self.max:
+            return
+        (kh, kw), (sh, sw) = self.window, self.strides
+        h, w = in_shape[1:]
+        if layer.count_include_pad:  # the spec's pads count, the overhang never does
+            counted = np.pad(np.ones((h + pt + pb, w + pl + pr)), ((0, eh), (0, ew)))
+        else:
+            counted = np.pad(np.ones((h, w)), self.pads)
+        oh, ow = layer.output_hw(in_shape)
+        count = np.array([[counted[i * sh:i * sh + kh, j * sw:j * sw + kw].sum() for j in range(ow)]
                           for i in range(oh)])
-        scale = (kh * kw / count).astype(np.float32)
-        self.scale = scale[None, None] if DATA_FORMAT == "channels_first" else scale[None, :, :, None]
+        self.scale = _spatial(kh * kw / count)
 
     def call(self, x):
-        pads = [(0, 0), (0, 0), *self.pads] if DATA_FORMAT == "channels_first" else [(0, 0), *self.pads, (0, 0)]
+        pads = _image_pads(self.pads)
+        if self.max:
+            return ops.max_pool(ops.pad(x, pads, constant_values=-np.inf), self.window, self.strides, "valid",
+                                DATA_FORMAT)
         mean = ops.average_pool(ops.pad(x, pads), self.window, self.strides, "valid", DATA_FORMAT)
         return ops.multiply(mean, self.scale)
+
+
+class _AdaptiveAvgPool(keras.layers.Layer):
+    """torch's adaptive average pooling: each bin a rectangle, so rows and columns average apart, as products with
+    fixed averaging matrices."""
+
+    def __init__(self, in_hw, out_hw, **kwargs):
+        super().__init__(**kwargs)
+        self.rows, self.cols = (self._averaging(n, o) for n, o in zip(in_hw, out_hw))
+
+    @staticmethod
+    def _averaging(size: int, out: int) -> np.ndarray:
+        m = np.zeros((out, size), np.float32)
+        for i, (a, b) in enumerate(adaptive_bins(size, out)):
+            m[i, a:b] = 1 / (b - a)
+        return m
+
+    def call(self, x):
+        if DATA_FORMAT == "channels_first":
+            return ops.einsum("jw,nciw->ncij", self.cols, ops.einsum("ih,nchw->nciw", self.rows, x))
+        return ops.einsum("jw,niwc->nijc", self.cols, ops.einsum("ih,nhwc->niwc", self.rows, x))
+
+    def compute_output_shape(self, input_shape):
+        oh, ow = len(self.rows), len(self.cols)
+        n = input_shape[0]
+        return (n, input_shape[1], oh, ow) if DATA_FORMAT == "channels_first" else (n, oh, ow, input_shape[3])
+
+
+class _Normalization(keras.layers.Layer):
+    """(x - mean) / max(sqrt(variance), 1e-7) with mean and variance as variables. keras.layers.Normalization
+    computes the same but reads constants snapshotted from its variables when built, so a later set_weights would
+    not reach it."""
+
+    def build(self, input_shape):
+        shape = (input_shape[CHANNELS],)
+        self.mean = self.add_weight(shape=shape, initializer="zeros", trainable=False, name="mean")
+        self.variance = self.add_weight(shape=shape, initializer="ones", trainable=False, name="variance")
+
+    def call(self, x):
+        shape = (1, -1, 1, 1) if len(x.shape) == 4 and DATA_FORMAT == "channels_first" else (-1,)
+        scale = ops.maximum(ops.sqrt(self.variance), NORMALIZATION_EPSILON)
+        return ops.divide(ops.subtract(x, ops.reshape(self.mean, shape)), ops.reshape(scale, shape))
+
+
+class _TorchLayerNorm(keras.layers.LayerNormalization):
+    """Keras' LayerNormalization computed as (x - mean) / sqrt(var + epsilon) * gamma + beta. On torch Keras hands
+    any axis to torch.layer_norm, which normalizes the last axes (axis 1 of NCHW fails), and whose x * rstd -
+    mean * rstd leaves float32 residue where the spec's centred value is 0 (one channel: 1.5e-3 of gamma's grad)."""
+
+    def call(self, x):
+        shape = (1, -1, 1, 1) if len(x.shape) == 4 else (1, -1)
+        mean, var = ops.moments(x, axes=self.axis, keepdims=True)
+        xhat = ops.multiply(ops.subtract(x, mean), ops.rsqrt(ops.add(var, self.epsilon)))
+        return ops.add(ops.multiply(xhat, ops.reshape(self.gamma, shape)), ops.reshape(self.beta, shape))
 
 
 def _activation(kind: str):
@@ -146,11 +223,16 @@ def _activation(kind: str):
         return functools.partial(keras.activations.gelu, approximate=kind == "gelu_tanh")
     if kind == "softmax":
         return functools.partial(keras.activations.softmax, axis=CHANNELS)
-    return keras.activations.get(kind)  # relu, sigmoid, tanh, softplus, silu
+    if kind == "hard_swish":
+        return keras.activations.hard_silu
+    # relu, sigmoid, tanh, softplus, silu, relu6; Keras 3's hard_sigmoid is relu6(x + 3) / 6 (Keras 2's was not:
+    # docs/design.md trap 28)
+    return keras.activations.get(kind)
 
 
 # --- converters: (layer, info) -> (call on the input tensors, {canonical param: (layer, attribute, kind)}) ---
-# kind: "conv" (HWIO <-> OIHW), "rows" (axis 0 follows the input's flat permutation), None (as is).
+# kind: "conv" (HWIO <-> OIHW), "depthwise" ((kh, kw, in, multiplier) <-> (in * multiplier, 1, kh, kw)), "rows"
+# (axis 0 follows the input's flat permutation), None (as is).
 def _single(block):
     return lambda xs: block(xs[0])
 
@@ -162,15 +244,21 @@ def _dense(layer, info):
 
 def _conv(layer, info):
     kernel = layer.param_shapes(info.in_shape)["kernel"][2:]
-    (pt, pb), (pl, pr) = pads = layer.pads(info.in_shape)
-    explicit = layer.padding != "same" and any((pt, pb, pl, pr))
-    core = keras.layers.Conv2D(layer.filters, kernel, layer.strides, "same" if layer.padding == "same" else "valid",
-                               data_format=DATA_FORMAT, activation=_activation(layer.activation),
-                               use_bias=layer.use_bias, name=info.name)
-    bindings = {"kernel": (core, "kernel", "conv")}
+    pads = layer.pads(info.in_shape)
+    explicit = layer.padding != "same" and any(v for side in pads for v in side)
+    padding = "same" if layer.padding == "same" else "valid"
+    common = dict(strides=layer.strides, padding=padding, data_format=DATA_FORMAT, dilation_rate=layer.dilation,
+                  activation=_activation(layer.activation), use_bias=layer.use_bias, name=info.name)
+    channels = info.in_shape[0]
+    if layer.groups == channels and channels > 1:
+        core = keras.layers.DepthwiseConv2D(kernel, depth_multiplier=layer.filters // channels, **common)
+        bindings = {"kernel": (core, "kernel", "depthwise")}
+    else:
+        core = keras.layers.Conv2D(layer.filters, kernel, groups=layer.groups, **common)
+        bindings = {"kernel": (core, "kernel", "conv")}
     if layer.use_bias:
         bindings["bias"] = (core, "bias", None)
-    if not explicit:  # Keras "same" is TensorFlow's: the spec's meaning
+    if not explicit:  # Keras "same" is TensorFlow's, over the dilated extent: the spec's meaning
         return _single(core), bindings
     pad = keras.layers.ZeroPadding2D(pads, data_format=DATA_FORMAT, name=f"{info.name}.pad")
     return _single(lambda x: core(pad(x))), bindings
@@ -178,11 +266,18 @@ def _conv(layer, info):
 
 def _pool(layer, info):
     window, strides = layer.window()
-    (pt, pb), (pl, pr) = pads = layer.pads(info.in_shape)
-    if isinstance(layer, AvgPool2D) and ENGINE == "torch" and layer.padding == "same" and (pt != pb or pl != pr):
-        return _single(_SameAvgPool(window, strides, pads, info.in_shape[1:], name=info.name)), {}
+    (pt, pb), (pl, pr) = layer.pads(info.in_shape)
+    if layer.padding == "same":
+        # Keras' own "same": TensorFlow's, counting no padded cells; on torch odd pads replicate edge cells
+        native = not layer.count_include_pad and not (
+            isinstance(layer, AvgPool2D) and ENGINE == "torch" and (pt != pb or pl != pr))
+    else:
+        native = not any((pt, pb, pl, pr)) and not any(layer.overhang(info.in_shape))
+    if not native:
+        return _single(_PaddedPool(layer, info.in_shape, name=info.name)), {}
     cls = keras.layers.MaxPooling2D if isinstance(layer, MaxPool2D) else keras.layers.AveragePooling2D
-    return _single(cls(window, strides, layer.padding, data_format=DATA_FORMAT, name=info.name)), {}
+    padding = "same" if layer.padding == "same" else "valid"
+    return _single(cls(window, strides, padding, data_format=DATA_FORMAT, name=info.name)), {}
 
 
 def _batchnorm(layer, info):
@@ -192,6 +287,27 @@ def _batchnorm(layer, info):
                                            name=info.name)
     return _single(core), {key: (core, attr, "rows") for key, attr in (
         ("gamma", "gamma"), ("beta", "beta"), ("moving_mean", "moving_mean"), ("moving_var", "moving_variance"))}
+
+
+def _layernorm(layer, info):
+    cls = _TorchLayerNorm if ENGINE == "torch" else keras.layers.LayerNormalization
+    core = cls(axis=CHANNELS, epsilon=layer.epsilon, name=info.name)
+    return _single(core), {"gamma": (core, "gamma", "rows"), "beta": (core, "beta", "rows")}
+
+
+def _normalization(layer, info):
+    core = _Normalization(name=info.name)
+    return _single(core), {"mean": (core, "mean", "rows"), "variance": (core, "variance", "rows")}
+
+
+def _multiply(layer, info):
+    core = keras.layers.Multiply(name=info.name)
+    g = Multiply.gate(info.in_shapes)
+    if g is None or len(info.in_shapes[g]) == 3:  # equal shapes, or a (C, 1, 1) gate: Keras broadcasts it
+        return core, {}
+    shape = (-1, 1, 1) if DATA_FORMAT == "channels_first" else (1, 1, -1)
+    gate = keras.layers.Reshape(shape, name=f"{info.name}.gate")
+    return lambda xs: core([gate(x) if k == g else x for k, x in enumerate(xs)]), {}
 
 
 CONVERTERS = {
@@ -205,10 +321,17 @@ CONVERTERS = {
     Activation: lambda l, i: (_single(keras.layers.Activation(_activation(l.activation) or "linear",
                                                               name=i.name)), {}),
     Dropout: lambda l, i: (_single(keras.layers.Dropout(l.rate, name=i.name)), {}),
-    GlobalAveragePooling2D: lambda l, i: (_single(keras.layers.GlobalAveragePooling2D(DATA_FORMAT,
-                                                                                      name=i.name)), {}),
     Add: lambda l, i: (keras.layers.Add(name=i.name), {}),
     Concatenate: lambda l, i: (keras.layers.Concatenate(axis=CHANNELS, name=i.name), {}),
+    GlobalAveragePooling2D: lambda l, i: (_single(keras.layers.GlobalAveragePooling2D(
+        DATA_FORMAT, keepdims=l.keepdims, name=i.name)), {}),
+    ZeroPadding2D: lambda l, i: (_single(keras.layers.ZeroPadding2D(l.pads(), data_format=DATA_FORMAT,
+                                                                    name=i.name)), {}),
+    AdaptiveAvgPool2D: lambda l, i: (_single(_AdaptiveAvgPool(i.in_shape[1:], i.out_shape[1:], name=i.name)), {}),
+    Multiply: _multiply,
+    Rescaling: lambda l, i: (_single(keras.layers.Rescaling(l.scale, l.offset, name=i.name)), {}),
+    Normalization: _normalization,
+    LayerNormalization: _layernorm,
 }
 
 
@@ -316,7 +439,12 @@ class _KerasAdapter(Adapter):
             call, bindings = converter(CONVERTERS, info, self.name)(layer, info)
             xs, in_perms = [tensors[n] for n in info.inputs], [perms[n] for n in info.inputs]
             order = type(layer).flat_order
-            if order == "merge" and any(not _same_perm(p, in_perms[0]) for p in in_perms):
+            gate = Multiply.gate(info.in_shapes) if isinstance(layer, Multiply) else None
+            if gate is not None:  # an image times a per-channel gate: a flat gate in canonical (channel) order
+                if in_perms[gate] is not None:
+                    xs[gate] = _Gather(np.argsort(in_perms[gate]), name=f"{info.name}.in{gate}")(xs[gate])
+                in_perms = [None] * len(xs)
+            elif order == "merge" and any(not _same_perm(p, in_perms[0]) for p in in_perms):
                 # Inputs flattened in different orders: reorder each into the first input's order.
                 size = info.in_shapes[0][0]
                 target = _perm_or_identity(in_perms[0], size)
@@ -331,12 +459,11 @@ class _KerasAdapter(Adapter):
             tensors[info.name] = call(xs)
             perms[info.name] = _flat_order(order, info, in_perms)
             for key, (core, attr, kind) in bindings.items():
-                params[f"{info.name}/{key}"] = (getattr(core, attr), kind == "conv",
-                                                in_perms[0] if kind == "rows" else None)
+                params[f"{info.name}/{key}"] = (getattr(core, attr), kind, in_perms[0] if kind == "rows" else None)
         outputs = [_canonical_output(tensors[i.name], perms[i.name], i.name) for i in self.infos]
         self.native = keras.Model(inputs, outputs[-1], name=re.sub(r"[^A-Za-z0-9_.-]", "_", spec.name) or "model")
         self._probe = keras.Model(inputs, outputs)
-        # canonical key -> (Keras variable, conv kernel?, flat permutation of axis 0 or None), spec order
+        # canonical key -> (Keras variable, binding kind, flat permutation of axis 0 or None), spec order
         self._params = {k: params[k] for k in spec.param_shapes()}
         trainable = spec.trainable_keys()
         self._trainable = [self._params[k][0] for k in trainable]
@@ -344,27 +471,33 @@ class _KerasAdapter(Adapter):
 
     # --- weights -----------------------------------------------------------------------------------------
     @staticmethod
-    def _to_canonical(a: np.ndarray, conv: bool, perm: np.ndarray | None) -> np.ndarray:
-        if conv:
+    def _to_canonical(a: np.ndarray, kind: str | None, perm: np.ndarray | None) -> np.ndarray:
+        if kind == "conv":
             a = a.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+        elif kind == "depthwise":  # (kh, kw, in, m) -> (in * m, 1, kh, kw): output channel c * m + j reads c
+            a = a.transpose(2, 3, 0, 1).reshape(-1, 1, *a.shape[:2])
         elif perm is not None:
             a = a[np.argsort(perm)]
         return np.ascontiguousarray(a, dtype=np.float32)
 
     @staticmethod
-    def _to_native(a: np.ndarray, conv: bool, perm: np.ndarray | None) -> np.ndarray:
-        if conv:
+    def _to_native(a: np.ndarray, kind: str | None, perm: np.ndarray | None, shape: tuple) -> np.ndarray:
+        """A canonical array in the layout of a Keras variable of `shape`."""
+        if kind == "conv":
             return np.ascontiguousarray(a.transpose(2, 3, 1, 0))  # OIHW -> HWIO
+        if kind == "depthwise":
+            kh, kw, c, m = shape
+            return np.ascontiguousarray(a.reshape(c, m, kh, kw).transpose(2, 3, 0, 1))
         return a if perm is None else a[perm]
 
     def get_weights(self):
-        return {k: self._to_canonical(ops.convert_to_numpy(v.value), conv, perm)
-                for k, (v, conv, perm) in self._params.items()}
+        return {k: self._to_canonical(ops.convert_to_numpy(v.value), kind, perm)
+                for k, (v, kind, perm) in self._params.items()}
 
     def _set_weights(self, weights):
         with self._on_device():
-            for k, (v, conv, perm) in self._params.items():
-                v.assign(self._to_native(np.asarray(weights[k], np.float32), conv, perm))
+            for k, (v, kind, perm) in self._params.items():
+                v.assign(self._to_native(np.asarray(weights[k], np.float32), kind, perm, v.shape))
 
     # --- shared pieces -----------------------------------------------------------------------------------
     def _loss(self, z, y):

@@ -19,7 +19,7 @@ from nncompare.backends import SGD, get_adapter
 from nncompare.backends.check import TOLERANCE, sample_batch, scaled_diff
 
 from .conftest import require
-from .keras_worker import TRANSFER_SPECS, export, load_weights, models
+from .keras_worker import TRANSFER_SPECS, export, load_weights, models, set_statistics
 
 ENGINES = ["keras-jax", "keras-torch"]
 CHECKS = ("logits", "loss", "grads", "sgd", "adam")
@@ -284,6 +284,20 @@ def test_weights_set_after_training_replace_the_trained_ones(results, engine):
     r = results(engine)["extras"]["set_after_training"]
     assert "error" not in r, r.get("error")
     assert r["weights"] == 0 and r["predict"] <= TOLERANCE, r
+
+
+@pytest.mark.parametrize("engine", ["keras", *ENGINES])
+def test_normalization_statistics_set_after_the_build_are_the_ones_used(results, engine):
+    # keras.layers.Normalization reads constants it snapshots from its variables when built: set_weights would not
+    # reach them (the adapter's own layer reads its variables)
+    if engine == "keras":
+        require("keras")
+        diff = set_statistics(get_adapter("keras"), get_adapter("numpy"))
+    else:
+        r = results(engine)["extras"]["statistics_set"]
+        assert "error" not in r, r.get("error")
+        diff = r["diff"]
+    assert diff <= TOLERANCE
 
 
 def test_keras_builds_a_spec_deeper_than_the_default_recursion_limit(results):
