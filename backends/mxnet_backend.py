@@ -152,14 +152,16 @@ class _Elementwise(nn.HybridBlock):
 
 
 def _relu6(F, x):
-    # MXNet's clip passes the gradient at its bounds 0 and 6 too; the spec's relu6, as relu at 0, does not there
+    # MXNet's clip passes the gradient at its bounds; the spec's relu6 has none at 0 and 6, as relu at 0 (trap 34)
     inside = F.broadcast_logical_and(x > 0, x < 6)
     return F.where(inside, x, F.BlockGrad(F.clip(x, 0, 6)))
 
 
 def _hard_sigmoid(F, x):
-    # relu6(x + 3) / 6, the spec's: MXNet's own defaults (alpha 0.2, beta 0.5) are Keras 2's (trap 28)
-    return F.hard_sigmoid(x, alpha=1 / 6, beta=0.5)
+    # relu6(x + 3) / 6, the spec's. Not MXNet's hard_sigmoid: its defaults (alpha 0.2, beta 0.5) are Keras 2's
+    # (trap 28), and hybridized, its backward writes over its output gradient where another node still reads it
+    # (trap 36)
+    return _relu6(F, x + 3) / 6
 
 
 class _Merge(nn.HybridBlock):
@@ -314,7 +316,7 @@ def _conv2d(layer: Conv2D, info):
 def _pool(layer, info):
     (k, s), ((pt, pb), (pl, pr)) = layer.window(), layer.pads(info.in_shape)
     is_max = isinstance(layer, MaxPool2D)
-    floor = dataclasses.replace(layer, ceil_mode=False, name=info.name).output_hw(info.in_shape)
+    floor = dataclasses.replace(layer, ceil_mode=False).output_hw(info.in_shape)
     if pt == pb and pl == pr and layer.output_hw(info.in_shape) == floor:
         # MXNet's max ignores padded cells; every window lies in the padded input, so count_include_pad means
         # the spec's. Its ceil convention ('full') keeps a last window that starts in the padding, torch's drops

@@ -223,3 +223,39 @@ def test_layernorm_over_one_channel_is_exactly_beta_with_no_gamma_gradient(mxnet
     x = x * 100 + 3
     assert np.array_equal(net.layer_outputs(x)["ln"], np.full((4,) + shape, 0.25, np.float32))
     assert np.array_equal(net.loss_and_grads(x, y)[1]["ln/gamma"], [0.0])
+
+
+def test_hard_sigmoid_beside_its_input_in_a_sum_has_the_oracle_gradients_trap36(mxnet):
+    """Hybridized, MXNet's hard_sigmoid backward writes its input gradient over its output gradient even when
+    another node reads that gradient too: in a + hard_sigmoid(f(a)) the direct path to a got the masked gradient.
+    The adapter composes hard_sigmoid from relu6."""
+    from mxnet import autograd, gluon, nd
+
+    class Sum(gluon.HybridBlock):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.w = self.params.get("w", shape=(4, 4))
+
+        def hybrid_forward(self, F, x, r, w):
+            a = F.dot(x, w)
+            return F.sum((a + F.hard_sigmoid(F.dot(a, w), alpha=1 / 6, beta=0.5)) * r)
+
+    rng = np.random.default_rng(0)
+    x, r, w = (rng.standard_normal(s).astype(np.float32) for s in ((3, 4), (3, 4), (4, 4)))
+    grads = []
+    for hybridize in (False, True):
+        net = Sum()
+        net.initialize()
+        net.w.set_data(nd.array(w))
+        if hybridize:
+            net.hybridize()
+        with autograd.record():
+            loss = net(nd.array(x), nd.array(r))
+        loss.backward()
+        grads.append(net.w.grad().asnumpy())
+    assert np.abs(grads[1] - grads[0]).max() > 0.1 * np.abs(grads[0]).max()  # the trap
+    for act in ("hard_sigmoid", "hard_swish"):
+        spec = ModelSpec("hs", (4,), (Dense(4, name="a"), Dense(4, activation=act, name="b"),
+                                      Add(inputs=("a", "b"), name="s"), Dense(2, name="o")))
+        report = compare(mxnet, get_adapter("numpy"), spec, checks=("grads",))
+        assert report.ok(), (act, report.diffs)
