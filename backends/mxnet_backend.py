@@ -160,7 +160,7 @@ def _relu6(F, x):
 def _hard_sigmoid(F, x):
     # relu6(x + 3) / 6, the spec's. Not MXNet's hard_sigmoid: its defaults (alpha 0.2, beta 0.5) are Keras 2's
     # (trap 28), and hybridized, its backward writes over its output gradient where another node still reads it
-    # (trap 36)
+    # (trap 38)
     return _relu6(F, x + 3) / 6
 
 

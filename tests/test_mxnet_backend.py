@@ -225,7 +225,7 @@ def test_layernorm_over_one_channel_is_exactly_beta_with_no_gamma_gradient(mxnet
     assert np.array_equal(net.loss_and_grads(x, y)[1]["ln/gamma"], [0.0])
 
 
-def test_hard_sigmoid_beside_its_input_in_a_sum_has_the_oracle_gradients_trap36(mxnet):
+def test_hard_sigmoid_beside_its_input_in_a_sum_has_the_oracle_gradients_trap38(mxnet):
     """Hybridized, MXNet's hard_sigmoid backward writes its input gradient over its output gradient even when
     another node reads that gradient too: in a + hard_sigmoid(f(a)) the direct path to a got the masked gradient.
     The adapter composes hard_sigmoid from relu6."""
