@@ -248,7 +248,7 @@ def finish(args, journal: Journal | None, failures: list[str], code: int | None,
 
 
 def executor_for(args):
-    return make_executor(args.executor, args.timeout, args.verbose, args.address, args.concurrency)
+    return make_executor(args.executor, args.timeout, args.verbose, args.address, getattr(args, "concurrency", None))
 
 
 # --- run -------------------------------------------------------------------------------------------
@@ -317,8 +317,8 @@ def plan_run(args) -> RunPlan:
     except BaseException:
         executor.close()
         raise
-    return RunPlan(models, batch_sizes, backends, devices, list(dict.fromkeys(args.threads)), optimizer, journal,
-                   finished, executor)
+    threads = list(dict.fromkeys(args.threads or [executor.default_threads(devices)]))
+    return RunPlan(models, batch_sizes, backends, devices, threads, optimizer, journal, finished, executor)
 
 
 def run_tasks(args, plan: RunPlan) -> list[Task]:
@@ -382,14 +382,16 @@ def print_run(args, plan: RunPlan, rows: list[dict], peaks: dict) -> None:
     print(render_table(rows, args.baseline))
     if len(plan.threads) > 1:
         print("\n" + render_scaling(rows))
-    for note in compile_notes(rows):
+    for note in compile_notes(rows) + [f"{r['model']} {r['backend']} {r['device']} batch {r['batch_size']}: "
+                                       f"{r['ray_node_note']} (ratios compare rows of one node only)"
+                                       for r in rows if r.get("ray_node_note")]:
         print("note: " + escape(note))
     if args.compile and set(plan.backends) - set(COMPILERS):
         print(f"note: {', '.join(b for b in plan.backends if b not in COMPILERS)}: no compiler apart from the default "
               "path (Gluon is always hybridized, keras-jax always XLA; numpy, keras-torch: none)")
     print(f"\n{timed_counts(rows, args)}; optimizer {args.optimizer} "
           f"lr {plan.optimizer.lr:g}; threads {', '.join(map(str, plan.threads))}" + "".join(
-              f"; {d} GEMM peak {v:.0f} GFLOP/s" + (f" ({h})" if len({h for h, _ in peaks}) > 1 else "")
+              f"; {d} GEMM peak {v:.0f} GFLOP/s" + (f" ({h[:8]})" if len({h for h, _ in peaks}) > 1 else "")
               for (h, d), v in peaks.items() if v))
 
 
@@ -440,19 +442,25 @@ def cmd_train(args) -> int:
     if args.no_dropout:
         spec = spec.without_dropout()
     backends = checked_backends(args, default_backends())
-    devices = list(dict.fromkeys(canonical_device(d) for d in (args.devices or ["cpu"])))
     if args.data_dir is not None and not args.data_dir.strip():
         raise UsageError("--data-dir is empty (omit it for the default folder)")
     optimizer = make_optimizer(args.optimizer, args.lr)
     journal, finished = plan_outputs(args, [spec_file] if spec_file else [], "results")
     data = load(args.dataset, spec, args.data_dir)  # fails here, before any training, if the files are missing
     executor = executor_for(args)
+    try:  # the devices the executor's machines have (a Ray cluster's GPU nodes too)
+        have = executor.devices()
+        devices = list(dict.fromkeys(canonical_device(d, have) for d in (args.devices or ["cpu"])))
+    except BaseException:
+        executor.close()
+        raise
+    threads = args.threads or executor.default_threads(devices)
     print(f"{spec.name} on {args.dataset}: {len(data.x_train):,} train / {len(data.x_test):,} test samples, "
           f"{args.epochs} epochs, batch {args.batch_size}, {args.optimizer} lr {optimizer.lr:g}", flush=True)
     if spec.has_dropout:
         print("note: the model trains with live dropout, which is random per framework: trajectories differ "
               "by design (use --no-dropout to compare them)", flush=True)
-    tasks = [Task("train", device=d, threads=args.threads, backend=b, model_name=label, spec=spec.to_dict(),
+    tasks = [Task("train", device=d, threads=threads, backend=b, model_name=label, spec=spec.to_dict(),
                   batch_size=args.batch_size, optimizer={"type": args.optimizer, "args": vars(optimizer)},
                   dataset=args.dataset, epochs=args.epochs, target=args.target, data_dir=args.data_dir)
              for d in devices for b in backends if not (reference(b) and d != "cpu")]
@@ -490,8 +498,12 @@ def cmd_check(args) -> int:
     if dropout:
         spec = spec.without_dropout()  # live dropout is random per framework: compare without it
     backends = checked_backends(args, check_backends())
-    device = canonical_device(args.device)
     executor = executor_for(args)
+    try:
+        device = canonical_device(args.device, executor.devices())
+    except BaseException:
+        executor.close()
+        raise
     threads = 1 if args.executor == "ray" else os.cpu_count() or 1  # under Ray: one CPU each, side by side
     tasks = [Task("check", device=device, threads=threads, backend=b, model_name=label,
                   spec=spec.to_dict(), steps=args.steps, compile=args.compile) for b in backends]
@@ -595,8 +607,6 @@ def executor_options() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="local: one cell at a time on this machine (default); ray: cells as Ray tasks")
     p.add_argument("--address", help="Ray cluster to join (auto, ray://host:port; default: start a local one)")
-    p.add_argument("--concurrency", type=lambda t: whole_number(t, 1, MAX_THREADS, "a number of cells"), default=1,
-                   help="timing cells allowed at once on one Ray node (default 1: parallel timing corrupts numbers)")
     p.add_argument("--verbose", action="store_true", help="show the frameworks' start-up output")
     return p
 
@@ -641,11 +651,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=positive_int, default=10, help="timed training steps per repeat")
     sp.add_argument("--repeats", type=positive_int, default=3, help="timed repeats (median and spread)")
     sp.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed steps after the first step")
-    sp.add_argument("--threads", nargs="+", type=thread_count, default=[os.cpu_count() or 1], metavar="N",
-                    help="CPU threads for every framework (default: all cores); several values: a scaling table")
+    sp.add_argument("--threads", nargs="+", type=thread_count, metavar="N",
+                    help="CPU threads for every framework (default: all cores; under Ray: the smallest node's); "
+                         "several values: a scaling table")
     sp.add_argument("--compile", action="store_true",
                     help="also the compiled paths, beside eager: Keras with XLA, torch.compile (Gluon is always hybridized)")
     sp.add_argument("--baseline", default="torch", help="framework the ratio column divides by")
+    sp.add_argument("--concurrency", type=lambda t: whole_number(t, 1, MAX_THREADS, "a number of cells"),
+                    help="with --executor ray: timing cells allowed at once on one node (default 1: parallel "
+                         "timing corrupts numbers)")
     sp.add_argument("--timeout", type=timeout_seconds, default=600, help="seconds before a cell counts as hung")
     sp.add_argument("--plot", metavar="FILE", help="chart of training throughput (.png, .pdf, .svg...)")
     sp.set_defaults(func=cmd_run, optimizer="sgd")
@@ -671,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-dropout", action="store_true", help="set every dropout rate to 0 (comparable curves)")
     sp.add_argument("--data-dir", help="folder holding the dataset files (default: $NNCOMPARE_DATA or "
                                        "~/.cache/nncompare)")
-    sp.add_argument("--threads", type=thread_count, default=os.cpu_count() or 1)
+    sp.add_argument("--threads", type=thread_count, help="default: all cores; under Ray: the smallest node's")
     sp.add_argument("--timeout", type=timeout_seconds, default=1800)
     sp.add_argument("--plot", metavar="FILE", help="loss and accuracy curves of every framework")
     sp.set_defaults(func=cmd_train, optimizer="adam")

@@ -2,6 +2,7 @@
 nncompare.ray_executor. The sweep skips finished cells, journals each row as it comes and stops cleanly on a signal."""
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from collections.abc import Callable
@@ -25,6 +26,10 @@ class LocalExecutor:
     def devices(self) -> list[str]:
         return this_machine.available_devices()
 
+    def default_threads(self, devices: list[str] | None = None) -> int:
+        """Every core of this machine."""
+        return os.cpu_count() or 1
+
     def peaks(self, devices: list[str], threads: int) -> dict[tuple[str, str], float | None]:
         """{(host, device): GEMM GFLOP/s} of every device a timing cell will use."""
         out = {}
@@ -42,15 +47,17 @@ class LocalExecutor:
 
 
 def make_executor(name: str, timeout: float, verbose: bool = False, address: str | None = None,
-                  concurrency: int = 1):
+                  concurrency: int | None = None):
     if address is not None and not address.strip():
         raise UsageError("--address is empty (omit it to start a local Ray instance)")
     if name == "local":
         if address is not None:
             raise UsageError("--address needs --executor ray")
+        if concurrency is not None:
+            raise UsageError("--concurrency needs --executor ray (the local executor runs one cell at a time)")
         return LocalExecutor(timeout, verbose)
     from .ray_executor import RayExecutor
-    return RayExecutor(timeout, verbose, address, concurrency)
+    return RayExecutor(timeout, verbose, address, concurrency or 1)
 
 
 def reusable(row, task: Task, host: str | None = None) -> bool:

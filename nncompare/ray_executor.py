@@ -18,11 +18,8 @@ import time
 import uuid
 from collections.abc import Callable
 
-try:  # the package's modules after runner.py was split, then before
-    from .cell import Task, forwarded_env
-    from .errors import Interrupted, UsageError
-except ImportError:
-    from .runner import Interrupted, Task, UsageError, forwarded_env
+from .cell import Task, forwarded_env
+from .errors import Interrupted, UsageError
 from .runner import run_subprocess
 
 INSTALL = "pip install 'nncompare[ray]'"

@@ -45,8 +45,8 @@ def _settings_value(row: dict, key: str):
 
 
 def group_key(row: dict) -> tuple:
-    """The rows one ratio compares: same machine, results file, device, model, batch and settings."""
-    return (row.get("host"), row.get("source"), row["device"], row["model"], row["batch_size"],
+    """The rows one ratio compares: same machine (Ray node), results file, device, model, batch and settings."""
+    return (row.get("host"), row.get("node_id"), row.get("source"), row["device"], row["model"], row["batch_size"],
             *(_settings_value(row, k) for k in SETTINGS))
 
 

@@ -220,7 +220,7 @@ class Row(_Record):
                   steps=task.steps, repeats=task.repeats, warmup=task.warmup, compile=task.compile,
                   model_params=params, model_flops=flops, spec_file=spec_file or ABSENT, executor=executor)
         row.update({k: v for k, v in result.items() if k != "bad_input"})
-        row.gemm_peak_gflops = peak = peaks.get((row.get("host"), task.device))
+        row.gemm_peak_gflops = peak = peaks.get((row.get("node_id") or row.get("host"), task.device))
         if row.get("train_gflops") and peak:
             row.peak_pct = 100 * row.train_gflops / peak
         return row
