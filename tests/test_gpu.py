@@ -8,6 +8,9 @@ from nncompare.models import zoo
 
 from .conftest import FRAMEWORKS, require
 
+# the fast lane (-m 'not slow') leaves out this file's real processes and clusters
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("model", ["lenet5", "cifar_cnn"])
 @pytest.mark.parametrize("backend", FRAMEWORKS)

@@ -60,6 +60,7 @@ def test_a_journal_with_undecodable_bytes_keeps_its_good_lines(tmp_path):
     assert out.returncode == 2 and "--resume" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_resume_with_another_command_line_refuses_before_any_cell_runs(tmp_path):
     path, log = tmp_path / "r.json", tmp_path / "cells.log"
     first = cli("run", "--models", "perceptron", *FAST, "--json", str(path))
@@ -101,6 +102,7 @@ def test_a_timeout_too_large_for_the_clock_is_bad_input(command):
     assert "--timeout" in out.stderr and "at most" in out.stderr
 
 
+@pytest.mark.slow
 def test_one_file_under_two_spellings_counts_once(tmp_path):
     spec = tmp_path / "tiny.json"
     spec.write_text(json.dumps({"name": "tiny", "input_shape": [4], "layers": [{"type": "dense", "units": 2}]}))

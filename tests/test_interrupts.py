@@ -12,6 +12,9 @@ import pytest
 
 from .conftest import ROOT, interruptible
 
+# the fast lane (-m 'not slow') leaves out this file's real processes and clusters
+pytestmark = pytest.mark.slow
+
 FAST = ["--steps", "1", "--repeats", "1", "--warmup", "0", "--quiet", "--backends", "numpy", "--threads", "1"]
 
 

@@ -21,6 +21,9 @@ from nncompare.backends.check import TOLERANCE, sample_batch, scaled_diff
 from .conftest import require
 from .keras_worker import TRANSFER_SPECS, export, load_weights, models, set_statistics
 
+# the fast lane (-m 'not slow') leaves out this file's real processes and clusters
+pytestmark = pytest.mark.slow
+
 ENGINES = ["keras-jax", "keras-torch"]
 CHECKS = ("logits", "loss", "grads", "sgd", "adam")
 MODELS = sorted(models())

@@ -9,6 +9,9 @@ import pytest
 
 from .conftest import ROOT, require
 
+# the fast lane (-m 'not slow') leaves out this file's real processes and clusters
+pytestmark = pytest.mark.slow
+
 FAST = ["--steps", "1", "--repeats", "1", "--warmup", "0", "--quiet", "--threads", "1"]
 NODE = {"node_id", "node_ip"}  # what a Ray row adds: the node it ran on
 

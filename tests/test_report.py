@@ -2,6 +2,8 @@
 rows of different settings kept apart with the difference shown."""
 import json
 
+import pytest
+
 from nncompare import report
 
 from .conftest import compare
@@ -51,6 +53,7 @@ def test_report_merges_machines_and_never_mixes_settings(tmp_path):
     assert md.returncode == 0 and md.stdout.splitlines()[0].startswith("| Machine")
 
 
+@pytest.mark.slow
 def test_report_of_real_runs_from_two_machines(tmp_path):
     path = tmp_path / "here.json"
     out = cli("run", "--models", "perceptron", "--backends", "numpy", "--steps", "1", "--repeats", "1",
@@ -87,6 +90,7 @@ def test_group_key_separates_settings_and_machines():
         assert report.group_key({**base, **change}) != report.group_key(base)
 
 
+@pytest.mark.slow
 def test_report_names_the_row_and_field_of_a_wrong_type(tmp_path):
     """A hand-edited results file: one error naming the file, row and field, never a traceback from a format()."""
     cases = [({"batch_size": "64"}, "row 1", "'batch_size'", "a whole number >= 1"),

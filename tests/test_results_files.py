@@ -160,6 +160,7 @@ def test_train_without_arguments_trains_a_small_model_on_digits(tmp_path):
     assert "digits_mlp on digits" in out.stdout and "Final accuracy" in out.stdout
 
 
+@pytest.mark.slow
 def test_train_fails_when_every_framework_failed_and_with_strict_when_one_did(tmp_path):
     require("torch")
     crash = {"NNCOMPARE_FAULT": "numpy:digits_mlp:crash"}
@@ -173,6 +174,7 @@ def test_train_fails_when_every_framework_failed_and_with_strict_when_one_did(tm
     assert "error" in results[0] and results[1]["final_accuracy"] > 0.5
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_results_is_refused_while_the_first_holds_them(tmp_path):
     import signal
     import time
@@ -260,6 +262,7 @@ def test_a_results_name_at_the_limit_is_written(tmp_path):
     assert json.loads(path.read_text())["rows"][0]["model"] == "perceptron"
 
 
+@pytest.mark.slow
 def test_resume_runs_again_the_cells_whose_rows_are_not_valid(tmp_path):
     path, log = tmp_path / "r.json", tmp_path / "cells.log"
     sizes = ["--batch-sizes", "8", "16", "32"]
@@ -280,6 +283,7 @@ def test_resume_runs_again_the_cells_whose_rows_are_not_valid(tmp_path):
     assert rows[2] == payload["rows"][2] and not (tmp_path / "r.json.journal").exists()
 
 
+@pytest.mark.slow
 def test_train_resume_reruns_a_corrupted_result_and_shows_a_diverged_one(tmp_path):
     path, log = tmp_path / "t.json", tmp_path / "cells.log"
     args = ["train", "--backends", "numpy", "--epochs", "2", "--quiet", "--json", str(path)]
@@ -299,6 +303,7 @@ def test_train_resume_reruns_a_corrupted_result_and_shows_a_diverged_one(tmp_pat
     assert json.loads(path.read_text())["results"][0]["test_loss"] == good["test_loss"]
 
 
+@pytest.mark.slow
 def test_the_footer_says_what_was_timed_and_after_how_many_steps_the_loss_is(tmp_path):
     path = tmp_path / "r.json"
     out = run("run", "--models", "perceptron", "digits_mlp", *FAST, "--json", str(path),
@@ -317,6 +322,7 @@ def test_the_footer_says_what_was_timed_and_after_how_many_steps_the_loss_is(tmp
     assert "1 repeats x 1 steps" not in out.stdout
 
 
+@pytest.mark.slow
 def test_run_exits_1_when_every_cell_failed(tmp_path):
     crash = {"NNCOMPARE_FAULT": "numpy:perceptron:crash"}
     out = run("run", "--models", "perceptron", *FAST, "--json", str(tmp_path / "r.json"), env=crash)
@@ -327,6 +333,7 @@ def test_run_exits_1_when_every_cell_failed(tmp_path):
     assert run("run", "--models", "perceptron", "digits_mlp", *FAST, "--strict", env=crash).returncode == 1
 
 
+@pytest.mark.slow
 def test_a_journal_that_cannot_be_appended_to_loses_no_results(tmp_path, monkeypatch, capsys):
     def full(self, key, row):
         raise OSError(28, "No space left on device")

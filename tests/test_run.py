@@ -12,6 +12,9 @@ from nncompare import cell, cli as compare, files, report, runner
 
 from .conftest import compare as cli, require
 
+# the fast lane (-m 'not slow') leaves out this file's real processes and clusters
+pytestmark = pytest.mark.slow
+
 FAST = ["--steps", "1", "--repeats", "1", "--warmup", "0", "--quiet", "--backends", "numpy"]
 
 

@@ -35,6 +35,9 @@ from nncompare.runner import Task, run_subprocess
 
 from .conftest import FRAMEWORKS, ROOT, require
 
+# the fast lane (-m 'not slow') leaves out this file's real processes and clusters
+pytestmark = pytest.mark.slow
+
 QUICK = {"NNCOMPARE_TIME_BUDGET": "0"}  # exactly the minimum steps and repeats
 
 

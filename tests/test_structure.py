@@ -149,6 +149,7 @@ def test_a_row_is_built_from_its_task_and_the_cells_result():
     assert list(row.to_dict()) == list(expected) and row.to_dict() == {**expected, "peak_pct": 100 * 0.1 / 60.0}
 
 
+@pytest.mark.slow
 def test_results_files_carry_their_schema_and_files_without_one_still_read(tmp_path):
     path = tmp_path / "r.json"
     out = compare("run", "--models", "perceptron", "--steps", "1", "--repeats", "1", "--warmup", "0", "--quiet",

@@ -11,6 +11,9 @@ from nncompare import cli as compare
 
 from .conftest import FRAMEWORKS, ROOT, compare as compare_py, require
 
+# the fast lane (-m 'not slow') leaves out this file's real processes and clusters
+pytestmark = pytest.mark.slow
+
 
 def train(*args, timeout=900):
     return compare_py("train", "--quiet", *args, timeout=timeout)
