@@ -109,7 +109,7 @@ def parse_device(device: str) -> tuple[str, int]:
     if not isinstance(device, str):
         raise BackendError(f"device must be a string (cpu, gpu, gpu:N or cuda:N), "
                            f"got {type(device).__name__} {device!r}"[:200])
-    m = re.fullmatch(r"(cpu|gpu|cuda)(?::(\d+))?", device.strip().lower())
+    m = re.fullmatch(r"(cpu|gpu|cuda)(?::(\d{1,4}))?", device.strip().lower(), re.ASCII)
     if not m or (m.group(1) == "cpu" and int(m.group(2) or 0) != 0):  # "cpu:5" would silently mean the CPU
         raise BackendError(f"unknown device {device!r} (use cpu, gpu, gpu:N or cuda:N)"[:200])
     return ("cpu" if m.group(1) == "cpu" else "gpu"), int(m.group(2) or 0)
@@ -268,9 +268,9 @@ class Adapter(ABC):
         """native_init=False: weights are loaded right after, so the framework may skip its own initialisers."""
         if not isinstance(spec, ModelSpec):
             raise BackendError(f"spec: must be a ModelSpec (nncompare.models), got {type(spec).__name__}")
-        parse_device(device)
         self.spec = spec
-        self.device = device
+        kind, index = parse_device(device)
+        self.device = "cpu" if kind == "cpu" else f"gpu:{index}"  # " CPU" or "cuda:01" is stored as one name
         self.compile = _check_bool("compile", compile)
         self.native_init = native_init
         self.optimizer: Optimizer | None = None

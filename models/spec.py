@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import stat
 import math
 import re
 from dataclasses import dataclass, field
@@ -1056,12 +1058,16 @@ class ModelSpec:
         """Read a JSON spec file (UTF-8, a BOM accepted); every problem is one SpecError naming the file."""
         path = Path(path)
         try:
-            with open(path, "rb") as f:  # bounded: /dev/zero or a huge file must not exhaust memory
-                raw = f.read(MAX_SPEC_BYTES + 1)
+            # O_NONBLOCK: a FIFO must not block the open; only a regular file is read, and bounded (/dev/zero)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            with open(fd, "rb") as f:
+                raw = f.read(MAX_SPEC_BYTES + 1) if stat.S_ISREG(os.fstat(fd).st_mode) else None
         except OSError as e:
             raise SpecError(f"{path}: cannot read spec file: {e.strerror}") from None
         except ValueError as e:  # a path with a NUL byte
             raise SpecError(f"{_short(str(path))}: cannot read spec file: {e}") from None
+        if raw is None:
+            raise SpecError(f"{path}: not a regular file (a FIFO, device or folder): not a spec file")
         if len(raw) > MAX_SPEC_BYTES:
             raise SpecError(f"{path}: spec file larger than {MAX_SPEC_BYTES // 2 ** 20} MiB: not a spec")
         try:

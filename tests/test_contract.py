@@ -56,3 +56,38 @@ def test_a_thread_count_fixed_at_load_is_one_clear_error():
     assert net.thread_choices(2) == []
     with pytest.raises(BackendError, match="numpy: its operator thread count cannot change after it loaded"):
         net.use_threads(1)
+
+
+@pytest.mark.parametrize("spelling,stored", [(" cpu", "cpu"), ("CPU", "cpu"), ("cpu:00", "cpu"), ("cpu:0", "cpu")])
+def test_a_device_is_stored_under_its_canonical_name(spelling, stored):
+    assert get_adapter("numpy").build(zoo.get("perceptron"), device=spelling).device == stored
+
+
+@pytest.mark.parametrize("spelling", ["gpu:\u0661", "cpu:\u0660", "gpu:123456789", "cpu:1", "tpu"])
+def test_odd_device_digits_are_refused(spelling):
+    from nncompare.backends import parse_device
+    with pytest.raises(BackendError, match="unknown device"):
+        parse_device(spelling)
+
+
+def test_loading_a_spec_from_a_fifo_or_device_never_blocks(tmp_path):
+    """The API's ModelSpec.load, not only the command line: a FIFO or /dev/zero is one SpecError at once."""
+    import os
+    import threading
+
+    from nncompare.models import ModelSpec, SpecError
+    fifo = tmp_path / "spec.json"
+    os.mkfifo(fifo)
+    errors = []
+
+    def load(path):
+        try:
+            ModelSpec.load(path)
+        except SpecError as e:
+            errors.append(str(e))
+    for path in (fifo, "/dev/zero"):
+        t = threading.Thread(target=load, args=(path,), daemon=True)
+        t.start()
+        t.join(timeout=10)
+        assert not t.is_alive(), f"ModelSpec.load({path}) blocked"
+    assert len(errors) == 2 and all("not a regular file" in e for e in errors), errors
