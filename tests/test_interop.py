@@ -11,13 +11,13 @@ import pytest
 from nncompare.backends import BackendError, get_adapter
 from nncompare.backends.check import compare, sample_batch, scaled_diff
 from nncompare.interop import InteropError
-from nncompare.models import Activation, ModelSpec, SpecError, init_weights, zoo
+from nncompare.models import Activation, ModelSpec, Rescaling, SpecError, init_weights, zoo
 
 from .conftest import ROOT, require
-from .specs import ACTIVATION_SPECS, EVERY_LAYER, GRAPHS
+from .specs import ACTIVATION_SPECS, CNN_SPECS, EVERY_LAYER, GRAPHS
 
 SPECS = {**{n: zoo.get(n) for n in zoo.names()}, **EVERY_LAYER, **GRAPHS,
-         **{s.name: s for s in ACTIVATION_SPECS.values()}}
+         **{s.name: s for s in ACTIVATION_SPECS.values()}, **CNN_SPECS}
 LARGE = {"mlp", "cifar_cnn", "resnet20", "inception_mini", "lenet5"}
 CASES = [pytest.param(n, marks=pytest.mark.slow if n in LARGE else ()) for n in SPECS]
 ORACLE_TOL, FRAMEWORK_TOL = 1e-5, 1e-3
@@ -58,12 +58,18 @@ def run_onnx(model, x: np.ndarray) -> np.ndarray:
 
 def structure(spec: ModelSpec) -> list:
     """Each layer's name, resolved inputs and fields, pairs and default strides written out, padding as the cells
-    it pads ("same" pads none for a 1x1 kernel: it is "valid" there)."""
+    it pads ("same" pads none for a 1x1 kernel: it is "valid" there), ceil_mode only where a window hangs past the
+    padding (elsewhere it is floor mode, which to_onnx writes: docs/design.md trap 39), Rescaling's numbers as the
+    float32 values ONNX holds."""
     out = []
     for info in spec.infos:
         d = {k: v for k, v in dataclasses.asdict(info.layer).items() if k not in ("name", "inputs")}
         if "padding" in d:
             d["padding"] = info.layer.pads(info.in_shape)
+        if "ceil_mode" in d:
+            d["ceil_mode"] = any(info.layer.overhang(info.in_shape))
+        if isinstance(info.layer, Rescaling):
+            d = {k: np.float32(v) for k, v in d.items()}
         for k in ("kernel_size", "pool_size", "strides"):
             if k in d:
                 v = d[k] if d[k] is not None else d.get("pool_size")
@@ -108,6 +114,34 @@ def test_from_onnx_inverts_to_onnx(name, oracle):
         assert all(np.array_equal(w2[k], np.asarray(w[k], np.float32)) for k in w)
     else:
         assert [s for s in structure(spec) if s[0] not in linear][:-1] == structure(back)[:-1]
+
+
+# (H, W, pool, strides, padding): ceil_mode whose windows are floor mode's, with torch's last-window rule firing
+# or not; a window hanging past the padding on both axes, on one; and one axis hanging over while the other's
+# last window is dropped by the rule (no single ceil_mode attribute gives both)
+CEIL_POOLS = [(4, 4, 2, 2, 1), (5, 6, 2, 3, 0), (4, 4, 2, 3, 1), (4, 4, 2, 3, 0), (4, 4, (2, 3), 2, 1),
+              (4, 5, (3, 2), 2, 1), (4, 6, 2, 3, 0)]
+
+
+@pytest.mark.parametrize("kind", ["max", "avg", "avg_include"])
+@pytest.mark.parametrize("h,w,pool,strides,padding", CEIL_POOLS)
+def test_to_onnx_ceil_mode_pools_compute_torchs_windows_and_pass_onnxs_shape_inference(oracle, kind, h, w, pool,
+                                                                                         strides, padding):
+    # docs/design.md trap 39: ONNX Runtime's ceil_mode is torch's, onnx's shape inference counts the dropped window
+    onnx, _ = onnx_modules()
+    from nncompare.interop import from_onnx, to_onnx
+    from nncompare.models import AvgPool2D, Dense, Flatten, MaxPool2D
+    layer = MaxPool2D(pool, strides, padding=padding, ceil_mode=True) if kind == "max" else \
+        AvgPool2D(pool, strides, padding=padding, ceil_mode=True, count_include_pad=kind == "avg_include")
+    spec = ModelSpec("ceil", (2, h, w), (layer, Flatten(), Dense(3)))
+    wts = weights_with_state(spec)
+    model = to_onnx(spec, wts)
+    onnx.checker.check_model(model, full_check=True)
+    x = inputs(spec.input_shape)
+    want = oracle.build(spec, weights=wts).predict(x)
+    assert scaled_diff(run_onnx(model, x), want) <= ORACLE_TOL
+    back, w2 = from_onnx(model)
+    assert scaled_diff(oracle.build(back, weights=w2).predict(x), want) <= ORACLE_TOL
 
 
 def test_to_onnx_file_has_a_dynamic_batch_and_nchw_input(tmp_path):
@@ -187,10 +221,10 @@ def test_from_onnx_reads_the_ops_of_exported_models(oracle):
 
 @pytest.mark.parametrize("case,message", [
     ("loop", r"node 0 \(loop, Loop\): op Loop is not supported \(supported: .*Gemm"),
-    ("pads", r"node 0 \(conv, Conv\): pads \[0, 0, 1, 0\] .* are neither symmetric nor TensorFlow's 'same' split"),
+    ("pads", r"node 0 \(pool, MaxPool\): padding .* is more than half the pool 2x2 on a side"),
     ("reshape", r"node 0 \(reshape, Reshape\): reshape to \[0, 2, 36\]: only a flatten"),
-    ("avg_pad", r"node 0 \(pool, AveragePool\): count_include_pad=1 averages padded zeros"),
-    ("grouped", r"node 0 \(conv, Conv\): group 2, dilations \[1, 1\]: only an ungrouped"),
+    ("hard_sigmoid", r"node 0 \(hs, HardSigmoid\): alpha 0.2, beta 0.5: the spec's hard_sigmoid is relu6"),
+    ("grouped", r"node 0 \(conv, Conv\): weight of shape \(2, 1, 3, 3\) in 3 groups does not fit 2 input"),
 ])
 def test_from_onnx_refuses_what_it_cannot_import_exactly(case, message):
     from onnx import TensorProto, helper
@@ -199,11 +233,10 @@ def test_from_onnx_refuses_what_it_cannot_import_exactly(case, message):
     nodes = {
         "loop": [h("Loop", ["n", "", "x"], ["y"], name="loop",
                    body=helper.make_graph([], "body", [], []))],
-        "pads": [h("Conv", ["x", "w"], ["y"], name="conv", pads=[0, 0, 1, 0])],
+        "pads": [h("MaxPool", ["x"], ["y"], name="pool", kernel_shape=[2, 2], pads=[0, 0, 2, 0])],
         "reshape": [h("Reshape", ["x", "s"], ["y"], name="reshape")],
-        "avg_pad": [h("AveragePool", ["x"], ["y"], name="pool", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
-                      count_include_pad=1)],
-        "grouped": [h("Conv", ["x", "w2"], ["y"], name="conv", group=2, pads=[1, 1, 1, 1])],
+        "hard_sigmoid": [h("HardSigmoid", ["x"], ["y"], name="hs", alpha=0.2)],  # Keras 2's (trap 28)
+        "grouped": [h("Conv", ["x", "w2"], ["y"], name="conv", group=3, pads=[1, 1, 1, 1])],
     }[case]
     inits = {**w, "s": np.array([0, 2, 36]), "n": np.array(1)}
     onnx, _ = onnx_modules()
@@ -227,7 +260,8 @@ def test_from_onnx_names_a_file_that_is_not_onnx(tmp_path):
 
 
 # --- the onnxruntime backend -----------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["every_kind", "residual_conv", "branches_same_pools", "dense_bn_sigmoid_head"])
+@pytest.mark.parametrize("name", ["every_kind", "residual_conv", "branches_same_pools", "dense_bn_sigmoid_head",
+                                  "efficientnet_mini", "pools_ceil_and_pads", "squeeze_excite", "grouped_dilated_convs"])
 def test_onnxruntime_backend_matches_the_oracle(name, oracle):
     require("onnxruntime")
     spec = SPECS[name]

@@ -1,5 +1,6 @@
 """Spec -> ONNX, written with onnx.helper node by node so every op has the spec's meaning: TensorFlow "same" as
-explicit asymmetric pads, average pooling excluding padded cells, BatchNorm in inference form.
+explicit asymmetric pads, average pooling with the spec's divisor, torch's ceil_mode as ONNX Runtime runs it and
+onnx's shape inference agrees, BatchNorm in inference form.
 
 CONVERTERS maps each layer kind to the function that emits its nodes (the converter-table pattern of the
 backends). Tensors are named after the layers that compute them, initializers after the canonical weight keys
@@ -12,8 +13,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..backends.base import converter
-from ..models import (INPUT, Activation, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense, Dropout, Flatten,
-                      GlobalAveragePooling2D, MaxPool2D, ModelSpec, parse_activation)
+from ..models import (INPUT, Activation, AdaptiveAvgPool2D, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense,
+                      Dropout, Flatten, GlobalAveragePooling2D, LayerNormalization, MaxPool2D, ModelSpec, Multiply,
+                      Normalization, Rescaling, ZeroPadding2D, adaptive_bins, parse_activation)
+from ..models.spec import NORMALIZATION_EPSILON
 
 from ._common import InteropError
 
@@ -35,9 +38,15 @@ class _Graph:
         self.initializers.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
         return name
 
-    def weight(self, layer: str, param: str) -> str:
+    def weight(self, layer: str, param: str, shape: tuple | None = None) -> str:
+        """The canonical weight as an initializer named after its key (reshaped to `shape` to broadcast)."""
         key = f"{layer}/{param}"
-        return self.init(key, self.weights[key])
+        value = self.weights[key]
+        return self.init(key, value if shape is None else value.reshape(shape))
+
+    def ints(self, name: str, value) -> str:
+        self.initializers.append(numpy_helper.from_array(np.asarray(value, np.int64), name))
+        return name
 
     def node(self, op: str, inputs: list[str], output: str, name: str, **attrs) -> str:
         self.nodes.append(helper.make_node(op, inputs, [output], name=name, **attrs))
@@ -52,6 +61,11 @@ def activation(g: _Graph, act: str, x: str, out: str, name: str) -> str:
         return g.node("Mul", [x, s], out, name)
     if kind in ("gelu", "gelu_tanh"):
         return g.node("Gelu", [x], out, name, approximate="tanh" if kind == "gelu_tanh" else "none")
+    if kind == "relu6":
+        return g.node("Clip", [x, g.init(f"{name}/min", 0.0), g.init(f"{name}/max", 6.0)], out, name)
+    if kind in ("hard_sigmoid", "hard_swish"):  # relu6(x + 3) / 6 (docs/design.md trap 28): alpha 1/6, beta 1/2
+        return g.node("HardSigmoid" if kind == "hard_sigmoid" else "HardSwish", [x], out, name,
+                      **({"alpha": 1 / 6, "beta": 0.5} if kind == "hard_sigmoid" else {}))
     op = {"linear": "Identity", "relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "softplus": "Softplus",
           "softmax": "Softmax", "leaky_relu": "LeakyRelu", "elu": "Elu"}[kind]
     attrs = {"axis": 1} if kind == "softmax" else {"alpha": float(alpha)} if alpha is not None else {}
@@ -74,25 +88,114 @@ def _dense(g, info, inputs):
 
 
 def _conv(g, info, inputs):
-    (pt, pb), (pl, pr) = info.layer.pads(info.in_shape)
-    w = [g.weight(info.name, "kernel")] + ([g.weight(info.name, "bias")] if info.layer.use_bias else [])
+    layer = info.layer
+    (pt, pb), (pl, pr) = layer.pads(info.in_shape)
+    w = [g.weight(info.name, "kernel")] + ([g.weight(info.name, "bias")] if layer.use_bias else [])
     kh, kw = g.weights[f"{info.name}/kernel"].shape[2:]
-    _core(g, info, "Conv", [inputs[0], *w], kernel_shape=[int(kh), int(kw)], strides=list(_pair(info.layer.strides)),
-          pads=[pt, pl, pb, pr])
+    _core(g, info, "Conv", [inputs[0], *w], kernel_shape=[int(kh), int(kw)], strides=list(_pair(layer.strides)),
+          pads=[pt, pl, pb, pr], group=int(layer.groups), dilations=list(_pair(layer.dilation)))
 
 
 def _pool(g, info, inputs):
-    (k, s), ((pt, pb), (pl, pr)) = info.layer.window(), info.layer.pads(info.in_shape)
-    attrs = dict(kernel_shape=list(k), strides=list(s), pads=[pt, pl, pb, pr])
-    if isinstance(info.layer, AvgPool2D):
-        attrs["count_include_pad"] = 0  # the spec's average excludes padded cells (TensorFlow's "same")
-    g.node("MaxPool" if isinstance(info.layer, MaxPool2D) else "AveragePool", [inputs[0]], info.name, info.name,
-           **attrs)
+    layer, x = info.layer, inputs[0]
+    (k, s), ((pt, pb), (pl, pr)) = layer.window(), layer.pads(info.in_shape)
+    eh, ew = layer.overhang(info.in_shape)
+    spans = [info.in_shape[1] + pt + pb - k[0], info.in_shape[2] + pl + pr - k[1]]
+    # ONNX Runtime drops a ceil_mode window that would start in the after-padding, as torch does, but onnx's shape
+    # inference does not (docs/design.md trap 39): ceil_mode=1 only where both agree with the spec. Without an
+    # overhang the spec's windows are floor mode's; with one, the overhang is padding after that neither average
+    # counts (count_include_pad: the spec's own pads as a Pad node before it, which the average counts).
+    ceil = bool(eh or ew) and list(layer.output_hw(info.in_shape)) == [-(-n // st) + 1 for n, st in zip(spans, s)]
+    if (eh or ew) and not ceil:
+        if isinstance(layer, AvgPool2D) and layer.count_include_pad and any((pt, pb, pl, pr)):
+            x = g.node("Pad", [x, g.ints(f"{info.name}/pads", [0, 0, pt, pl, 0, 0, pb, pr])], f"{info.name}/padded",
+                       f"{info.name}/pad", mode="constant")
+            (pt, pb), (pl, pr) = (0, 0), (0, 0)
+        pb, pr = pb + eh, pr + ew
+    attrs = dict(kernel_shape=list(k), strides=list(s), pads=[pt, pl, pb, pr], ceil_mode=int(ceil))
+    if isinstance(layer, AvgPool2D):
+        attrs["count_include_pad"] = int(layer.count_include_pad and (ceil or not (eh or ew)))
+    g.node("MaxPool" if isinstance(layer, MaxPool2D) else "AveragePool", [x], info.name, info.name, **attrs)
 
 
 def _global_pool(g, info, inputs):
+    if info.layer.keepdims:
+        g.node("GlobalAveragePool", [inputs[0]], info.name, info.name)
+        return
     pooled = g.node("GlobalAveragePool", [inputs[0]], f"{info.name}/pooled", info.name)
     g.node("Flatten", [pooled], info.name, f"{info.name}/flatten", axis=1)
+
+
+def _zero_padding(g, info, inputs):
+    (t, b), (l, r) = info.layer.pads()
+    g.node("Pad", [inputs[0], g.ints(f"{info.name}/pads", [0, 0, t, l, 0, 0, b, r])], info.name, info.name,
+           mode="constant")
+
+
+def _adaptive_pool(g, info, inputs):
+    """Products with averaging matrices, torch's bins as rows: (oh, H) @ x @ (W, ow)."""
+    (_, h, w), (_, oh, ow) = info.in_shape, info.out_shape
+    rows, cols = _averaging(h, oh), _averaging(w, ow).T
+    pooled = g.node("MatMul", [g.init(f"{info.name}/rows", rows), inputs[0]], f"{info.name}/rows_pooled",
+                    f"{info.name}/rows_pooled")
+    g.node("MatMul", [pooled, g.init(f"{info.name}/cols", cols)], info.name, info.name)
+
+
+def _averaging(size: int, out: int) -> np.ndarray:
+    m = np.zeros((out, size), np.float32)
+    for i, (a, b) in enumerate(adaptive_bins(size, out)):
+        m[i, a:b] = 1 / (b - a)
+    return m
+
+
+def _multiply(g, info, inputs):
+    gate = Multiply.gate(info.in_shapes)
+    inputs = list(inputs)
+    if gate is not None and len(info.in_shapes[gate]) == 1:  # a flat (N, C) gate broadcast as (N, C, 1, 1)
+        inputs[gate] = g.node("Unsqueeze", [inputs[gate], g.ints(f"{info.name}/axes", [2, 3])],
+                              f"{info.name}/gate", f"{info.name}/gate")
+    x = inputs[0]
+    for k, other in enumerate(inputs[1:], 1):  # a chain of Muls, the intermediate ones named "<layer>/mul<k>"
+        last = k == len(inputs) - 1
+        x = g.node("Mul", [x, other], info.name if last else f"{info.name}/mul{k}",
+                   info.name if last else f"{info.name}/mul{k}")
+
+
+def _rescaling(g, info, inputs):
+    layer = info.layer
+    if not layer.offset:
+        g.node("Mul", [inputs[0], g.init(f"{info.name}/scale", layer.scale)], info.name, info.name)
+        return
+    scaled = g.node("Mul", [inputs[0], g.init(f"{info.name}/scale", layer.scale)], f"{info.name}/scaled",
+                    f"{info.name}/scale")
+    g.node("Add", [scaled, g.init(f"{info.name}/offset", layer.offset)], info.name, info.name)
+
+
+def _broadcast(info) -> tuple:
+    """The shape a per-channel weight (C,) takes to broadcast over the layer's input: (C, 1, 1) for an image."""
+    return (-1, 1, 1) if len(info.in_shape) == 3 else (-1,)
+
+
+def _normalization(g, info, inputs):
+    """(x - mean) / Max(Sqrt(variance), 1e-7), the statistics reshaped to broadcast over an image."""
+    n, shape = info.name, _broadcast(info)
+    mean, var = g.weight(n, "mean", shape), g.weight(n, "variance", shape)
+    scale = g.node("Max", [g.node("Sqrt", [var], f"{n}/sqrt", f"{n}/sqrt"), g.init(f"{n}/epsilon",
+                                                                                  NORMALIZATION_EPSILON)],
+                   f"{n}/scale", f"{n}/scale")
+    g.node("Div", [g.node("Sub", [inputs[0], mean], f"{n}/centered", f"{n}/centered"), scale], n, n)
+
+
+def _layernorm(g, info, inputs):
+    """ONNX's LayerNormalization normalizes every axis from its own on: an image goes channels-last around it."""
+    n, eps = info.name, float(info.layer.epsilon)
+    params = [g.weight(n, "gamma"), g.weight(n, "beta")]
+    if len(info.in_shape) == 1:
+        g.node("LayerNormalization", [inputs[0], *params], n, n, axis=-1, epsilon=eps)
+        return
+    nhwc = g.node("Transpose", [inputs[0]], f"{n}/nhwc", f"{n}/nhwc", perm=[0, 2, 3, 1])
+    normed = g.node("LayerNormalization", [nhwc, *params], f"{n}/normalized", n, axis=-1, epsilon=eps)
+    g.node("Transpose", [normed], n, f"{n}/nchw", perm=[0, 3, 1, 2])
 
 
 def _batchnorm(g, info, inputs):
@@ -119,6 +222,12 @@ CONVERTERS = {
     BatchNorm: _batchnorm,
     Add: lambda g, info, inputs: g.node("Add" if len(inputs) == 2 else "Sum", list(inputs), info.name, info.name),
     Concatenate: lambda g, info, inputs: g.node("Concat", list(inputs), info.name, info.name, axis=1),
+    ZeroPadding2D: _zero_padding,
+    AdaptiveAvgPool2D: _adaptive_pool,
+    Multiply: _multiply,
+    Rescaling: _rescaling,
+    Normalization: _normalization,
+    LayerNormalization: _layernorm,
 }
 
 

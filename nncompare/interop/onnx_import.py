@@ -2,6 +2,7 @@
 spec's meaning; every other op, attribute or pattern is one InteropError naming the node."""
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -9,15 +10,19 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..models import (INPUT, Activation, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense, Dropout, Flatten,
-                      GlobalAveragePooling2D, MaxPool2D, same_padding)
+from ..models import (INPUT, Activation, AdaptiveAvgPool2D, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense,
+                      Dropout, Flatten, GlobalAveragePooling2D, LayerNormalization, MaxPool2D, Multiply,
+                      Normalization, Rescaling, ZeroPadding2D, adaptive_bins, same_padding)
+from ..models.spec import NORMALIZATION_EPSILON
 
 from ._common import Builder, InteropError, Value, leaky, supported
 
-ACTIVATIONS = ("Relu", "Sigmoid", "Tanh", "Softmax", "LeakyRelu", "Elu", "Softplus", "Gelu")
+ACTIVATIONS = ("Relu", "Sigmoid", "Tanh", "Softmax", "LeakyRelu", "Elu", "Softplus", "Gelu", "Clip", "HardSigmoid",
+               "HardSwish")
 SUPPORTED = ("Gemm", "MatMul", "Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean", "Flatten",
-             "Reshape", "BatchNormalization", "Add", "Sum", "Concat", "Dropout", "Identity", "Constant",
-             "Mul (x * Sigmoid(x) only)", "Div (in GELU's erf form only)") + ACTIVATIONS
+             "Reshape", "BatchNormalization", "Add", "Sum", "Concat", "Dropout", "Identity", "Constant", "Mul", "Pad",
+             "Unsqueeze (a flat gate to (N, C, 1, 1))", "LayerNormalization", "Transpose (around LayerNormalization)",
+             "Sub, Div, Sqrt, Max (as Normalization writes them)", "Div (in GELU's erf form)") + ACTIVATIONS
 
 
 def _load(path_or_model) -> onnx.ModelProto:
@@ -58,6 +63,7 @@ class _Importer:
         self.consts = {t.name: numpy_helper.to_array(t) for t in self.graph.initializer}
         self.values: dict[str, Value] = {}
         self.done: set[int] = set()  # nodes folded into an earlier one
+        self.made: dict[str, tuple] = {}  # constant folded from constants -> (op, its inputs)
         self.consumers: dict[str, list[int]] = {}
         for i, node in enumerate(self.graph.node):
             for name in node.input:
@@ -120,9 +126,21 @@ class _Importer:
         if op == "LeakyRelu":
             return leaky(_f32(a.get("alpha", 0.01))), [i], node.output[0]
         if op == "Elu":
-            if a.get("alpha", 1.0) != 1.0:
-                self.refuse(i, f"alpha {a['alpha']}: the spec's elu has alpha 1")
-            return "elu", [i], node.output[0]
+            alpha = _f32(a.get("alpha", 1.0))
+            return ("elu" if alpha == 1.0 else f"elu({alpha!r})"), [i], node.output[0]
+        if op == "Clip":
+            low, high = (self.consts.get(n) if n else None for n in (list(node.input[1:]) + ["", ""])[:2])
+            low, high = (a.get("min") if low is None else low), (a.get("max") if high is None else high)
+            if low is None or high is None or float(low) != 0.0 or float(high) != 6.0:
+                self.refuse(i, "only Clip to [0, 6] (relu6) is supported")
+            return "relu6", [i], node.output[0]
+        if op == "HardSigmoid":  # the spec's is relu6(x + 3) / 6 (docs/design.md trap 28): alpha 1/6, beta 1/2
+            if np.float32(a.get("alpha", 0.2)) != np.float32(1 / 6) or np.float32(a.get("beta", 0.5)) != 0.5:
+                self.refuse(i, f"alpha {a.get('alpha', 0.2):g}, beta {a.get('beta', 0.5):g}: the spec's hard_sigmoid "
+                               f"is relu6(x + 3) / 6 (alpha 1/6, beta 1/2)")
+            return "hard_sigmoid", [i], node.output[0]
+        if op == "HardSwish":
+            return "hard_swish", [i], node.output[0]
         if op == "Gelu":
             approx = _decoded(a.get("approximate", "none"))
             return ("gelu_tanh" if approx == "tanh" else "gelu"), [i], node.output[0]
@@ -257,6 +275,9 @@ class _Importer:
         self.dense(i, x, kernel, bias, node.output[0])
 
     def op_MatMul(self, i, node, a):
+        if node.input[0] in self.consts:
+            self.adaptive(i, node, self.image(i, node.input[1], "MatMul"))
+            return
         x = self.flat(i, node.input[0], "MatMul")
         kernel, out, bias = self.const(i, node.input[1], "weight"), node.output[0], np.zeros(1)
         j = self.sole_consumer(out)
@@ -285,33 +306,29 @@ class _Importer:
         p = tuple(int(v) for v in a.get("pads", (0, 0, 0, 0))) if auto == "NOTSET" else (0, 0, 0, 0)
         return p
 
-    def padding(self, i: int, x: Value, k: tuple, s: tuple, p: tuple, conv: bool) -> str | int:
-        """The spec padding with exactly these pads, or an InteropError."""
+    def padding(self, i: int, x: Value, k: tuple, s: tuple, p: tuple, conv: bool = True) -> str | int | tuple:
+        """The spec padding with exactly these pads: "valid", "same" (TensorFlow's split for the window extent k),
+        one int, or ((top, bottom), (left, right))."""
         t, l, b, r = p
         if p == (0, 0, 0, 0):
             return "valid"
         if ((t, b), (l, r)) == (same_padding(x.shape[1], k[0], s[0]), same_padding(x.shape[2], k[1], s[1])):
             return "same"
-        if conv and t == l == b == r:
-            return t
-        self.refuse(i, f"pads {list(p)} (top, left, bottom, right) are neither symmetric{'' if conv else ' zero'} "
-                       f"nor TensorFlow's 'same' split {list(same_padding(x.shape[1], k[0], s[0]))}, "
-                       f"{list(same_padding(x.shape[2], k[1], s[1]))} for this input")
+        return t if t == l == b == r else ((t, b), (l, r))
 
     def op_Conv(self, i, node, a):
         x = self.image(i, node.input[0], "Conv")
         w = self.const(i, node.input[1], "weight")
-        if a.get("group", 1) != 1 or any(d != 1 for d in a.get("dilations", (1, 1))):
-            self.refuse(i, f"group {a.get('group', 1)}, dilations {list(a.get('dilations', (1, 1)))}: only an "
-                           f"ungrouped, undilated convolution is a Conv2D")
-        if w.ndim != 4 or w.shape[1] != x.shape[0]:
-            self.refuse(i, f"weight of shape {w.shape} does not fit {x.shape[0]} input channels")
+        groups, dilation = int(a.get("group", 1)), tuple(int(d) for d in a.get("dilations", (1, 1)))
+        if w.ndim != 4 or x.shape[0] % groups or w.shape[0] % groups or w.shape[1] * groups != x.shape[0]:
+            self.refuse(i, f"weight of shape {w.shape} in {groups} groups does not fit {x.shape[0]} input channels")
         k, s = tuple(w.shape[2:]), tuple(a.get("strides", (1, 1)))
-        padding = self.padding(i, x, k, s, self.pads(i, a, x, k, s), conv=True)
+        extent = tuple((kk - 1) * d + 1 for kk, d in zip(k, dilation))
+        padding = self.padding(i, x, extent, s, self.pads(i, a, x, extent, s))
         bias = len(node.input) > 2 and node.input[2]
         act, end = self.fused(i, node.output[0], 4)
         layer = Conv2D(int(w.shape[0]), _int_pair(k), _int_pair(s), padding, act, use_bias=bool(bias),
-                       name=self.layer_name(i))
+                       groups=groups, dilation=_int_pair(dilation), name=self.layer_name(i))
         weights = {"kernel": w} | ({"bias": self.const(i, node.input[2], "bias")} if bias else {})
         self.values[end] = self.b.add(layer, [x], weights, self.where(i))
 
@@ -323,16 +340,34 @@ class _Importer:
         if any(d != 1 for d in a.get("dilations", (1, 1))) or a.get("storage_order", 0):
             self.refuse(i, "dilated pooling (or column-major indices) is not supported")
         p = self.pads(i, a, x, k, s)
-        padding = self.padding(i, x, k, s, p, conv=False)
-        if a.get("ceil_mode", 0):
-            floor = [(x.shape[1 + d] + p[d] + p[d + 2] - k[d]) // s[d] + 1 for d in (0, 1)]
-            ceil = [-(-(x.shape[1 + d] + p[d] + p[d + 2] - k[d]) // s[d]) + 1 for d in (0, 1)]
-            if floor != ceil:
-                self.refuse(i, "ceil_mode=1 gives a size the spec's floor (valid) or TensorFlow (same) rule does not")
-        if kind is AvgPool2D and padding == "same" and a.get("count_include_pad", 0):
-            self.refuse(i, "count_include_pad=1 averages padded zeros; the spec's 'same' average excludes them")
-        layer = kind(_int_pair(k), None if s == k else _int_pair(s), padding=padding, name=self.layer_name(i))
+        ceil = bool(a.get("ceil_mode", 0))
+        padding = self.padding(i, x, k, s, p)
+        if ceil and padding == "same":  # ONNX Runtime's ceil_mode is torch's (docs/design.md trap 29)
+            padding = ((p[0], p[2]), (p[1], p[3]))
+        include = kind is AvgPool2D and bool(a.get("count_include_pad", 0)) and any(p)
+        extra = {"count_include_pad": include} if kind is AvgPool2D else {}
+        if not ceil and not include and (p[2] > k[0] // 2 or p[3] > k[1] // 2):
+            padding, ceil = self.ceil_overhang(x, kind, k, s, p), True
+        layer = kind(_int_pair(k), None if s == k else _int_pair(s), padding=padding, ceil_mode=ceil,
+                     name=self.layer_name(i), **extra)
         self.values[node.output[0]] = self.b.add(layer, [x], where=self.where(i))
+
+    @staticmethod
+    def ceil_overhang(x: Value, kind, k: tuple, s: tuple, p: tuple):
+        """Pads after more than half the window, which neither max nor an average without count_include_pad reads:
+        a ceil_mode pool whose windows hang over the padding by the rest, if there is one (as to_onnx writes such a
+        pool where onnx's shape inference would count ceil_mode's windows otherwise: docs/design.md trap 39)."""
+        t, l, b, r = p
+        for pb in range(min(b, k[0] // 2), -1, -1):
+            for pr in range(min(r, k[1] // 2), -1, -1):
+                layer = kind(k, s, padding=((t, pb), (l, pr)), ceil_mode=True)
+                try:
+                    fits = layer.overhang(x.shape) == (b - pb, r - pr) and layer.check(x.shape)
+                except Exception:  # the spec's own refusal of this reading: try the next
+                    continue
+                if fits:
+                    return (t, pb), (l, pr)
+        return (t, b), (l, r)  # refused by the spec when added, naming the pads
 
     def op_MaxPool(self, i, node, a):
         self.pool(i, node, a, MaxPool2D)
@@ -341,9 +376,13 @@ class _Importer:
         self.pool(i, node, a, AvgPool2D)
 
     def global_pool(self, i, node, kept: bool) -> None:
+        """A (N, C, 1, 1) result read only through flattening ops is the spec's (C,), else kept as an image."""
         x = self.image(i, node.input[0], node.op_type)
-        v = self.b.add(GlobalAveragePooling2D(name=self.layer_name(i)), [x], where=self.where(i))
-        self.alias(node, v, kept)
+        users = self.consumers.get(node.output[0], [])
+        image = kept and users and any(self.graph.node[j].op_type not in ("Flatten", "Reshape") for j in users)
+        v = self.b.add(GlobalAveragePooling2D(keepdims=bool(image), name=self.layer_name(i)), [x],
+                       where=self.where(i))
+        self.alias(node, v, kept and not image)
 
     def op_GlobalAveragePool(self, i, node, a):
         self.global_pool(i, node, kept=True)
@@ -423,8 +462,158 @@ class _Importer:
             self.refuse(i, "training_mode=true drops values at inference")
         self.alias(node, self.b.add(Dropout(_f32(rate), name=self.layer_name(i)), [x], where=self.where(i)), x.kept)
 
+    def scalar(self, name: str) -> float | None:
+        c = self.consts.get(name)
+        return float(c.reshape(())) if c is not None and c.size == 1 else None
+
     def op_Mul(self, i, node, a):
-        self.refuse(i, "op Mul is supported only as x * Sigmoid(x) (SiLU)")
+        consts = [n for n in node.input if n in self.consts]
+        if consts:  # x * scale (+ offset): Rescaling
+            x, scale = self.value(i, next(n for n in node.input if n not in self.consts)), self.scalar(consts[0])
+            if len(consts) != 1 or scale is None:
+                self.refuse(i, "a product with a constant is supported only with a scalar (Rescaling)")
+            out, offset, last = node.output[0], 0.0, i
+            j = self.sole_consumer(out)
+            if j is not None and self.graph.node[j].op_type == "Add":
+                other = [n for n in self.graph.node[j].input if n != out]
+                if len(other) == 1 and self.scalar(other[0]) is not None:
+                    offset, out, last = self.scalar(other[0]), self.graph.node[j].output[0], j
+                    self.done.add(j)
+            layer = Rescaling(_f32(scale), _f32(offset), name=self.layer_name(last))
+            v = self.b.add(layer, [x], where=self.where(i))
+            self.values[out] = Value(v.name, v.shape, kept=x.kept)
+            return
+        names, out, last = list(node.input), node.output[0], i
+        while True:  # to_onnx writes a Multiply of n inputs as Muls named "<layer>/mul<k>", the last "<layer>"
+            j = self.sole_consumer(out)
+            nxt = self.graph.node[j] if j is not None else None
+            if nxt is None or nxt.op_type != "Mul" or not self.graph.node[last].name.startswith(nxt.name + "/mul") \
+                    or nxt.input[0] != out:
+                break
+            names.append(nxt.input[1])
+            out, last = nxt.output[0], j
+            self.done.add(j)
+        xs = [self.value(i, n) for n in names]
+        shapes = [(x.shape[0], 1, 1) if x.kept else x.shape for x in xs]
+        if len({x.kept for x in xs}) > 1 and len(xs) == 2:  # an image and a kept (N, C, 1, 1) gate: the gate (C,)
+            shapes = [x.shape for x in xs]
+        elif any(x.kept for x in xs):
+            self.refuse(i, "multiplies pooled (N, C, 1, 1) tensors with each other; only as a per-channel gate")
+        if Multiply.gate(shapes) is None and len(set(shapes)) != 1:
+            self.refuse(i, f"multiplies shapes {', '.join(str(('N',) + sh) for sh in shapes)}; only equal shapes or "
+                           f"an image and a per-channel (N, C) or (N, C, 1, 1) gate")
+        self.values[out] = self.b.add(Multiply(name=self.layer_name(last)), xs, where=self.where(i))
+
+    def op_Unsqueeze(self, i, node, a):
+        axes = self.const(i, node.input[1], "axes") if len(node.input) > 1 else np.asarray(a.get("axes", ()))
+        v = self.value(i, node.input[0])
+        if len(v.shape) != 1 or v.kept or sorted(int(x) % 4 for x in axes.reshape(-1)) != [2, 3]:
+            self.refuse(i, "only a flat (N, C) tensor unsqueezed to (N, C, 1, 1) (axes 2, 3) is supported")
+        self.alias(node, v, kept=True)
+
+    def op_Pad(self, i, node, a):
+        x = self.image(i, node.input[0], "Pad")
+        pads = self.const(i, node.input[1], "pads").reshape(-1) if len(node.input) > 1 else np.asarray(a["pads"])
+        value = self.scalar(node.input[2]) if len(node.input) > 2 and node.input[2] else a.get("value", 0.0)
+        if _decoded(a.get("mode", "constant")) != "constant" or value != 0 or len(pads) != 8 \
+                or any(pads[[0, 1, 4, 5]]) or (len(node.input) > 3 and node.input[3]) or min(pads) < 0:
+            self.refuse(i, "only zero padding of the spatial axes (top, left, bottom, right >= 0) is a ZeroPadding2D")
+        t, l, b, r = (int(pads[n]) for n in (2, 3, 6, 7))
+        layer = ZeroPadding2D(((t, b), (l, r)), name=self.layer_name(i))
+        self.values[node.output[0]] = self.b.add(layer, [x], where=self.where(i))
+
+    def fold(self, i, node, fn) -> bool:
+        """A node of constants only: its value becomes a constant (provenance kept for Normalization)."""
+        if not all(n in self.consts for n in node.input):
+            return False
+        self.consts[node.output[0]] = fn(*(self.consts[n] for n in node.input))
+        self.made[node.output[0]] = (node.op_type, list(node.input))
+        return True
+
+    def op_Sqrt(self, i, node, a):
+        if not self.fold(i, node, np.sqrt):
+            self.refuse(i, "Sqrt is supported only of a constant (a Normalization's variance)")
+
+    def op_Max(self, i, node, a):
+        if not self.fold(i, node, lambda *v: functools.reduce(np.maximum, v)):
+            self.refuse(i, "Max is supported only of constants (a Normalization's scale)")
+
+    def op_Sub(self, i, node, a):
+        """(x - mean) / Max(Sqrt(variance), 1e-7): Normalization, as to_onnx writes it."""
+        j = self.sole_consumer(node.output[0])
+        div = self.graph.node[j] if j is not None else None
+        made = self.made.get(div.input[1]) if div is not None and div.op_type == "Div" else None
+        sqrt = self.made.get(made[1][0]) if made and made[0] == "Max" and len(made[1]) == 2 else None
+        x = self.value(i, node.input[0])
+        if sqrt is None or sqrt[0] != "Sqrt" or node.input[1] not in self.consts or div.input[0] != node.output[0] \
+                or self.scalar(made[1][1]) is None or np.float32(self.scalar(made[1][1])) != \
+                np.float32(NORMALIZATION_EPSILON) or x.kept:
+            self.refuse(i, "Sub is supported only as a Normalization: (x - mean) / Max(Sqrt(variance), 1e-7)")
+        mean, var = self.consts[node.input[1]], self.consts[sqrt[1][0]]
+        if mean.size != x.shape[0] or var.size != x.shape[0]:
+            self.refuse(i, f"mean and variance of {mean.size} and {var.size} values for {x.shape[0]} channels")
+        self.done.add(j)
+        layer = Normalization(name=self.layer_name(j))
+        self.values[div.output[0]] = self.b.add(layer, [x], {"mean": mean.reshape(-1), "variance": var.reshape(-1)},
+                                                self.where(i))
+
+    def layernorm(self, i, node, a, x: Value, out: str, name_at: int) -> None:
+        if len(node.input) < 2 or a.get("stash_type", 1) != 1:
+            self.refuse(i, "LayerNormalization needs a scale and float32 statistics")
+        self.unused(i, node.output[1:])
+        gamma = self.const(i, node.input[1], "scale")
+        beta = self.const(i, node.input[2], "bias") if len(node.input) > 2 and node.input[2] else np.zeros(1)
+        c = x.shape[0]
+        if gamma.size != c or beta.size not in (1, c):
+            self.refuse(i, f"scale and bias of {gamma.size} and {beta.size} values for {c} channels")
+        layer = LayerNormalization(epsilon=_f32(a.get("epsilon", 1e-5)), name=self.layer_name(name_at))
+        w = {"gamma": gamma.reshape(-1), "beta": np.broadcast_to(beta.reshape(-1), (c,))}
+        self.values[out] = self.b.add(layer, [x], w, self.where(i))
+
+    def op_LayerNormalization(self, i, node, a):
+        x = self.flat(i, node.input[0], "LayerNormalization (of an image: between Transposes to channels-last)")
+        if a.get("axis", -1) % 2 != 1:
+            self.refuse(i, f"normalizes from axis {a.get('axis')}; the spec's runs over the features (axis 1)")
+        self.layernorm(i, node, a, x, node.output[0], i)
+
+    def op_Transpose(self, i, node, a):
+        """Transpose to channels-last, LayerNormalization over the last axis, Transpose back: over the channels."""
+        x = self.image(i, node.input[0], "Transpose")
+        j = self.sole_consumer(node.output[0])
+        ln = self.graph.node[j] if j is not None else None
+        k = self.sole_consumer(ln.output[0]) if ln is not None and ln.op_type == "LayerNormalization" else None
+        back = self.graph.node[k] if k is not None else None
+        if list(a.get("perm", ())) != [0, 2, 3, 1] or back is None or back.op_type != "Transpose" \
+                or list(_attrs(back).get("perm", ())) != [0, 3, 1, 2] or _attrs(ln).get("axis", -1) % 4 != 3 \
+                or ln.input[0] != node.output[0]:
+            self.refuse(i, "Transpose is supported only to channels-last around a LayerNormalization over the last "
+                           "axis and back")
+        self.done.update((j, k))
+        self.layernorm(j, ln, _attrs(ln), x, back.output[0], j)
+
+    def adaptive(self, i, node, x: Value) -> None:
+        """MatMul(rows, x) then MatMul(., cols), torch's adaptive bins as averaging matrices: AdaptiveAvgPool2D."""
+        rows = self.consts[node.input[0]]
+        j = self.sole_consumer(node.output[0])
+        nxt = self.graph.node[j] if j is not None else None
+        cols = self.consts.get(nxt.input[1]) if nxt is not None and nxt.op_type == "MatMul" \
+            and nxt.input[0] == node.output[0] else None
+        _, h, w = x.shape
+        if rows.ndim != 2 or cols is None or cols.ndim != 2 or rows.shape[1] != h or cols.shape[0] != w \
+                or not np.array_equal(rows, _averaging(h, rows.shape[0])) \
+                or not np.array_equal(cols.T, _averaging(w, cols.shape[1])):
+            self.refuse(i, "a product of an image with constants is supported only as torch's adaptive average "
+                           "pooling (averaging matrices over its bins, rows then columns)")
+        self.done.add(j)
+        layer = AdaptiveAvgPool2D(_int_pair((rows.shape[0], cols.shape[1])), name=self.layer_name(j))
+        self.values[nxt.output[0]] = self.b.add(layer, [x], where=self.where(i))
+
+
+def _averaging(size: int, out: int) -> np.ndarray:
+    m = np.zeros((out, size), np.float32)
+    for i, (a, b) in enumerate(adaptive_bins(size, out)):
+        m[i, a:b] = 1 / (b - a)
+    return m
 
 
 def from_onnx(path_or_model):
