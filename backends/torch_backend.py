@@ -357,7 +357,6 @@ class TorchAdapter(Adapter):
         else:
             self.dev = torch.device("cpu")
         self.cudnn_benchmark = self.dev.type == "cuda"
-        self.tf32 = False
         channels_last = CHANNELS_LAST[self.dev.type]
         self._format = torch.channels_last if channels_last else torch.contiguous_format
         self.memory_format = "channels_last" if channels_last else "contiguous"

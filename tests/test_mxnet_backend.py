@@ -1,7 +1,6 @@
 """MXNet-specific behaviour: pre-placed per-batch NDArrays, the graph block, GELU's form, TF "same" pools, the CNN
 vocabulary's traps (depthwise layout, the 'full' pooling convention, count_include_pad, asymmetric pads,
 hard_sigmoid's defaults, clip's gradient at its bounds, adaptive bins)."""
-import math
 
 import numpy as np
 import pytest
@@ -92,35 +91,6 @@ def test_settings_record_hybridization_and_thread_configuration(mxnet, monkeypat
     monkeypatch.setenv("MXNET_OMP_MAX_THREADS", str(s["omp_threads"] + 1))
     assert net.settings["omp_threads"] == s["omp_threads"]
     assert net.settings["omp_threads_fixed_at_load"] == s["omp_threads_fixed_at_load"]
-
-
-def _gelu_erf(x):
-    return np.array([v * 0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x.ravel()]).reshape(x.shape)
-
-
-def _gelu_tanh(x):
-    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
-
-
-@pytest.mark.parametrize("kind, formula", [("gelu", _gelu_erf), ("gelu_tanh", _gelu_tanh)])
-def test_gelu_forms_trap18(mxnet, kind, formula):
-    """MXNet's LeakyReLU(act_type='gelu') is the exact erf form; the tanh form differs by up to ~5e-4."""
-    spec = ModelSpec("g", (41,), (Activation(kind),))
-    x = np.linspace(-5, 5, 41, dtype=np.float32)[None]
-    got = mxnet.build(spec).logits(x).astype(np.float64)
-    other = _gelu_tanh if formula is _gelu_erf else _gelu_erf
-    assert np.abs(got - formula(x.astype(np.float64))).max() < 2e-6
-    assert np.abs(got - other(x.astype(np.float64))).max() > 1e-4
-
-
-def test_same_pools_with_asymmetric_pads_trap17(mxnet):
-    """TF "same" on 3x3 with a 2x2/2 pool pads one row/column at the bottom/right only: the average divides by
-    the real cells under each window, and the max never picks a padded cell (all inputs negative)."""
-    x = -np.arange(1, 10, dtype=np.float32).reshape(1, 1, 3, 3)
-    avg = mxnet.build(ModelSpec("a", (1, 3, 3), (AvgPool2D(2, padding="same"),))).logits(x)
-    np.testing.assert_allclose(avg[0, 0], [[-3, -4.5], [-7.5, -9]])
-    mx_ = mxnet.build(ModelSpec("m", (1, 3, 3), (MaxPool2D(2, padding="same"),))).logits(x)
-    np.testing.assert_array_equal(mx_[0, 0], [[-1, -3], [-7, -9]])
 
 
 @pytest.mark.parametrize("pool", [MaxPool2D, AvgPool2D])

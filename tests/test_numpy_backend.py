@@ -124,7 +124,7 @@ def test_numpy_backend_refuses_gpu():
         NumpyAdapter.build(zoo.get("perceptron"), device="gpu")
 
 
-# --- graphs and the new layer kinds (issue 9) ------------------------------------------------------
+# --- graphs and the new layer kinds -----------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(ACTIVATION_SPECS))
 def test_gradients_match_finite_differences_for_every_activation(name):
     spec = ACTIVATION_SPECS[name]

@@ -143,6 +143,12 @@ def test_trap17_average_pooling_excludes_padded_cells(backend):
     assert out.shape == (1, 1, 3, 3)
     assert out[0, 0, 2, 2] == pytest.approx(25.0)
     assert out[0, 0, 0, 2] == pytest.approx((5 + 10) / 2)
+    # 3x3, pool 2 stride 2: one padded row/column at the bottom/right only; max never picks a padded cell
+    x = -np.arange(1, 10, dtype=np.float32).reshape(1, 1, 3, 3)
+    avg = build(backend, ModelSpec("a", (1, 3, 3), (AvgPool2D(2, padding="same"),))).logits(x)
+    np.testing.assert_allclose(avg[0, 0], [[-3, -4.5], [-7.5, -9]])
+    top = build(backend, ModelSpec("m", (1, 3, 3), (MaxPool2D(2, padding="same"),))).logits(x)
+    np.testing.assert_array_equal(top[0, 0], [[-1, -3], [-7, -9]])
 
 
 @pytest.mark.parametrize("backend", FRAMEWORKS)
