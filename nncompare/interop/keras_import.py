@@ -8,8 +8,11 @@ from pathlib import Path
 import keras
 import numpy as np
 
+import dataclasses
+
 from ..models import (INPUT, Activation, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense, Dropout, Flatten,
-                      GlobalAveragePooling2D, MaxPool2D)
+                      GlobalAveragePooling2D, LayerNormalization, MaxPool2D, Multiply, Normalization, Rescaling,
+                      ZeroPadding2D)
 
 from ._common import Builder, InteropError, Value, leaky, supported
 
@@ -17,10 +20,12 @@ L = keras.layers
 # Keras activation names -> the spec's (Keras' leaky_relu slope 0.2 and elu alpha 1 are the spec's defaults)
 _ACTIVATIONS = {"linear": "linear", "relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh", "softmax": "softmax",
                 "elu": "elu", "softplus": "softplus", "silu": "silu", "swish": "silu", "gelu": "gelu",
-                "leaky_relu": "leaky_relu"}
-SUPPORTED = ("InputLayer", "Dense", "Conv2D", "MaxPooling2D", "AveragePooling2D", "GlobalAveragePooling2D",
-             "Flatten", "Activation", "ReLU", "LeakyReLU", "ELU", "Softmax", "Dropout", "BatchNormalization", "Add",
-             "Concatenate", "Identity")
+                "leaky_relu": "leaky_relu", "relu6": "relu6", "hard_sigmoid": "hard_sigmoid",
+                "hard_silu": "hard_swish", "hard_swish": "hard_swish"}
+SUPPORTED = ("InputLayer", "Dense", "Conv2D", "DepthwiseConv2D", "MaxPooling2D", "AveragePooling2D",
+             "GlobalAveragePooling2D", "ZeroPadding2D", "Flatten", "Reshape (a flat (C,) to (1, 1, C))", "Activation",
+             "ReLU", "LeakyReLU", "ELU", "Softmax", "Dropout", "BatchNormalization", "LayerNormalization",
+             "Normalization", "Rescaling", "Add", "Multiply", "Concatenate", "Identity")
 
 
 class _Refused(Exception):
@@ -127,6 +132,10 @@ class _Walk:
                                f"(H, W, C) image or (features,) vector")
         spec_shape = (shape[2], shape[0], shape[1]) if len(shape) == 3 else shape
         graph, input_name, output_name = _graph(model)
+        self.readers = {}  # Keras layer name -> how many Keras layers read it
+        for _, inputs in graph:
+            for n in inputs:
+                self.readers[n] = self.readers.get(n, 0) + 1
         self.values[input_name] = Value(INPUT, spec_shape)
         for layer, inputs in graph:
             if isinstance(layer, L.InputLayer):
@@ -139,6 +148,7 @@ class _Walk:
                 policy = getattr(layer, "dtype_policy", None)
                 if policy is not None and getattr(policy, "compute_dtype", "float32") != "float32":
                     raise _Refused(f"computes in {policy.compute_dtype}; the spec computes in float32")
+                self.inputs = inputs
                 self.values[layer.name] = self.convert(layer, layer.get_config(), [self.values[n] for n in inputs])
             except _Refused as e:
                 raise InteropError(f"{self.b.source}: layer {layer.name!r} ({type(layer).__name__}): {e}") from None
@@ -162,18 +172,39 @@ class _Walk:
             bias = _numpy(layer.bias) if layer.use_bias else np.zeros(kernel.shape[1], np.float32)
             return self.layer(layer, Dense, [x], {"kernel": kernel, "bias": bias}, units=int(cfg["units"]),
                               activation=_activation(cfg["activation"]))
-        if t is L.Conv2D:
+        if t in (L.Conv2D, L.DepthwiseConv2D):
             self.channels_last(cfg)
-            if tuple(cfg["dilation_rate"]) != (1, 1) or cfg.get("groups", 1) != 1:
-                raise _Refused(f"dilation_rate {cfg['dilation_rate']}, groups {cfg.get('groups', 1)}: only an "
-                               f"undilated, ungrouped convolution is a Conv2D")
-            weights = {"kernel": _numpy(layer.kernel).transpose(3, 2, 0, 1)}  # HWIO -> OIHW
+            kernel = _numpy(layer.kernel)
+            if t is L.DepthwiseConv2D:  # (kh, kw, in, m) -> (in * m, 1, kh, kw): output channel c * m + j reads c
+                kernel = kernel.transpose(2, 3, 0, 1).reshape(-1, 1, *kernel.shape[:2])
+                filters, groups = x.shape[0] * int(cfg["depth_multiplier"]), x.shape[0]
+            else:
+                kernel, filters, groups = kernel.transpose(3, 2, 0, 1), int(cfg["filters"]), int(cfg.get("groups", 1))
+            weights = {"kernel": kernel}  # HWIO -> OIHW
             if layer.use_bias:
                 weights["bias"] = _numpy(layer.bias)
-            return self.layer(layer, Conv2D, [x], weights, filters=int(cfg["filters"]),
-                              kernel_size=_pair(cfg["kernel_size"]), strides=_pair(cfg["strides"]),
-                              padding=cfg["padding"], activation=_activation(cfg["activation"]),
-                              use_bias=bool(cfg["use_bias"]))
+            return self.layer(layer, Conv2D, [x], weights, filters=filters, kernel_size=_pair(cfg["kernel_size"]),
+                              strides=_pair(cfg["strides"]), padding=cfg["padding"],
+                              activation=_activation(cfg["activation"]), use_bias=bool(cfg["use_bias"]),
+                              groups=groups, dilation=_pair(cfg["dilation_rate"]))
+        if t is L.ZeroPadding2D:
+            self.channels_last(cfg)
+            return self.layer(layer, ZeroPadding2D, [x], padding=tuple(tuple(int(v) for v in p)
+                                                                       for p in cfg["padding"]))
+        if t is L.Reshape:
+            return self.gate(layer, cfg, x)
+        if t is L.Rescaling:
+            scale, offset = cfg["scale"], cfg["offset"]
+            if not all(isinstance(v, (int, float)) for v in (scale, offset)):
+                raise _Refused("per-channel scale or offset is not supported (the spec's Rescaling has one of each)")
+            v = self.layer(layer, Rescaling, [x], scale=float(scale), offset=float(offset))
+            return Value(v.name, v.shape, x.perm)
+        if t is L.Normalization:
+            return self.normalization(layer, cfg, x)
+        if t is L.LayerNormalization:
+            return self.layernorm(layer, cfg, x)
+        if t is L.Multiply:
+            return self.multiply(layer, xs)
         if t in (L.MaxPooling2D, L.AveragePooling2D):
             self.channels_last(cfg)
             kind = MaxPool2D if t is L.MaxPooling2D else AvgPool2D
@@ -182,9 +213,7 @@ class _Walk:
                               padding=cfg["padding"])
         if t is L.GlobalAveragePooling2D:
             self.channels_last(cfg)
-            if cfg.get("keepdims"):
-                raise _Refused("keepdims=True keeps a (1, 1, C) image; the spec's global pooling gives (C,)")
-            return self.layer(layer, GlobalAveragePooling2D, [x])
+            return self.layer(layer, GlobalAveragePooling2D, [x], keepdims=bool(cfg.get("keepdims")))
         if t is L.Flatten:
             self.channels_last(cfg)
             if len(x.shape) == 1:
@@ -211,16 +240,15 @@ class _Walk:
         if t is L.Activation:
             act = _activation(cfg["activation"])
         elif t is L.ReLU:
-            if cfg.get("max_value") is not None or cfg.get("threshold", 0) != 0:
-                raise _Refused("max_value and threshold are not supported (a plain or leaky ReLU is)")
-            slope = cfg.get("negative_slope", 0)
-            act = "relu" if slope == 0 else leaky(slope)
+            top, slope = cfg.get("max_value"), cfg.get("negative_slope", 0)
+            if cfg.get("threshold", 0) != 0 or top not in (None, 6) or (top is not None and slope != 0):
+                raise _Refused("threshold, and max_value other than 6 (relu6), are not supported")
+            act = "relu6" if top is not None else "relu" if slope == 0 else leaky(slope)
         elif t is L.LeakyReLU:
             act = leaky(cfg["negative_slope"])
         elif t is L.ELU:
-            if cfg.get("alpha", 1.0) != 1.0:
-                raise _Refused(f"alpha {cfg['alpha']}: the spec's elu has alpha 1")
-            act = "elu"
+            alpha = float(cfg.get("alpha", 1.0))
+            act = "elu" if alpha == 1.0 else f"elu({alpha!r})"
         else:
             axis = cfg.get("axis", -1)
             if axis not in (-1, len(x.shape)):
@@ -247,6 +275,63 @@ class _Walk:
                 w[k] = canonical
         v = self.layer(layer, BatchNorm, [x], w, momentum=float(cfg["momentum"]), epsilon=float(cfg["epsilon"]))
         return Value(v.name, v.shape, x.perm)
+
+    def gate(self, layer, cfg: dict, x: Value) -> Value:
+        """Reshape of a global pooling's flat (C,) to (1, 1, C) (squeeze-and-excitation): the pooling keeps its dims."""
+        target = tuple(cfg["target_shape"])
+        producer = next((k for k, l in enumerate(self.b.layers) if l.name == x.name), None)
+        pooled = producer is not None and isinstance(self.b.layers[producer], GlobalAveragePooling2D)
+        if len(x.shape) != 1 or target != (1, 1, x.shape[0]) or not pooled or self.readers[self.inputs[0]] != 1:
+            raise _Refused(f"reshape to {target}: only a global pooling's (C,), read by nothing else, to (1, 1, C) "
+                           f"is supported")
+        self.b.layers[producer] = dataclasses.replace(self.b.layers[producer], keepdims=True)
+        return Value(x.name, (x.shape[0], 1, 1))
+
+    def normalization(self, layer, cfg: dict, x: Value) -> Value:
+        axis = cfg.get("axis", -1)
+        axis = tuple(axis) if isinstance(axis, (list, tuple)) else (axis,)
+        if axis not in ((-1,), (len(x.shape),)) or cfg.get("invert"):
+            raise _Refused(f"axis {cfg.get('axis')}, invert {cfg.get('invert')}: only a Normalization over the "
+                           f"channel (last) axis is supported")
+        # the statistics Keras computes with: constants it took from its variables when built
+        c = x.shape[0]
+        mean, var = (np.broadcast_to(_numpy(v).reshape(-1), (c,)) for v in (layer.mean, layer.variance))
+        w = {"mean": self.canonical(mean, x), "variance": self.canonical(var, x)}
+        v = self.layer(layer, Normalization, [x], w)
+        return Value(v.name, v.shape, x.perm)
+
+    def layernorm(self, layer, cfg: dict, x: Value) -> Value:
+        axis = cfg["axis"]
+        axis = tuple(axis) if isinstance(axis, (list, tuple)) else (axis,)
+        if axis not in ((-1,), (len(x.shape),)) or cfg.get("rms_scaling"):
+            raise _Refused(f"axis {cfg['axis']}: only a LayerNormalization over the channel (last) axis is supported")
+        c = x.shape[0]
+        w = {"gamma": _numpy(layer.gamma) if cfg["scale"] else np.ones(c, np.float32),
+             "beta": _numpy(layer.beta) if cfg["center"] else np.zeros(c, np.float32)}
+        v = self.layer(layer, LayerNormalization, [x], {k: self.canonical(a, x) for k, a in w.items()},
+                       epsilon=float(cfg["epsilon"]))
+        return Value(v.name, v.shape, x.perm)
+
+    @staticmethod
+    def canonical(a: np.ndarray, x: Value) -> np.ndarray:
+        """Per-feature parameters of a flat tensor in the source's order, in the canonical order."""
+        if x.perm is None:
+            return np.asarray(a, np.float32)
+        out = np.empty_like(a)
+        out[x.perm] = a
+        return out
+
+    def multiply(self, layer, xs: list[Value]) -> Value:
+        shapes = [x.shape for x in xs]
+        gate = Multiply.gate(shapes)
+        if gate is None and (len(set(shapes)) != 1 or len({None if _identity(x.perm) else x.perm.tobytes()
+                                                             for x in xs}) != 1):
+            raise _Refused("multiplies tensors of different shapes or flatten orders (other than an image and a "
+                           "per-channel gate)")
+        if gate is not None and not _identity(xs[gate].perm):
+            raise _Refused("its per-channel gate is a flattened image")
+        v = self.layer(layer, Multiply, xs)
+        return Value(v.name, v.shape, xs[0].perm if gate is None else None)
 
     def merge(self, layer, cfg: dict, xs: list[Value]) -> Value:
         if len(xs) < 2:
