@@ -375,8 +375,31 @@ def torch_modules():
         def forward(self, x):
             return self.net(x)
 
+    class Mobile(nn.Module):
+        """MobileNetV3's vocabulary: ZeroPad2d and a depthwise conv with multiplier 2, a grouped dilated conv with
+        uneven padding, squeeze-and-excitation (adaptive pooling to 1, 1x1 convs, hardsigmoid, a product),
+        hardswish, relu6, F.pad, ceil_mode pools (count_include_pad, torch's default), adaptive pooling, elu(0.5)."""
+
+        def __init__(self):
+            super().__init__()
+            self.pad, self.dw, self.bn = nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(4, 8, 3, 2, groups=4, bias=False), \
+                stats(nn.BatchNorm2d(8))
+            self.act, self.gd = nn.Hardswish(), nn.Conv2d(8, 8, 3, padding=(2, 1), dilation=(2, 1), groups=2)
+            self.squeeze, self.reduce, self.expand = nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+            self.gate, self.avg, self.max = nn.Hardsigmoid(), nn.AvgPool2d(3, 2, 1, ceil_mode=True), \
+                nn.MaxPool2d(2, 2, ceil_mode=True)
+            self.bins, self.elu, self.fc = nn.AdaptiveAvgPool2d((3, 2)), nn.ELU(0.5), nn.Linear(8 * 3 * 2 + 8 * 9, 5)
+
+        def forward(self, x):
+            x = self.act(self.bn(self.dw(self.pad(x))))
+            y = F.relu6(self.gd(x))
+            y = y * self.gate(self.expand(F.relu(self.reduce(self.squeeze(y)))))
+            a = self.bins(self.avg(F.pad(y, (1, 0, 0, 1))))
+            return self.fc(self.elu(torch.cat([torch.flatten(a, 1), torch.flatten(self.max(y), 1)], 1)))
+
     torch.manual_seed(0)
-    return torch, {"resnet": (ResNet(), (3, 9, 9)), "branches": (Branches(), (2, 5, 7)), "mlp": (MLP(), (6,))}
+    return torch, {"resnet": (ResNet(), (3, 9, 9)), "branches": (Branches(), (2, 5, 7)), "mlp": (MLP(), (6,)),
+                   "mobile": (Mobile(), (4, 11, 10))}
 
 
 def torch_output(torch, module, x):
@@ -385,7 +408,7 @@ def torch_output(torch, module, x):
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")  # torch pads a copy: fine
-@pytest.mark.parametrize("name", ["resnet", "branches", "mlp"])
+@pytest.mark.parametrize("name", ["resnet", "branches", "mlp", "mobile"])
 def test_from_torch_computes_what_the_module_computes(name, oracle):
     torch, modules = torch_modules()
     from nncompare.interop import from_torch
@@ -415,11 +438,11 @@ def test_from_torch_carries_names_momentum_and_padding():
 
 @pytest.mark.parametrize("case,message", [
     ("lstm", r"node 'lstm' \(call_module LSTM\): module LSTM is not supported \(supported: .*Conv2d"),
-    ("dilated", r"node 'conv' \(call_module Conv2d\): groups 1, dilation \(2, 2\)"),
-    ("avg_pad", r"node 'pool' \(call_module AvgPool2d\): count_include_pad=True averages padded zeros"),
-    ("max_pad", r"node 'pool' \(call_module MaxPool2d\): kernel \(2, 2\), stride \(2, 2\), padding \(1, 1\)"),
+    ("reflect", r"node 'conv' \(call_module Conv2d\): padding_mode 'reflect'"),
+    ("divisor", r"node 'pool' \(call_module AvgPool2d\): dilation, return_indices and divisor_override"),
+    ("hardtanh", r"node 'clip' \(call_module Hardtanh\): module Hardtanh is not supported"),
     ("momentum", r"node 'bn' \(call_module BatchNorm1d\): momentum None"),
-    ("uneven", r"node 'conv' \(call_module Conv2d\): padding \(0, 1\)"),
+    ("scaled", r"node 'mul' \(call_function mul\): a product with a constant is not supported"),
     ("constant", r"node 'add' \(call_function add\): an argument 1 is not a tensor"),
     ("reshape", r"node 'view' \(call_method view\): reshape to \('batch', 2, 16\)"),
     ("bad_shape", r"does not run on inputs of shape \(N, 3, 4, 4\)"),
@@ -451,13 +474,17 @@ def test_from_torch_refuses_what_it_cannot_import_exactly(case, message):
         def forward(self, x):
             return x.view(x.size(0), 2, 16)
 
+    class Double(nn.Module):
+        def forward(self, x):
+            return x * 2
+
     module, shape = {
         "lstm": (LSTM(lstm=nn.LSTM(4, 4)), (4,)),
-        "dilated": (One(conv=nn.Conv2d(2, 2, 3, dilation=2)), (2, 8, 8)),
-        "avg_pad": (One(pool=nn.AvgPool2d(3, 1, 1)), (2, 6, 6)),
-        "max_pad": (One(pool=nn.MaxPool2d(2, 2, 1)), (2, 6, 6)),
+        "reflect": (One(conv=nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")), (2, 8, 8)),
+        "divisor": (One(pool=nn.AvgPool2d(3, 1, 1, divisor_override=4)), (2, 6, 6)),
+        "hardtanh": (One(clip=nn.Hardtanh(-1, 1)), (4,)),  # only (0, 6) is relu6
         "momentum": (One(bn=nn.BatchNorm1d(4, momentum=None)), (4,)),
-        "uneven": (One(conv=nn.Conv2d(2, 2, 3, padding=(0, 1))), (2, 6, 6)),
+        "scaled": (Double(), (4,)),
         "constant": (AddOne(), (4,)),
         "reshape": (Reshape(), (2, 4, 4)),
         "bad_shape": (One(conv=nn.Conv2d(2, 2, 3)), (3, 4, 4)),

@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..models import (INPUT, Activation, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense, Dropout, Flatten,
-                      GlobalAveragePooling2D, MaxPool2D, same_padding)
+import dataclasses
+
+from ..models import (INPUT, Activation, AdaptiveAvgPool2D, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense,
+                      Dropout, Flatten, GlobalAveragePooling2D, MaxPool2D, Multiply, ZeroPadding2D, same_padding)
 
 from ._common import Builder, InteropError, Value, is_tf_same, leaky, supported
 
@@ -32,8 +34,12 @@ class _Shape(tuple):
 def _act_module(m: nn.Module) -> str | None:
     """The spec activation an activation module computes, None for a module that is no activation."""
     t = type(m)
-    if t in (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.SiLU):
-        return {nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.SiLU: "silu"}[t]
+    names = {nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.SiLU: "silu", nn.ReLU6: "relu6",
+             nn.Hardsigmoid: "hard_sigmoid", nn.Hardswish: "hard_swish"}
+    if t in names:
+        return names[t]
+    if t is nn.Hardtanh and (m.min_val, m.max_val) == (0.0, 6.0):
+        return "relu6"
     if t is nn.GELU:
         return "gelu_tanh" if m.approximate == "tanh" else "gelu"
     if t is nn.LeakyReLU:
@@ -56,9 +62,9 @@ def _leaky(slope) -> str:
 
 
 def _elu(alpha) -> str:
-    if alpha != 1.0:
-        raise _Refused(f"alpha {alpha}: the spec's elu has alpha 1")
-    return "elu"
+    if not alpha >= 0:
+        raise _Refused(f"alpha {alpha}: the spec's elu alpha is >= 0")
+    return "elu" if float(alpha) == 1.0 else f"elu({float(alpha)!r})"
 
 
 def _softplus(beta, threshold) -> str:
@@ -75,6 +81,7 @@ _FUNCTIONS = {
     torch.tanh: ("tanh", ()), F.tanh: ("tanh", ()), "tanh": ("tanh", ()),
     F.silu: ("silu", ()), F.gelu: ("gelu", ("approximate",)), F.elu: ("elu", ("alpha",)),
     F.leaky_relu: ("leaky_relu", ("negative_slope",)), F.softplus: ("softplus", ("beta", "threshold")),
+    F.relu6: ("relu6", ()), F.hardsigmoid: ("hard_sigmoid", ()), F.hardswish: ("hard_swish", ()),
 }
 _DEFAULTS = {"approximate": "none", "alpha": 1.0, "negative_slope": 0.01, "beta": 1.0, "threshold": 20.0}
 _SOFTMAX = (F.softmax, torch.softmax, "softmax")
@@ -83,12 +90,14 @@ _CAT = (torch.cat, torch.concat, torch.concatenate)
 _FLATTEN = (torch.flatten, "flatten")
 _MEAN = (torch.mean, "mean")
 _VIEW = ("view", "reshape", torch.reshape)
-_NAMES = {getattr(f, "__name__", str(f)) for f in (*_FUNCTIONS, *_SOFTMAX, *_ADD, *_CAT, *_FLATTEN, *_MEAN, *_VIEW)}
-SUPPORTED_MODULES = ("Linear", "Conv2d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d(1)", "BatchNorm1d",
-                     "BatchNorm2d", "ReLU", "Sigmoid", "Tanh", "Softmax", "GELU", "SiLU", "ELU", "Softplus",
-                     "LeakyReLU", "Flatten", "Dropout", "Identity")
+_MUL = (operator.mul, operator.imul, torch.mul, "mul", "mul_")
+_NAMES = {getattr(f, "__name__", str(f))
+          for f in (*_FUNCTIONS, *_SOFTMAX, *_ADD, *_CAT, *_FLATTEN, *_MEAN, *_VIEW, *_MUL)}
+SUPPORTED_MODULES = ("Linear", "Conv2d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "ZeroPad2d", "BatchNorm1d",
+                     "BatchNorm2d", "ReLU", "ReLU6", "Hardtanh(0, 6)", "Hardsigmoid", "Hardswish", "Sigmoid", "Tanh",
+                     "Softmax", "GELU", "SiLU", "ELU", "Softplus", "LeakyReLU", "Flatten", "Dropout", "Identity")
 SUPPORTED_FUNCTIONS = tuple(sorted(_NAMES | {"max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "dropout",
-                                              "size", "shape", "contiguous"}))
+                                              "pad", "size", "shape", "contiguous"}))
 
 
 def _arg(node: fx.Node, index: int, name: str, default):
@@ -103,6 +112,7 @@ class _Walk:
         self.gm, self.b = gm, Builder(source)
         self.env: dict[fx.Node, object] = {}
         self.input_shape = input_shape
+        self.pooled: dict[str, fx.Node] = {}  # a kept (N, C, 1, 1) global pooling's layer -> its fx node
 
     # --- values ----------------------------------------------------------------------------------
     def tensor(self, a) -> Value:
@@ -128,6 +138,11 @@ class _Walk:
         return self.keep(self.layer(node, Activation, [x], activation=act), x)
 
     def image(self, x: Value, what: str) -> Value:
+        if x.kept and x.name in self.pooled and len(self.pooled[x.name].users) == 1:
+            # a global pooling kept (N, C, 1, 1) and read only as an image (squeeze-and-excitation): keepdims
+            k = next(k for k, layer in enumerate(self.b.layers) if layer.name == x.name)
+            self.b.layers[k] = dataclasses.replace(self.b.layers[k], keepdims=True)
+            return Value(x.name, (x.shape[0], 1, 1))
         if len(x.shape) != 3 or x.kept:
             shape = (x.shape[0], 1, 1) if x.kept else x.shape
             raise _Refused(f"{what} needs an (N, C, H, W) image, got (N, {', '.join(map(str, shape))})")
@@ -188,6 +203,10 @@ class _Walk:
                              divisor=m.divisor_override if avg else None)
         if t is nn.AdaptiveAvgPool2d:
             return self.adaptive(node, x, m.output_size)
+        if t is nn.ZeroPad2d:
+            left, right, top, bottom = m.padding
+            return self.layer(node, ZeroPadding2D, [self.image(x, "ZeroPad2d")],
+                              padding=((int(top), int(bottom)), (int(left), int(right))))
         if t in (nn.BatchNorm1d, nn.BatchNorm2d):
             return self.batchnorm(node, x, m)
         raise _Refused(f"module {t.__name__} is not supported (supported: {supported(SUPPORTED_MODULES)})")
@@ -202,28 +221,29 @@ class _Walk:
 
     def conv(self, node, x, m: nn.Conv2d):
         x = self.image(x, "Conv2d")
-        if m.groups != 1 or tuple(m.dilation) != (1, 1) or m.padding_mode != "zeros":
-            raise _Refused(f"groups {m.groups}, dilation {tuple(m.dilation)}, padding_mode {m.padding_mode!r}: only "
-                           f"groups 1, dilation 1 and zero padding are a Conv2D")
-        (kh, kw), (sh, sw), (_, h, w) = m.kernel_size, m.stride, x.shape
+        if m.padding_mode != "zeros":
+            raise _Refused(f"padding_mode {m.padding_mode!r}: only zero padding is a Conv2D")
+        (kh, kw), (sh, sw), (dh, dw), (_, h, w) = m.kernel_size, m.stride, m.dilation, x.shape
+        eh, ew = (kh - 1) * dh + 1, (kw - 1) * dw + 1
         if m.padding == "valid":
             p = (0, 0)
-        elif m.padding == "same":  # stride 1 only (torch's rule): k - 1 cells, the odd one after, as TensorFlow
+        elif m.padding == "same":  # stride 1 only (torch's rule): the dilated extent - 1 cells, the odd one after
             p = ("same", "same")
         else:
             p = tuple(m.padding)
         if p == ("same", "same") or p[0] == p[1]:
             padding = "same" if p[0] == "same" else ("valid" if p[0] == 0 else int(p[0]))
-        elif same_padding(h, kh, sh) == (p[0], p[0]) and same_padding(w, kw, sw) == (p[1], p[1]):
+        elif same_padding(h, eh, sh) == (p[0], p[0]) and same_padding(w, ew, sw) == (p[1], p[1]):
             padding = "same"
         else:
-            raise _Refused(f"padding {p}: unequal padding of height and width is not a spec padding here")
+            padding = ((int(p[0]), int(p[0])), (int(p[1]), int(p[1])))
         weights = {"kernel": m.weight.detach().cpu().numpy()}
         if m.bias is not None:
             weights["bias"] = m.bias.detach().cpu().numpy()
         return self.layer(node, Conv2D, [x], weights, filters=int(m.out_channels),
                           kernel_size=kh if kh == kw else (kh, kw), strides=sh if sh == sw else (sh, sw),
-                          padding=padding, use_bias=m.bias is not None)
+                          padding=padding, use_bias=m.bias is not None, groups=int(m.groups),
+                          dilation=dh if dh == dw else (dh, dw))
 
     def pool(self, node, x, avg: bool, kernel, stride, padding, ceil_mode, dilation=1, indices=False,
              include_pad=True, divisor=None):
@@ -244,23 +264,27 @@ class _Walk:
                 axis.add("same")
             modes.append(axis)
         both = modes[0] & modes[1]
-        mode = "valid" if "valid" in both else "same" if both else None
-        if mode is None:
-            raise _Refused(f"kernel {k}, stride {s}, padding {p}, ceil_mode {ceil_mode}: neither the spec's floor "
-                           f"(valid) nor TensorFlow's 'same' pooling for this input")
-        if avg and any(p) and include_pad:
-            raise _Refused("count_include_pad=True averages padded zeros; the spec's 'same' average excludes them")
+        # torch's own meaning otherwise: symmetric pads, its ceil_mode, count_include_pad (the spec's)
+        mode = "valid" if "valid" in both else "same" if both else (p[0] if p[0] == p[1] else ((p[0], p[0]),
+                                                                                             (p[1], p[1])))
+        ceil = bool(ceil_mode) and not both
+        extra = {"count_include_pad": bool(include_pad) and any(p)} if avg else {}
         return self.layer(node, AvgPool2D if avg else MaxPool2D, [x], pool_size=k[0] if k[0] == k[1] else k,
-                          strides=None if s == k else (s[0] if s[0] == s[1] else s), padding=mode)
+                          strides=None if s == k else (s[0] if s[0] == s[1] else s), padding=mode, ceil_mode=ceil,
+                          **extra)
 
     def adaptive(self, node, x, size):
         x = self.image(x, "adaptive pooling")
-        if size not in (1, (1, 1), [1, 1]):
-            raise _Refused(f"output_size {size}: only 1 (global average pooling) is supported")
-        return self.gap(node, x, kept=True)
+        if size in (1, (1, 1), [1, 1]):
+            return self.gap(node, x, kept=True)
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        size = tuple(x.shape[1 + d] if n is None else int(n) for d, n in enumerate(size))
+        return self.layer(node, AdaptiveAvgPool2D, [x], output_size=size[0] if size[0] == size[1] else size)
 
     def gap(self, node, x, kept: bool) -> Value:
         v = self.layer(node, GlobalAveragePooling2D, [x])
+        if kept:
+            self.pooled[v.name] = node
         return Value(v.name, v.shape, kept=kept)
 
     def batchnorm(self, node, x, m):
@@ -321,6 +345,10 @@ class _Walk:
             if _arg(node, 2, "alpha", 1) != 1:
                 raise _Refused("add with alpha != 1 is not supported")
             return self.merge(node, list(node.args[:2]), Add)
+        if target in _MUL:
+            return self.multiply(node, list(node.args[:2]))
+        if target is F.pad:
+            return self.pad(node)
         if target in _CAT:
             tensors, dim = _arg(node, 0, "tensors", ()), _arg(node, 1, "dim", 0)
             if len(tensors) < 2:
@@ -377,6 +405,31 @@ class _Walk:
             raise _Refused(f"{'adds' if kind is Add else 'joins'} shapes {', '.join(map(str, shapes))}; broadcasting "
                            f"is not supported")
         return self.keep(self.layer(node, kind, xs), xs[0])
+
+    def multiply(self, node, args: list) -> Value:
+        if not all(isinstance(a, fx.Node) and isinstance(self.env.get(a), Value) for a in args):
+            raise _Refused("a product with a constant is not supported (only of two computed tensors)")
+        xs = [self.tensor(a) for a in args]
+        if len({x.kept for x in xs}) == 2:  # an image and a kept (N, C, 1, 1) gate: the spec's (C,) gate
+            image = next(x for x in xs if not x.kept)
+            if len(image.shape) != 3 or Multiply.gate([x.shape for x in xs]) is None:
+                raise _Refused(f"multiplies shapes {', '.join(map(str, (self.shape(a) for a in args)))}; only equal "
+                               f"shapes or an image and a per-channel (N, C, 1, 1) gate")
+            return self.layer(node, Multiply, xs)
+        shapes = [self.shape(a) for a in args]
+        if len(set(shapes)) != 1 and Multiply.gate([x.shape for x in xs]) is None:
+            raise _Refused(f"multiplies shapes {', '.join(map(str, shapes))}; only equal shapes or an image and a "
+                           f"per-channel (N, C, 1, 1) gate")
+        return self.keep(self.layer(node, Multiply, xs), xs[0])
+
+    def pad(self, node) -> Value:
+        x = self.image(self.tensor(node.args[0]), "pad")
+        pads = tuple(_arg(node, 1, "pad", ()))
+        if _arg(node, 2, "mode", "constant") != "constant" or (_arg(node, 3, "value", None) or 0) != 0 \
+                or len(pads) != 4 or min(pads) < 0:
+            raise _Refused(f"pad {pads}: only zero padding of height and width (>= 0) is a ZeroPadding2D")
+        left, right, top, bottom = (int(v) for v in pads)
+        return self.layer(node, ZeroPadding2D, [x], padding=((top, bottom), (left, right)))
 
     def view(self, node):
         x = self.tensor(node.args[0])
