@@ -27,8 +27,10 @@ def start_cluster(**head):
 
 
 def compare(*args, env=None, **kw):
+    """compare.py ARGS with `env` over this process's environment (a None value removes that variable)."""
+    full = {k: v for k, v in dict(os.environ, **(env or {})).items() if v is not None}
     return subprocess.Popen([sys.executable, "compare.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, **(env or {})), **kw)
+                            stderr=subprocess.PIPE, text=True, env=full, **kw)
 
 
 def free_port() -> int:
@@ -177,7 +179,7 @@ def _one_line_in_seconds(address, what, env=None, limit=20):
     started = time.time()
     out, err = compare("run", "--models", "perceptron", "--backends", "numpy", *FAST, "--executor", "ray",
                        "--address", address, env=env).communicate(timeout=120)
-    assert what in err and len(err.strip().splitlines()) == 1 and not out, err
+    assert what in err and len(err.strip().splitlines()) == 1 and not out, (out[-2000:], err)
     assert time.time() - started < limit
 
 
@@ -220,9 +222,9 @@ def test_a_cluster_that_wants_a_token_says_so(tmp_path):
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'nncompare[ray]')")
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("a" * 64)
-    home = {"HOME": str(tmp_path)}
+    home = {"HOME": str(tmp_path), "RAY_AUTH_MODE": None}  # a local Ray run earlier in this process sets it
     head = subprocess.Popen([sys.executable, "-c", TOKEN_CLUSTER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=dict(os.environ, RAY_AUTH_MODE="token", **home))
+                            stderr=subprocess.DEVNULL, text=True, env=dict(os.environ, **{**home, "RAY_AUTH_MODE": "token"}))
     try:
         address = head.stdout.readline().strip()
         assert address, "the token cluster did not start"
