@@ -186,6 +186,7 @@ def _onnx_model(nodes, inits, in_shape, out_shape, opset=17):
 def test_from_onnx_reads_the_ops_of_exported_models(oracle):
     """Torch-style exports: Gemm with transB, MatMul + Add, Reshape [0, -1], ReduceMean, Sum, Softmax, SiLU and the
     erf form of GELU, SAME_UPPER auto_pad; the import computes what ONNX Runtime computes."""
+    require("onnxruntime")
     from onnx import helper
     from nncompare.interop import from_onnx
     rng = np.random.default_rng(0)
@@ -227,6 +228,7 @@ def test_from_onnx_reads_the_ops_of_exported_models(oracle):
     ("grouped", r"node 0 \(conv, Conv\): weight of shape \(2, 1, 3, 3\) in 3 groups does not fit 2 input"),
 ])
 def test_from_onnx_refuses_what_it_cannot_import_exactly(case, message):
+    require("onnxruntime")
     from onnx import TensorProto, helper
     from nncompare.interop import from_onnx
     h, w = helper.make_node, {"w": np.ones((2, 2, 3, 3)), "w2": np.ones((2, 1, 3, 3))}
