@@ -128,6 +128,20 @@ def update_jitter(before: Adapter, x: np.ndarray, y: np.ndarray, ref: dict, star
     return worst
 
 
+def weights_jitter(before: Adapter, x: np.ndarray, y: np.ndarray, ref: dict, start: dict, draws: int = 16,
+                   noise: float = 1e-6, seed: int = 0) -> float:
+    """How far the oracle's own weights after a step (from its state `before` it) move when its inputs and
+    weights move by float32-sized relative noise: a step beside a ReLU or max-pool kink."""
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+    for _ in range(draws):
+        o = copy.deepcopy(before)
+        o.set_weights({k: v * (1 + noise * rng.standard_normal(v.shape)) for k, v in start.items()})
+        o.train_step(x * (1 + noise * rng.standard_normal(x.shape)), y)
+        worst = max(worst, dict_diff(o.get_weights(), ref)[0])
+    return worst
+
+
 def sample_batch(spec: ModelSpec, n: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Seeded float32 inputs and int64 labels for `spec`."""
     rng = np.random.default_rng(seed)
@@ -166,9 +180,9 @@ def compare(backend_cls: type[Adapter], oracle_cls: type[Adapter], spec: ModelSp
         net = backend_cls.build(spec, device, seed, weights=weights, optimizer=opt, compile=compile)
         oracle = oracle_cls.build(spec, "cpu", seed, weights=weights, optimizer=opt)
         seen = []  # (diff, jitter or None, worst key or reason) per comparison made
+        carried = 0.0  # a kink crossed at an earlier step lives on in the framework's momentum and moments
         for step, (bx, by) in enumerate(batches, 1):
-            start = oracle.get_weights()
-            before = copy.deepcopy(oracle) if step == 1 else None
+            start, before = oracle.get_weights(), copy.deepcopy(oracle)
             net.train_step(bx, by)
             oracle.train_step(bx, by)
             ref = oracle.get_weights()
@@ -177,7 +191,13 @@ def compare(backend_cls: type[Adapter], oracle_cls: type[Adapter], spec: ModelSp
                 break
             got = net.get_weights()
             diff, key = dict_diff(got, ref)  # the weights, against their own scale
-            seen.append((diff, None, key))
+            jitter = weights_jitter(before, bx, by, ref, start) if math.isfinite(diff) and diff > TOLERANCE \
+                else None
+            if jitter is not None and carried:
+                jitter = max(jitter, carried)
+            if jitter is not None and within(diff, TOLERANCE, jitter):
+                carried = max(carried, jitter)
+            seen.append((diff, jitter, key))
             if step == 1:
                 # The first update alone, against the oracle's: no optimizer state carried from an earlier step
                 # (a later step's momentum carries the other side of any ReLU or max-pool kink the framework's
