@@ -1,4 +1,6 @@
 """Hand-written specs that together exercise every layer kind, activation, odd sizes, strides, paddings and graphs."""
+import numpy as np
+
 from nncompare.models import (INPUT, Activation, AdaptiveAvgPool2D, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D,
                               Dense, Dropout, Flatten, GlobalAveragePooling2D, LayerNormalization, MaxPool2D, ModelSpec,
                               Multiply, Normalization, Rescaling, ZeroPadding2D)
@@ -115,3 +117,49 @@ CNN_SPECS = {
         Dense(5, activation="hard_swish", name="fc"), Multiply(name="square", inputs=("fc", "fc")),
         Dense(3, activation="softmax", name="out"))),
 }
+
+
+# Pools over one row x0..x(W-1) (all negative: a padded 0 would win a max), each with its output by hand.
+_X = -np.array([3.0, 1.0, 4.0, 1.5, 5.0, 9.0, 2.0, 6.0])
+
+
+def _mean(*v):
+    return sum(v) / len(v)
+
+
+POOL_CASES = {
+    # ceil_mode: 8 + 2 - 3 = 7 -> ceil(7 / 3) + 1 = 4 windows, but the 4th would start in the right padding:
+    # torch drops it (MXNet's 'full' convention keeps it)
+    "ceil_last_window_dropped_max": (MaxPool2D((1, 3), (1, 3), ((0, 0), (1, 1)), ceil_mode=True), 8,
+                                     [max(_X[0:2]), max(_X[2:5]), max(_X[5:8])]),
+    "ceil_last_window_dropped_avg": (AvgPool2D((1, 3), (1, 3), ((0, 0), (1, 1)), ceil_mode=True,
+                                               count_include_pad=True), 8,
+                                     [sum(_X[0:2]) / 3, _mean(*_X[2:5]), _mean(*_X[5:8])]),
+    # the last ceil_mode window hangs one cell past the input: that cell never counts, even with count_include_pad
+    "ceil_overhang_never_counts": (AvgPool2D((1, 3), (1, 2), ceil_mode=True, count_include_pad=True), 6,
+                                   [_mean(*_X[0:3]), _mean(*_X[2:5]), _mean(*_X[4:6])]),
+    "ceil_overhang_max": (MaxPool2D((1, 3), (1, 2), ceil_mode=True), 6, [max(_X[0:3]), max(_X[2:5]), max(_X[4:6])]),
+    # edge windows over one padded cell: counted (/3) or not (/2)
+    "edge_windows_count_pad": (AvgPool2D((1, 3), (1, 2), ((0, 0), (1, 1)), count_include_pad=True), 5,
+                               [sum(_X[0:2]) / 3, _mean(*_X[1:4]), sum(_X[3:5]) / 3]),
+    "edge_windows_exclude_pad": (AvgPool2D((1, 3), (1, 2), ((0, 0), (1, 1))), 5,
+                                 [_mean(*_X[0:2]), _mean(*_X[1:4]), _mean(*_X[3:5])]),
+    # asymmetric explicit pads (torch's pools pad symmetrically only)
+    "asymmetric_count_pad": (AvgPool2D((1, 2), (1, 2), ((0, 0), (0, 1)), count_include_pad=True), 5,
+                             [_mean(*_X[0:2]), _mean(*_X[2:4]), _X[4] / 2]),
+    "asymmetric_exclude_pad": (AvgPool2D((1, 2), (1, 2), ((0, 0), (0, 1))), 5,
+                               [_mean(*_X[0:2]), _mean(*_X[2:4]), _X[4]]),
+    "asymmetric_max": (MaxPool2D((1, 2), (1, 2), ((0, 0), (0, 1))), 5, [max(_X[0:2]), max(_X[2:4]), _X[4]]),
+    # asymmetric pads and a ceil_mode overhang together: [pad, x0], [x1, x2], [x3, overhang]
+    "asymmetric_ceil_avg": (AvgPool2D((1, 2), (1, 2), ((0, 0), (1, 0)), ceil_mode=True, count_include_pad=True), 4,
+                            [_X[0] / 2, _mean(*_X[1:3]), _X[3]]),
+    "asymmetric_ceil_max": (MaxPool2D((1, 2), (1, 2), ((0, 0), (1, 0)), ceil_mode=True), 4,
+                            [_X[0], max(_X[1:3]), _X[3]]),
+}
+
+
+def pool_case(name):
+    """(spec, input batch, expected output) of one POOL_CASES entry."""
+    layer, width, expect = POOL_CASES[name]
+    spec = ModelSpec("p", (1, 1, width), (layer,))
+    return spec, _X[:width].astype(np.float32).reshape(1, 1, 1, width), np.array(expect).reshape(1, 1, 1, -1)

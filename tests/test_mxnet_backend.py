@@ -12,7 +12,7 @@ from nncompare.models.spec import (LAYER_KINDS, Activation, AdaptiveAvgPool2D, A
                                    ModelSpec, ZeroPadding2D)
 
 from .conftest import require
-from .test_torch_backend import POOL_CASES, pool_case
+from .specs import pool_case
 
 
 @pytest.fixture(scope="module")
@@ -116,20 +116,6 @@ def test_depthwise_and_grouped_kernels_keep_the_canonical_layout_trap33(mxnet):
     got = mxnet.build(grouped, weights={"c/kernel": k}).logits(x)
     np.testing.assert_allclose(got, np.stack([x[:, 0] + 10 * x[:, 1], 100 * x[:, 2] + 1000 * x[:, 3]], 1),
                                rtol=1e-6)
-
-
-@pytest.mark.parametrize("name", sorted(POOL_CASES))
-def test_pool_windows_and_divisors_by_hand_trap29_trap30(mxnet, name):
-    spec, x, expect = pool_case(name)
-    np.testing.assert_allclose(mxnet.build(spec).logits(x), expect, rtol=1e-6)
-
-
-@pytest.mark.parametrize("name", sorted(POOL_CASES))
-def test_pool_gradients_match_the_oracle(mxnet, name):
-    layer, width, _ = POOL_CASES[name]
-    spec = ModelSpec("p", (2, 5, width), (Conv2D(3, 1), layer, Flatten(), Dense(3)))
-    report = compare(mxnet, get_adapter("numpy"), spec, checks=("logits", "grads"))
-    assert report.ok(), report.diffs
 
 
 def test_full_pooling_convention_keeps_the_window_torch_drops_trap29(mxnet):

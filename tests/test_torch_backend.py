@@ -235,68 +235,6 @@ def test_depthwise_and_grouped_kernels_keep_the_canonical_layout_trap33(torch_cl
                                rtol=1e-6)
 
 
-# Pools over one row x0..x(W-1) (all negative: a padded 0 would win a max), each with its output by hand.
-_X = -np.array([3.0, 1.0, 4.0, 1.5, 5.0, 9.0, 2.0, 6.0])
-
-
-def _mean(*v):
-    return sum(v) / len(v)
-
-
-POOL_CASES = {
-    # ceil_mode: 8 + 2 - 3 = 7 -> ceil(7 / 3) + 1 = 4 windows, but the 4th would start in the right padding:
-    # torch drops it (MXNet's 'full' convention keeps it)
-    "ceil_last_window_dropped_max": (MaxPool2D((1, 3), (1, 3), ((0, 0), (1, 1)), ceil_mode=True), 8,
-                                     [max(_X[0:2]), max(_X[2:5]), max(_X[5:8])]),
-    "ceil_last_window_dropped_avg": (AvgPool2D((1, 3), (1, 3), ((0, 0), (1, 1)), ceil_mode=True,
-                                               count_include_pad=True), 8,
-                                     [sum(_X[0:2]) / 3, _mean(*_X[2:5]), _mean(*_X[5:8])]),
-    # the last ceil_mode window hangs one cell past the input: that cell never counts, even with count_include_pad
-    "ceil_overhang_never_counts": (AvgPool2D((1, 3), (1, 2), ceil_mode=True, count_include_pad=True), 6,
-                                   [_mean(*_X[0:3]), _mean(*_X[2:5]), _mean(*_X[4:6])]),
-    "ceil_overhang_max": (MaxPool2D((1, 3), (1, 2), ceil_mode=True), 6, [max(_X[0:3]), max(_X[2:5]), max(_X[4:6])]),
-    # edge windows over one padded cell: counted (/3) or not (/2)
-    "edge_windows_count_pad": (AvgPool2D((1, 3), (1, 2), ((0, 0), (1, 1)), count_include_pad=True), 5,
-                               [sum(_X[0:2]) / 3, _mean(*_X[1:4]), sum(_X[3:5]) / 3]),
-    "edge_windows_exclude_pad": (AvgPool2D((1, 3), (1, 2), ((0, 0), (1, 1))), 5,
-                                 [_mean(*_X[0:2]), _mean(*_X[1:4]), _mean(*_X[3:5])]),
-    # asymmetric explicit pads (torch's pools pad symmetrically only)
-    "asymmetric_count_pad": (AvgPool2D((1, 2), (1, 2), ((0, 0), (0, 1)), count_include_pad=True), 5,
-                             [_mean(*_X[0:2]), _mean(*_X[2:4]), _X[4] / 2]),
-    "asymmetric_exclude_pad": (AvgPool2D((1, 2), (1, 2), ((0, 0), (0, 1))), 5,
-                               [_mean(*_X[0:2]), _mean(*_X[2:4]), _X[4]]),
-    "asymmetric_max": (MaxPool2D((1, 2), (1, 2), ((0, 0), (0, 1))), 5, [max(_X[0:2]), max(_X[2:4]), _X[4]]),
-    # asymmetric pads and a ceil_mode overhang together: [pad, x0], [x1, x2], [x3, overhang]
-    "asymmetric_ceil_avg": (AvgPool2D((1, 2), (1, 2), ((0, 0), (1, 0)), ceil_mode=True, count_include_pad=True), 4,
-                            [_X[0] / 2, _mean(*_X[1:3]), _X[3]]),
-    "asymmetric_ceil_max": (MaxPool2D((1, 2), (1, 2), ((0, 0), (1, 0)), ceil_mode=True), 4,
-                            [_X[0], max(_X[1:3]), _X[3]]),
-}
-
-
-def pool_case(name):
-    """(spec, input batch, expected output) of one POOL_CASES entry."""
-    layer, width, expect = POOL_CASES[name]
-    spec = ModelSpec("p", (1, 1, width), (layer,))
-    return spec, _X[:width].astype(np.float32).reshape(1, 1, 1, width), np.array(expect).reshape(1, 1, 1, -1)
-
-
-@pytest.mark.parametrize("name", sorted(POOL_CASES))
-def test_pool_windows_and_divisors_by_hand_trap29_trap30(torch_cls, name):
-    spec, x, expect = pool_case(name)
-    assert spec.output_shape == expect.shape[1:]
-    np.testing.assert_allclose(get_adapter("numpy").build(spec).logits(x), expect, rtol=1e-6)
-    np.testing.assert_allclose(torch_cls.build(spec).logits(x), expect, rtol=1e-6)
-
-
-@pytest.mark.parametrize("name", sorted(POOL_CASES))
-def test_pool_gradients_match_the_oracle(torch_cls, name):
-    layer, width, _ = POOL_CASES[name]
-    spec = ModelSpec("p", (2, 5, width), (Conv2D(3, 1), layer, Flatten(), Dense(3)))
-    report = compare(torch_cls, get_adapter("numpy"), spec, checks=("logits", "grads"))
-    assert report.ok(), report.diffs
-
-
 def test_hard_sigmoid_hard_swish_and_relu6_are_the_spec_forms_trap28(torch_cls):
     """hard_sigmoid is relu6(x + 3) / 6 (Keras 2's and MXNet's default is clip(0.2 x + 0.5, 0, 1))."""
     x = np.array([[-7.0, -4.0, -2.0, -0.5, 0.5, 2.0, 4.0, 7.0]], np.float32)

@@ -4,11 +4,12 @@ import pytest
 
 from nncompare.backends import Adam, BackendError, SGD, get_adapter
 from nncompare.backends.bench import tool_env
-from nncompare.backends.check import TOLERANCE, dict_diff, sample_batch, scaled_diff
+from nncompare.backends.check import TOLERANCE, compare, dict_diff, sample_batch, scaled_diff
 from nncompare.models import (Activation, AvgPool2D, BatchNorm, Conv2D, Dense, Flatten, MaxPool2D, ModelSpec,
                              init_weights, zoo)
 
 from .conftest import FRAMEWORKS, require
+from .specs import POOL_CASES, pool_case
 
 
 def build(backend, spec, **kw):
@@ -184,3 +185,24 @@ def test_trap22_binary_cross_entropy_gradient_at_a_logit_of_exactly_zero(backend
     assert loss == pytest.approx(np.log(2), rel=1e-6)
     assert grads["dense_0/bias"] == pytest.approx([0.5 - y.mean()], abs=1e-7)  # sigmoid(0) - y, averaged
     assert np.allclose(grads["dense_0/kernel"], 0.5 - y.mean(), atol=1e-7)
+
+
+@pytest.mark.parametrize("name", sorted(POOL_CASES))
+@pytest.mark.parametrize("backend", FRAMEWORKS)
+def test_pool_windows_and_divisors_by_hand_trap29_trap30(backend, name):
+    """torch's ceil_mode drops a last window that would start in the padding; count_include_pad counts padded
+    cells but never a ceil_mode overhang; asymmetric pads: every framework against outputs worked out by hand."""
+    spec, x, expect = pool_case(name)
+    assert spec.output_shape == expect.shape[1:]
+    np.testing.assert_allclose(get_adapter("numpy").build(spec).logits(x), expect, rtol=1e-6)
+    np.testing.assert_allclose(build(backend, spec).logits(x), expect, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(POOL_CASES))
+@pytest.mark.parametrize("backend", FRAMEWORKS)
+def test_pool_gradients_match_the_oracle(backend, name):
+    layer, width, _ = POOL_CASES[name]
+    spec = ModelSpec("p", (2, 5, width), (Conv2D(3, 1), layer, Flatten(), Dense(3)))
+    require(backend)
+    report = compare(get_adapter(backend), get_adapter("numpy"), spec, checks=("logits", "grads"))
+    assert report.ok(), report.diffs
