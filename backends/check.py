@@ -112,34 +112,21 @@ def gradient_jitter(oracle: Adapter, x: np.ndarray, y: np.ndarray, ref: dict, dr
                for _ in range(draws))
 
 
-def update_jitter(before: Adapter, x: np.ndarray, y: np.ndarray, ref: dict, start: dict, draws: int = 16,
-                  noise: float = 1e-6, seed: int = 0) -> float:
-    """How far the oracle's own update (from its state `before` the step) moves when the inputs and the
-    weights move by float32-sized relative noise: the optimizer-step twin of gradient_jitter (the framework
-    starts each step from the oracle's weights rounded to float32, which alone can cross a kink)."""
+def noisy_steps(before: Adapter, x: np.ndarray, y: np.ndarray, start: dict, draws: int = 16, noise: float = 1e-6,
+                seed: int = 0) -> list[tuple[dict, dict]]:
+    """The oracle's own step from its state `before` it, with inputs and weights moved by float32-sized relative
+    noise, `draws` times: [(the moved weights, the weights after)]. Beside a ReLU or max-pool kink a float32
+    framework lands on either side (it starts each step from the oracle's weights rounded to float32); the
+    optimizer-step twin of gradient_jitter."""
     rng = np.random.default_rng(seed)
-    worst = 0.0
+    out = []
     for _ in range(draws):
         o = copy.deepcopy(before)
         moved = {k: v * (1 + noise * rng.standard_normal(v.shape)) for k, v in start.items()}
         o.set_weights(moved)
         o.train_step(x * (1 + noise * rng.standard_normal(x.shape)), y)
-        worst = max(worst, update_diff(o.get_weights(), ref, start, got_start=moved)[0])
-    return worst
-
-
-def weights_jitter(before: Adapter, x: np.ndarray, y: np.ndarray, ref: dict, start: dict, draws: int = 16,
-                   noise: float = 1e-6, seed: int = 0) -> float:
-    """How far the oracle's own weights after a step (from its state `before` it) move when its inputs and
-    weights move by float32-sized relative noise: a step beside a ReLU or max-pool kink."""
-    rng = np.random.default_rng(seed)
-    worst = 0.0
-    for _ in range(draws):
-        o = copy.deepcopy(before)
-        o.set_weights({k: v * (1 + noise * rng.standard_normal(v.shape)) for k, v in start.items()})
-        o.train_step(x * (1 + noise * rng.standard_normal(x.shape)), y)
-        worst = max(worst, dict_diff(o.get_weights(), ref)[0])
-    return worst
+        out.append((moved, o.get_weights()))
+    return out
 
 
 def sample_batch(spec: ModelSpec, n: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -182,7 +169,7 @@ def compare(backend_cls: type[Adapter], oracle_cls: type[Adapter], spec: ModelSp
         seen = []  # (diff, jitter or None, worst key or reason) per comparison made
         carried = 0.0  # a kink crossed at an earlier step lives on in the framework's momentum and moments
         for step, (bx, by) in enumerate(batches, 1):
-            start, before = oracle.get_weights(), copy.deepcopy(oracle)
+            start, before, noisy = oracle.get_weights(), copy.deepcopy(oracle), None
             net.train_step(bx, by)
             oracle.train_step(bx, by)
             ref = oracle.get_weights()
@@ -191,8 +178,10 @@ def compare(backend_cls: type[Adapter], oracle_cls: type[Adapter], spec: ModelSp
                 break
             got = net.get_weights()
             diff, key = dict_diff(got, ref)  # the weights, against their own scale
-            jitter = weights_jitter(before, bx, by, ref, start) if math.isfinite(diff) and diff > TOLERANCE \
-                else None
+            jitter = None
+            if math.isfinite(diff) and diff > TOLERANCE:  # the oracle's own steps under noise, made once a step
+                noisy = noisy or noisy_steps(before, bx, by, start)
+                jitter = max(dict_diff(after, ref)[0] for _, after in noisy)
             if jitter is not None and carried:
                 jitter = max(jitter, carried)
             if jitter is not None and within(diff, TOLERANCE, jitter):
@@ -203,8 +192,10 @@ def compare(backend_cls: type[Adapter], oracle_cls: type[Adapter], spec: ModelSp
                 # (a later step's momentum carries the other side of any ReLU or max-pool kink the framework's
                 # float32 gradient crossed), so a 1 % slip in lr, momentum or Adam's step shows at any scale.
                 diff, key = update_diff(got, ref, start)
-                jitter = update_jitter(before, bx, by, ref, start) if math.isfinite(diff) and diff > TOLERANCE \
-                    else None
+                jitter = None
+                if math.isfinite(diff) and diff > TOLERANCE:
+                    noisy = noisy or noisy_steps(before, bx, by, start)
+                    jitter = max(update_diff(after, ref, start, got_start=moved)[0] for moved, after in noisy)
                 seen.append((diff, jitter, f"{key} (first update)"))
             if not math.isfinite(seen[-1][0]):
                 break
