@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..models import ModelSpec
+from ..models import ModelSpec, init_weights
 
 from . import BACKENDS
 from .base import Optimizer, parse_device
@@ -36,6 +36,12 @@ TIME_BUDGET_S = 1.7  # per cell after warm-up: keeps `python compare.py` (12 cel
 # 2-thread ones by 1.25x in the same rounds; 2 threads beat 1 by 9-30 % on every convnet cell.
 PROBE_TIE = 0.05
 MIN_REPEAT_S = 0.05  # a repeat shorter than this is mostly timer and scheduler jitter: steps are raised to fit
+# What a cell times, in this order: training, inference throughput at the cell's batch, batch-1 latency.
+SECTIONS = ("train", "infer", "latency")
+# Each section's share of the cell's time budget: training and inference as they always were (2:1); latency, in
+# the one cell per (backend, model, device) that measures it, a quarter more.
+SECTION_BUDGET = {"train": 2 / 3, "infer": 1 / 3, "latency": 1 / 4}
+LATENCY_MIN_CALLS = 200  # the 99th percentile of fewer calls is one or two calls
 
 
 def time_budget() -> float:
@@ -48,6 +54,16 @@ def time_budget() -> float:
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"NNCOMPARE_TIME_BUDGET must be a finite number of seconds >= 0, got {text!r}")
     return value
+
+
+def check_sections(sections) -> tuple[str, ...]:
+    """`sections` as a tuple, or a ValueError: a non-empty subset of SECTIONS, in their order, no repeats."""
+    if isinstance(sections, (list, tuple)) and sections and all(isinstance(s, str) for s in sections):
+        order = [SECTIONS.index(s) for s in sections if s in SECTIONS]
+        if len(order) == len(sections) and order == sorted(set(order)):
+            return tuple(sections)
+    raise ValueError(f"sections must be a non-empty list of {', '.join(SECTIONS)} in that order without repeats, "
+                     f"got {repr(sections)[:80]}")
 
 
 def _framework(backend: str | None) -> str | None:
@@ -84,7 +100,10 @@ class Turns:
     """Benchmark hook: fresh processes take turns on the cores, one timed repeat each, so the drift of a shared
     machine (seconds long, up to 2x here) hits adjacent repeats of every side alike. benchmarks/native_vs_adapter.py
     passes two pipe ends in $NNCOMPARE_TURNS="GO_FD,DONE_FD": a repeat waits for a byte on GO and answers with
-    its samples/s ("-" for one dropped as too short). EOF on GO ends the turns for the rest of the process."""
+    its samples/s ("-" for one dropped as too short). EOF on GO ends the turns for the rest of the process, so
+    only a cell's first timed section takes turns (the driver closes GO when it has its repeats; the sections
+    after it time on their budget). A "latency" turn is a block of batch-1 calls lasting at least MIN_REPEAT_S,
+    each call timed alone, answered with 1 / (median seconds per call in the block): calls/s at the median."""
 
     def __init__(self, go: int, done: int):
         self.go, self.done, self.ended = go, done, False
@@ -194,6 +213,47 @@ def timed_repeats(run: Callable[[int], None], steps: int, batch_size: int, min_r
             "steps": steps, "noisy": _spread(window) > bound, "runs": values}
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile by nearest rank: a value that was measured, never one interpolated between two."""
+    ordered = sorted(values)
+    return ordered[max(math.ceil(q / 100 * len(ordered)), 1) - 1]
+
+
+def timed_calls(call: Callable[[int], None], budget_s: float, min_calls: int = LATENCY_MIN_CALLS,
+                clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Latency of single calls (`call(i)` makes the i-th), each timed alone: at least `min_calls`, more while
+    `budget_s` lasts. Under Turns each turn is a block of calls lasting at least MIN_REPEAT_S, answered with
+    1 / its median seconds per call, until the driver ends the turns. Median and 99th percentile over every call."""
+    seconds: list[float] = []
+    turns = Turns.from_env()
+    start = clock()
+
+    def one() -> float:
+        t0 = clock()
+        call(len(seconds))
+        seconds.append(clock() - t0)
+        return seconds[-1]
+
+    while True:
+        if turns is not None:
+            if not turns.wait():
+                turns = None  # the driver has its blocks
+                if seconds:
+                    break
+                start = clock()
+                continue
+            block_start, block = clock(), []
+            while not block or clock() - block_start < MIN_REPEAT_S:
+                block.append(one())
+            turns.report(1 / max(statistics.median(block), 1e-12))
+            continue
+        one()
+        if len(seconds) >= min_calls and clock() - start >= budget_s:
+            break
+    p50, p99 = statistics.median(seconds), percentile(seconds, 99)
+    return {"p50_s": p50, "p99_s": p99, "calls": len(seconds), "seconds": seconds}
+
+
 def _framework_settings(net: Any, backend: str) -> dict:
     """What the framework `backend` runs on reports about its thread pools and numerics. Only that one is asked:
     Keras imports jax whatever its engine, and asking jax for its devices would start a runtime it never used."""
@@ -260,16 +320,31 @@ def batch_pool(spec: ModelSpec, batch_size: int, n: int = 4, seed: int = 0) -> l
              rng.integers(0, max(spec.num_classes, 2), batch_size).astype(np.int64)) for _ in range(n)]
 
 
+def _build(cls: Any, spec: ModelSpec, device: str, seed: int, optimizer: Optimizer | None, compile: bool,
+           train: bool, weights: dict | None = None) -> Any:
+    """The network; without training no optimizer is set, so none builds its state (Keras makes its slots then)."""
+    if train:
+        return cls.build(spec, device=device, seed=seed, weights=weights, optimizer=optimizer, compile=compile)
+    net = cls(spec, device, compile, native_init=False)
+    net.set_weights(init_weights(spec, seed) if weights is None else weights)
+    return net
+
+
 def measure(backend: str, spec: ModelSpec, device: str, batch_size: int, steps: int, repeats: int,
             warmup: int, optimizer: Optimizer, threads: int, seed: int = 0, compile: bool = False,
-            data: str = "resident", budget_s: float | None = None) -> dict:
-    """Build, time the first step apart, warm up, then time training and inference samples/s: `steps` and
-    `repeats` are minimums, repeats go on until the spread settles or `budget_s` (split 2:1 between training
-    and inference; default $NNCOMPARE_TIME_BUDGET, else TIME_BUDGET_S; 0 = exactly the minimums) is spent.
-    Where the adapter offers thread_choices (MXNet), the operator thread count is chosen first by timing each
-    (choose_threads), inside the training budget. data="resident" feeds the adapter's own tensors made once
-    by `to_device`; data="host" feeds host NumPy arrays every step (what a data loader does); the row says
-    which."""
+            data: str = "resident", budget_s: float | None = None, sections=SECTIONS,
+            weights: dict | None = None) -> dict:
+    """Build, then time each of `sections` in SECTIONS' order, each warmed up first: "train" samples/s (the first
+    step timed apart), "infer" samples/s at `batch_size` and "latency", single batch-1 calls (median and 99th
+    percentile ms). Inference takes host NumPy and returns host NumPy, as a user's code does; training's
+    data="resident" feeds the adapter's own tensors made once by `to_device`, data="host" host NumPy arrays
+    every step (what a data loader does; the row says which). `steps` and `repeats` are minimums: repeats go on
+    until the spread settles or the section's share (SECTION_BUDGET) of `budget_s` (default
+    $NNCOMPARE_TIME_BUDGET, else TIME_BUDGET_S; 0 = exactly the minimums) is spent. Without "train" no
+    optimizer is set and no step taken. `weights`: canonical weights to load (default: the spec's seeded init).
+    Where the adapter offers thread_choices (MXNet), the operator thread count is chosen by timing each on the
+    first section's work (choose_threads), inside that section's budget."""
+    sections = check_sections(sections)
     if data not in ("host", "resident"):
         raise ValueError(f"data must be 'host' or 'resident', got {data!r}")
     if budget_s is None:
@@ -281,111 +356,321 @@ def measure(backend: str, spec: ModelSpec, device: str, batch_size: int, steps: 
     cls.set_threads(threads)
     import_s = time.perf_counter() - t0
 
-    pool = batch_pool(spec, batch_size, seed=seed)
-
     t0 = time.perf_counter()
-    net = cls.build(spec, device=device, seed=seed, optimizer=optimizer, compile=compile)
+    net = _build(cls, spec, device, seed, optimizer, compile, "train" in sections, weights)
     net.sync()
-    build_s = time.perf_counter() - t0
+    out: dict[str, Any] = {"version": cls.version(), "device_name": net.device_name, "path": net.execution_path,
+                           "import_s": import_s, "build_s": time.perf_counter() - t0}
+    chosen: dict[str, Any] = {}  # the operator thread count, chosen on the first section's work
 
-    placed = "host"
-    if data == "resident":  # the framework's own tensors, made once (host arrays where it has no device copy)
-        pool = [tuple(net.to_device(x, y)) for x, y in pool]
-        placed = "resident"
-
-    last = {"loss": float("nan"), "steps": 0}
-
-    def train(n: int) -> None:
-        for i in range(n):
-            handle = net.train_batch(*pool[i % len(pool)])
-        last["loss"] = float(handle)  # fetching the last loss waits for queued steps (MXNet engine, CUDA)
-        net.sync()
-        last["steps"] += n
-
-    t0 = time.perf_counter()
-    train(1)  # trace / compile / allocate: reported apart
-    first_step_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    if warmup:
-        train(warmup)
-    step_s = (time.perf_counter() - t0) / warmup if warmup else first_step_s
-    # the same number of steps in every framework (repeats vary with noise): comparable across rows
-    loss = last["loss"]
-
-    t0 = time.perf_counter()
-    choices = net.thread_choices(threads)
-    probe: dict[int, float] = {}
-    if len(choices) > 1:  # a framework whose best thread count depends on the model (docs/performance.md)
-        full = budget_s or Turns.from_env() is not None  # else budget 0: exactly the minimums
-        chosen, probe = choose_threads(
-            net, train, choices, batch_size=batch_size, rounds=PROBE_ROUNDS if full else 1,
-            steps=max(steps, math.ceil(1.2 * MIN_REPEAT_S / max(step_s, 1e-9))) if full else steps,
-            min_repeat_s=MIN_REPEAT_S if full else 0.0)
-    probe_s = time.perf_counter() - t0
-
-    last["steps"] = 0
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    tr = timed_repeats(train, steps, batch_size, repeats, max(budget_s * 2 / 3 - probe_s, 0))
-    # pages the allocator handed back to the OS and faulted in again: ~0 once step buffers are reused
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / max(last["steps"], 1)
-
-    host_x = [x for x, _ in batch_pool(spec, batch_size, seed=seed)]
-
-    def infer(n: int) -> None:
-        for i in range(n):
-            net.predict(host_x[i % len(host_x)])  # returns host NumPy: synchronised
-
-    infer(1 + warmup)  # the inference path may compile on first use
-    inf = timed_repeats(infer, steps, batch_size, repeats, budget_s / 3)
-
-    settings = {"threads": threads, **{v: os.environ[v] for v in TOOL_VARIABLES if v in os.environ},
-                **_framework_settings(net, backend), "data": placed, "infer_data": "host",
-                **({"operator_threads": chosen, "operator_threads_probe": {str(k): v for k, v in probe.items()}}
-                   if probe else {}),
-                "process_threads": _process_threads()}
-    train_sps = tr["samples_s"]
-    return {
-        "version": cls.version(), "device_name": net.device_name, "path": net.execution_path,
-        "import_s": import_s, "build_s": build_s, "first_step_s": first_step_s,
-        "train_samples_s": train_sps, "train_spread": tr["spread"], "train_runs": tr["runs"],
-        "train_repeats": tr["repeats"], "train_steps": tr["steps"], "train_noisy": tr["noisy"],
-        "train_page_faults_per_step": faults,
-        "infer_samples_s": inf["samples_s"], "infer_spread": inf["spread"], "infer_repeats": inf["repeats"],
-        "infer_steps": inf["steps"], "infer_noisy": inf["noisy"],
-        "noisy": tr["noisy"] or inf["noisy"], "data": placed, "settings": settings,
-        # training FLOPs ~ 3x forward (forward, backward to activations, backward to weights)
-        "train_gflops": 3 * spec.flops * train_sps / 1e9,
-        "host_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "device_mem_mb": (lambda b: None if b is None else b / 2**20)(net.peak_device_memory()),
-        "loss": loss, "loss_after_steps": 1 + warmup,
-    }
-
-
-def gemm_peak(device: str, n: int = 2048, repeats: int = 5) -> float:
-    """Measured fp32 GEMM GFLOP/s of a device: NumPy's BLAS on CPU, torch (TF32 off) on GPU."""
-    kind, index = parse_device(device)
-    if kind == "cpu":
-        a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
-        a @ a
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            a @ a
-            times.append(time.perf_counter() - t0)
-        return 2 * n ** 3 / min(times) / 1e9
-    import torch
-    torch.backends.cuda.matmul.allow_tf32 = False
-    a = torch.randn(n * 2, n * 2, device=f"cuda:{index}")
-    a @ a
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
+    def probe(run: Callable[[int], None], unit_s: float, per_unit: int) -> float:
+        """Seconds spent choosing the operator thread count: only in the first section, where there is a choice."""
+        if "probed" in chosen:
+            return 0.0
+        chosen["probed"] = True
         t0 = time.perf_counter()
-        a @ a
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return 2 * (2 * n) ** 3 / min(times) / 1e9
+        choices = net.thread_choices(threads)
+        if len(choices) > 1:  # a framework whose best thread count depends on the model (docs/performance.md)
+            full = budget_s or Turns.from_env() is not None  # else budget 0: exactly the minimums
+            k, medians = choose_threads(
+                net, run, choices, batch_size=per_unit, rounds=PROBE_ROUNDS if full else 1,
+                steps=max(steps, math.ceil(1.2 * MIN_REPEAT_S / max(unit_s, 1e-9))) if full else steps,
+                min_repeat_s=MIN_REPEAT_S if full else 0.0)
+            chosen.update(operator_threads=k, operator_threads_probe={str(c): v for c, v in medians.items()})
+        return time.perf_counter() - t0
 
+    def share(section: str, probe_s: float) -> float:
+        return max(budget_s * SECTION_BUDGET[section] - probe_s, 0)
+
+    placed = None
+    if "train" in sections:
+        pool = batch_pool(spec, batch_size, seed=seed)
+        placed = "host"
+        if data == "resident":  # the framework's own tensors, made once (host arrays where it has no device copy)
+            pool = [tuple(net.to_device(x, y)) for x, y in pool]
+            placed = "resident"
+        last = {"loss": float("nan"), "steps": 0}
+
+        def train(n: int) -> None:
+            for i in range(n):
+                handle = net.train_batch(*pool[i % len(pool)])
+            last["loss"] = float(handle)  # fetching the last loss waits for queued steps (MXNet engine, CUDA)
+            net.sync()
+            last["steps"] += n
+
+        t0 = time.perf_counter()
+        train(1)  # trace / compile / allocate: reported apart
+        first_step_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if warmup:
+            train(warmup)
+        step_s = (time.perf_counter() - t0) / warmup if warmup else first_step_s
+        # the same number of steps in every framework (repeats vary with noise): comparable across rows
+        loss = last["loss"]
+        probe_s = probe(train, step_s, batch_size)
+        last["steps"] = 0
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        tr = timed_repeats(train, steps, batch_size, repeats, share("train", probe_s))
+        # pages the allocator handed back to the OS and faulted in again: ~0 once step buffers are reused
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / max(last["steps"], 1)
+        out.update({
+            "first_step_s": first_step_s, "train_samples_s": tr["samples_s"], "train_spread": tr["spread"],
+            "train_runs": tr["runs"], "train_repeats": tr["repeats"], "train_steps": tr["steps"],
+            "train_noisy": tr["noisy"], "train_page_faults_per_step": faults,
+            # training FLOPs ~ 3x forward (forward, backward to activations, backward to weights)
+            "train_gflops": 3 * spec.flops * tr["samples_s"] / 1e9, "loss": loss, "loss_after_steps": 1 + warmup})
+
+    if "infer" in sections:
+        host_x = [x for x, _ in batch_pool(spec, batch_size, seed=seed)]
+
+        def infer(n: int) -> None:
+            for i in range(n):
+                net.predict(host_x[i % len(host_x)])  # returns host NumPy: synchronised
+
+        t0 = time.perf_counter()
+        infer(1)  # the inference path may trace or compile on first use
+        first_infer_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        infer(warmup)
+        probe_s = probe(infer, (time.perf_counter() - t0) / warmup if warmup else first_infer_s, batch_size)
+        inf = timed_repeats(infer, steps, batch_size, repeats, share("infer", probe_s))
+        out.update({"first_infer_s": first_infer_s, "infer_samples_s": inf["samples_s"], "infer_spread": inf["spread"],
+                    "infer_repeats": inf["repeats"], "infer_steps": inf["steps"], "infer_noisy": inf["noisy"],
+                    "infer_gflops": spec.flops * inf["samples_s"] / 1e9})
+
+    if "latency" in sections:
+        single = [x for x, _ in batch_pool(spec, 1, seed=seed)]
+
+        def call(i: int) -> None:
+            net.predict(single[i % len(single)])
+
+        def calls(n: int) -> None:
+            for i in range(n):
+                call(i)
+
+        t0 = time.perf_counter()
+        call(0)  # a new batch shape: a tracing framework traces again
+        first_call_s = time.perf_counter() - t0
+        t0, n = time.perf_counter(), 0
+        while n < warmup or time.perf_counter() - t0 < MIN_REPEAT_S:  # caches, allocator, thread pools awake
+            call(n)
+            n += 1
+        probe_s = probe(calls, (time.perf_counter() - t0) / n, 1)
+        lat = timed_calls(call, share("latency", probe_s))
+        out.update({"latency_first_call_s": first_call_s, "latency_p50_ms": 1e3 * lat["p50_s"],
+                    "latency_p99_ms": 1e3 * lat["p99_s"], "latency_calls": lat["calls"]})
+
+    out["noisy"] = bool(out.get("train_noisy") or out.get("infer_noisy"))
+    if placed:
+        out["data"] = placed
+    out["settings"] = {
+        "threads": threads, **{v: os.environ[v] for v in TOOL_VARIABLES if v in os.environ},
+        **_framework_settings(net, backend), **({"data": placed} if placed else {}),
+        **({"infer_data": "host"} if {"infer", "latency"} & set(sections) else {}),
+        **{k: v for k, v in chosen.items() if k != "probed"}, "process_threads": _process_threads()}
+    out["host_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["device_mem_mb"] = (lambda b: None if b is None else b / 2**20)(net.peak_device_memory())
+    return out
+
+
+# --- the device's limit ------------------------------------------------------------------------------
+GEMM_N = {"cpu": 2048, "gpu": 8192}  # one n for every library of a device: ~0.1 s a GEMM on 2 cores, ~20 ms on a GPU
+GEMM_ROUNDS = 2  # the libraries in turn, then in reverse: drift hits each alike; each library's best repeat counts
+GEMM_REPEATS = 3  # timed GEMMs per library and round, after one untimed
+GEMM_PAUSE_S = 0.2  # between libraries: OpenBLAS's idle threads spin on the cores for ~0.1 s after a call
+
+
+class Skipped(Exception):
+    """A library that is present but cannot be timed fairly here (the reason goes in the candidates)."""
+
+
+def _gemm_matrix(n: int) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+
+
+def _numpy_gemm(n: int, gpu: int | None, threads: int) -> tuple[str, Callable[[], None]]:
+    if gpu is not None:
+        raise Skipped("CPU only")
+    a, c = _gemm_matrix(n), np.empty((n, n), np.float32)
+    return f"numpy {np.__version__}", lambda: np.matmul(a, a, out=c)  # OpenBLAS/MKL: its own threads (env)
+
+
+def _torch_gemm(n: int, gpu: int | None, threads: int) -> tuple[str, Callable[[], None]]:
+    import torch
+    if gpu is None:
+        torch.set_num_threads(threads)
+        a, c = torch.from_numpy(_gemm_matrix(n)), torch.empty(n, n)
+        return f"torch {torch.__version__}", lambda: torch.mm(a, a, out=c)
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 as the cells run it, not TF32
+    dev = torch.device("cuda", gpu)
+    a = torch.from_numpy(_gemm_matrix(n)).to(dev)
+    c = torch.empty_like(a)
+
+    def run() -> None:
+        torch.mm(a, a, out=c)
+        torch.cuda.synchronize(dev)
+    return f"torch {torch.__version__}", run
+
+
+def _jax_gemm(n: int, gpu: int | None, threads: int) -> tuple[str, Callable[[], None]]:
+    if gpu is None and threads < len(_usable_cpus()):
+        raise Skipped(f"XLA's CPU thread count cannot be set to {threads}")
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leaves the GPU's memory to TensorFlow's turn
+    import jax
+    import jax.numpy as jnp
+    dev = jax.devices("gpu")[gpu] if gpu is not None else jax.devices("cpu")[0]
+    a = jax.device_put(_gemm_matrix(n), dev)
+    mm = jax.jit(lambda x: jnp.matmul(x, x, precision=jax.lax.Precision.HIGHEST))  # fp32, not TF32 on a GPU
+    return f"jax {jax.__version__}", lambda: mm(a).block_until_ready()
+
+
+def _tensorflow_gemm(n: int, gpu: int | None, threads: int) -> tuple[str, Callable[[], None]]:
+    import tensorflow as tf
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+    except RuntimeError:  # the runtime already started: TF_NUM_INTRAOP_THREADS applied
+        pass
+    if gpu is not None:
+        tf.config.experimental.enable_tensor_float32_execution(False)
+    with tf.device(f"/GPU:{gpu}" if gpu is not None else "/CPU:0"):
+        a = tf.constant(_gemm_matrix(n))
+    mm = tf.function(lambda x: tf.linalg.matmul(x, x))
+
+    def run() -> None:
+        mm(a)  # a CPU kernel has run when the call returns
+        if gpu is not None:
+            tf.test.experimental.sync_devices()
+    return f"tensorflow {tf.__version__}", run
+
+
+# The libraries a peak is measured with where installed (torch before TensorFlow: trap 12).
+GEMM_LIBRARIES: dict[str, Callable[[int, int | None, int], tuple[str, Callable[[], None]]]] = {
+    "numpy": _numpy_gemm, "torch": _torch_gemm, "jax": _jax_gemm, "tensorflow": _tensorflow_gemm}
+
+
+def peak_libraries() -> list[str]:
+    """The libraries a peak is measured with: $NNCOMPARE_PEAK_LIBRARIES (comma-separated names of
+    GEMM_LIBRARIES; fewer is quicker, the tests' choice), else all of them; a ValueError naming an unknown one."""
+    text = os.environ.get("NNCOMPARE_PEAK_LIBRARIES", "").strip()
+    names = [n.strip() for n in text.split(",") if n.strip()] if text else list(GEMM_LIBRARIES)
+    unknown = [n for n in names if n not in GEMM_LIBRARIES]
+    if unknown or not names:
+        raise ValueError(f"NNCOMPARE_PEAK_LIBRARIES must name some of {', '.join(GEMM_LIBRARIES)}, got {text[:80]!r}")
+    return names
+
+
+def _usable_cpus() -> set[int]:
+    try:
+        return os.sched_getaffinity(0)
+    except AttributeError:
+        return set(range(os.cpu_count() or 1))
+
+
+def best_candidate(candidates: dict[str, float | str]) -> tuple[str | None, float | None]:
+    """The library with the highest GFLOP/s (a str value is a library that could not be timed), or (None, None)."""
+    rates = {k: v for k, v in candidates.items() if isinstance(v, (int, float)) and math.isfinite(v) and v > 0}
+    if not rates:
+        return None, None
+    best = max(rates, key=rates.__getitem__)
+    return best, rates[best]
+
+
+def gemm_peak(device: str, threads: int | None = None, libraries: dict | None = None, n: int | None = None,
+              rounds: int = GEMM_ROUNDS, repeats: int = GEMM_REPEATS, pause_s: float = GEMM_PAUSE_S,
+              clock: Callable[[], float] = time.perf_counter) -> dict:
+    """The best fp32 GEMM rate `device` reaches with the libraries present (peak_libraries() where importable; a
+    GPU's with TF32 off), at `threads` on the CPU: {"gflops", "library" (name and version), "device", "n",
+    "candidates" {library: GFLOP/s, or why it was not timed}} and on the CPU its theoretical FMA peak. Each library
+    multiplies the same n x n matrices: one untimed GEMM, then the best of `repeats`, in `rounds` turns."""
+    import importlib.util
+    kind, index = parse_device(device)
+    gpu = None if kind == "cpu" else index
+    threads = threads or len(_usable_cpus())
+    n = n or GEMM_N[kind]
+    if libraries is None:
+        libraries = {k: GEMM_LIBRARIES[k] for k in peak_libraries()
+                     if importlib.util.find_spec(k) is not None and (gpu is None or k != "numpy")}
+    runs: dict[str, tuple[str, Callable[[], None]]] = {}
+    candidates: dict[str, float | str] = {}
+    for name, setup in libraries.items():
+        try:
+            runs[name] = setup(n, gpu, threads)
+        except Skipped as e:
+            candidates[name] = f"not timed: {e}"
+        except Exception as e:  # noqa: BLE001  (a broken install must not cost the run its peak)
+            candidates[name] = f"failed: {type(e).__name__}: {str(e).strip()[:100]}"
+    best: dict[str, float] = {}
+    order, last = list(runs), None
+    for r in range(rounds):
+        for name in order[:] if r % 2 == 0 else order[::-1]:
+            _, run = runs[name]
+            if pause_s and last not in (None, name):
+                time.sleep(pause_s)
+            last = name
+            try:
+                run()
+                for _ in range(repeats):
+                    t0 = clock()
+                    run()
+                    best[name] = min(best.get(name, math.inf), clock() - t0)
+            except Exception as e:  # noqa: BLE001
+                candidates[name] = f"failed: {type(e).__name__}: {str(e).strip()[:100]}"
+                order.remove(name)
+    for name in order:
+        candidates[runs[name][0]] = 2 * n ** 3 / max(best[name], 1e-12) / 1e9
+    library, gflops = best_candidate(candidates)
+    peak = {"gflops": gflops, "library": library, "device": "cpu" if gpu is None else f"gpu:{gpu}", "n": n,
+            "threads": threads if gpu is None else None, "candidates": candidates}
+    if gpu is None:
+        peak["theoretical"] = cpu_fma_peak(threads)
+    return peak
+
+
+def cpu_fma_peak(threads: int | None = None, cpuinfo: str | None = None, max_khz: str | None = None) -> dict | None:
+    """The CPU's theoretical fp32 peak, cores x FMA units x vector lanes x 2 FLOPs x clock, from what Linux reports
+    (/proc/cpuinfo's flags, cores and MHz; cpufreq's maximum clock where there is one); None where it says too
+    little (no x86 vector flags or no clock). `assumed` names what the machine does not report."""
+    try:
+        text = cpuinfo if cpuinfo is not None else open("/proc/cpuinfo").read()
+    except OSError:
+        return None
+    procs = []
+    for block in text.split("\n\n"):
+        fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        if "processor" in fields:
+            procs.append(fields)
+    usable = _usable_cpus() if cpuinfo is None else None
+    procs = [p for p in procs if usable is None or p["processor"].isdigit() and int(p["processor"]) in usable] or procs
+    if not procs:
+        return None
+    flags = set(procs[0].get("flags", "").split())
+    try:
+        mhz = max(float(p["cpu MHz"]) for p in procs if "cpu MHz" in p)
+    except ValueError:
+        return None
+    clock = "/proc/cpuinfo's cpu MHz, no boost clock (a virtual machine reports its nominal one)"
+    try:
+        khz = max_khz if max_khz is not None else open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read()
+        if float(khz) > 0:
+            mhz, clock = float(khz) / 1e3, "cpufreq's cpuinfo_max_freq, boost included"
+    except (OSError, ValueError):
+        pass
+    if not mhz or not flags & {"sse", "avx", "avx2", "avx512f"}:
+        return None
+    lanes = 16 if "avx512f" in flags else 8 if "avx" in flags else 4
+    assumed = []
+    if lanes == 16 and procs[0].get("vendor_id") == "AuthenticAMD" and procs[0].get("cpu family") == "25":
+        lanes = 8
+        assumed.append("AMD family 25 (Zen 4) runs 512-bit FMAs on 256-bit units: 8 lanes")
+    fma = bool(flags & {"fma", "avx512f"})
+    units = 2 if fma else 1
+    assumed.append("2 FMA units per core" if fma else "no FMA: one multiply and one add per cycle")
+    ids = [(p.get("physical id"), p.get("core id")) for p in procs]
+    cores = len(set(ids)) if all(c is not None for _, c in ids) else len(procs)
+    used = min(threads or cores, cores)
+    return {"gflops": used * units * lanes * 2 * mhz / 1e3, "cores": used, "fma_units": units, "lanes": lanes,
+            "ghz": mhz / 1e3, "clock": clock, "assumed": "; ".join(assumed)}
 
 
 def train_run(backend: str, spec: ModelSpec, dataset: str, device: str, epochs: int, batch_size: int,

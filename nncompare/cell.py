@@ -41,11 +41,16 @@ class Task:
     repeats: int = 3
     warmup: int = 2
     compile: bool = False
+    sections: tuple[str, ...] = ("train", "infer", "latency")  # what a measure task times (bench.SECTIONS)
     # train
     dataset: str = ""
     epochs: int = 1
     target: float | None = None
     data_dir: str | None = None
+
+    def __post_init__(self):
+        from .backends.bench import check_sections
+        object.__setattr__(self, "sections", check_sections(self.sections))  # JSON brings a list
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -57,7 +62,10 @@ class Task:
     @property
     def key(self) -> str:
         """Identity of the cell's configuration (every setting that defines it): what --resume matches on."""
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:20]
+        fields = dataclasses.asdict(self)
+        if self.sections == Task.sections:
+            del fields["sections"]  # every section: the key is what it was before cells could time fewer
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
     @property
     def exclusive(self) -> bool:
@@ -123,7 +131,8 @@ def run_task(task: Task) -> dict:
     try:
         if task.kind == "peak":
             from .backends.bench import gemm_peak
-            return {"gemm_gflops": gemm_peak(task.device)}
+            peak = gemm_peak(task.device, task.threads)
+            return {"gemm_gflops": peak["gflops"], "peak": peak}
         if task.kind == "train":
             from .backends.bench import train_run
             return train_run(task.backend, ModelSpec.from_dict(task.spec), task.dataset, task.device,
@@ -134,7 +143,7 @@ def run_task(task: Task) -> dict:
         from .backends.bench import measure
         return measure(task.backend, ModelSpec.from_dict(task.spec), task.device, task.batch_size,
                        task.steps, task.repeats, task.warmup, _optimizer(task.optimizer), task.threads,
-                       compile=task.compile)
+                       compile=task.compile, sections=task.sections)
     except (BackendError, SpecError, DataError) as e:  # bad input found inside the cell: the CLI's exit 2
         return {"error": f"{type(e).__name__}: {_first_line(e)}", "bad_input": str(e)}
     except (MemoryError, RuntimeError, ValueError, TypeError, OSError) as e:

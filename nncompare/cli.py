@@ -13,13 +13,14 @@ import re
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tabulate import tabulate
 
 from .backends import (BACKENDS, COMPILERS, BackendError, available_backends, check_backend, make_optimizer,
                        names)
 from .backends.base import cpu_name
+from .backends.bench import SECTIONS
 from .cell import Task
 from .devices import canonical_device, gpu_names
 from .errors import Interrupted, UsageError
@@ -29,6 +30,7 @@ from .files import (Journal, check_input, check_outputs, check_plot, read_result
 from .models import ModelSpec, SpecError, resolve, zoo
 from .models.data import NAMES as DATASETS, DataError
 from .report import add_ratios, compile_notes, escape, render_check, render_scaling, render_table, render_training
+from .report import inference_note, peak_line, render_inference, training_rows
 from .rows import Row, TrainRow, check_schema, echo, is_whole, results_payload
 from .signals import interruptible, uninterruptible
 
@@ -297,9 +299,10 @@ class RunPlan:
 
 def plan_run(args) -> RunPlan:
     """Every input checked, the outputs planned (journal locked), the executor started and its devices known."""
-    from .backends.bench import time_budget
+    from .backends.bench import peak_libraries, time_budget
     try:
         time_budget()  # read again in every cell: refused here, before any work
+        peak_libraries()
     except ValueError as e:
         raise UsageError(str(e)) from None
     models = load_models(args.models)
@@ -335,8 +338,20 @@ def run_tasks(args, plan: RunPlan) -> list[Task]:
             and (not c or b in COMPILERS)]
 
 
+def timed_sections(args, plan: RunPlan, tasks: list[Task]) -> list[Task]:
+    """What each cell times: training, inference and latency, or inference and latency alone (--inference-only, or
+    a backend that does not train); batch-1 latency once per model, backend, device, threads and compile mode,
+    in the cell of the smallest batch."""
+    smallest = min(plan.batch_sizes)
+
+    def sections(t: Task) -> tuple[str, ...]:
+        timed = SECTIONS if BACKENDS[t.backend].trains and not args.inference_only else SECTIONS[1:]
+        return tuple(s for s in timed if s != "latency" or t.batch_size == smallest)
+    return [replace(t, sections=sections(t)) for t in tasks]
+
+
 def measure_peaks(plan: RunPlan) -> tuple[dict, int | None]:
-    """Each device's GEMM peak ({(host, device): GFLOP/s}), and the exit code if a signal stopped it."""
+    """Each device's GEMM peak ({(host, device): gemm_peak's record}), and the exit code if a signal stopped it."""
     try:
         with interruptible():
             return plan.executor.peaks(plan.devices, max(plan.threads)), None
@@ -366,10 +381,12 @@ def sweep_run(args, plan: RunPlan, tasks: list[Task]) -> tuple[list[dict], dict,
     return rows, peaks, code
 
 
-def write_run_outputs(args, plan: RunPlan, rows: list[dict], code: int | None, cells: int) -> list[str]:
+def write_run_outputs(args, plan: RunPlan, rows: list[dict], code: int | None, cells: int,
+                      peaks: dict | None = None) -> list[str]:
     """--json, --csv and --plot, unless a signal came before any cell finished (then earlier files stay)."""
     payload = results_payload("rows", rows, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), host=socket.gethostname(),
-                              host_cpu=cpu_name(), baseline=args.baseline, partial=code is not None, cells=cells)
+                              host_cpu=cpu_name(), baseline=args.baseline, partial=code is not None, cells=cells,
+                              peaks=[{"host": h, **p} for (h, _), p in (peaks or {}).items() if isinstance(p, dict)])
     from . import plots
     chart = plots.scaling_chart if len(plan.threads) > 1 else plots.throughput_chart
     return write_outputs([(args.json, lambda p: strict_json(payload) + "\n"),
@@ -378,8 +395,9 @@ def write_run_outputs(args, plan: RunPlan, rows: list[dict], code: int | None, c
 
 
 def print_run(args, plan: RunPlan, rows: list[dict], peaks: dict) -> None:
-    """The table (and the scaling table with several thread counts), its notes, and what was timed."""
-    print(render_table(rows, args.baseline))
+    """The tables (training, inference, and thread scaling with several counts), their notes, and what was timed."""
+    tables = [render_table(rows, args.baseline)] * bool(training_rows(rows)) + [render_inference(rows)]
+    print("\n\n".join(t for t in tables if t))
     if len(plan.threads) > 1:
         print("\n" + render_scaling(rows))
     for note in compile_notes(rows) + [f"{r['model']} {r['backend']} {r['device']} batch {r['batch_size']}: "
@@ -389,10 +407,13 @@ def print_run(args, plan: RunPlan, rows: list[dict], peaks: dict) -> None:
     if args.compile and set(plan.backends) - set(COMPILERS):
         print(f"note: {', '.join(b for b in plan.backends if b not in COMPILERS)}: no compiler apart from the default "
               "path (Gluon is always hybridized, keras-jax always XLA; numpy, keras-torch: none)")
-    print(f"\n{timed_counts(rows, args)}; optimizer {args.optimizer} "
-          f"lr {plan.optimizer.lr:g}; threads {', '.join(map(str, plan.threads))}" + "".join(
-              f"; {d} GEMM peak {v:.0f} GFLOP/s" + (f" ({h[:8]})" if len({h for h, _ in peaks}) > 1 else "")
-              for (h, d), v in peaks.items() if v))
+    trained = "" if args.inference_only else (f"{timed_counts(rows, args)}; optimizer {args.optimizer} "
+                                               f"lr {plan.optimizer.lr:g}; ")
+    print(f"\n{trained}threads {', '.join(map(str, plan.threads))}")
+    for line in [inference_note(rows)] + [peak_line(d + (f" ({h[:8]})" if len({h for h, _ in peaks}) > 1 else ""), p)
+                                          for (h, d), p in peaks.items()]:
+        if line:
+            print(line)
 
 
 def exit_code(args, journal: Journal | None, failures: list[str], code: int | None, rows: list[dict],
@@ -407,10 +428,10 @@ def exit_code(args, journal: Journal | None, failures: list[str], code: int | No
 
 def cmd_run(args) -> int:
     plan = plan_run(args)
-    tasks = run_tasks(args, plan)
+    tasks = timed_sections(args, plan, run_tasks(args, plan))
     check_resume(args, plan.finished, tasks, plan.executor)
     rows, peaks, code = sweep_run(args, plan, tasks)
-    failures = write_run_outputs(args, plan, rows, code, len(tasks))
+    failures = write_run_outputs(args, plan, rows, code, len(tasks), peaks)
     print_run(args, plan, rows, peaks)
     return exit_code(args, plan.journal, failures, code, rows, len(tasks))
 
@@ -563,7 +584,9 @@ def cmd_report(args) -> int:
         print("no rows in " + escape(", ".join(args.files)))
         return 0
     add_ratios(rows, args.baseline)
-    print(render_table(rows, args.baseline, markdown=args.markdown, show_machine=True))
+    tables = ([render_table(rows, args.baseline, markdown=args.markdown, show_machine=True)] * bool(training_rows(rows))
+              + [render_inference(rows, markdown=args.markdown, show_machine=True)])
+    print("\n\n".join(t for t in tables if t))
     if len({r.get("threads") for r in rows}) > 1:
         print("\n" + render_scaling(rows, markdown=args.markdown))
     machines = {}
@@ -573,6 +596,10 @@ def cmd_report(args) -> int:
                         + f". Ratios (x {args.baseline}) compare rows of one machine, device and settings only."))
     for n in compile_notes(rows) + notes:
         print("note: " + escape(n))
+    peaks = {(r["host"], r["device"]): r["peak"] for r in rows if isinstance(r.get("peak"), dict)}
+    for line in [inference_note(rows)] + [peak_line(f"{h}: {d}", p) for (h, d), p in peaks.items()]:
+        if line:
+            print(line)
     from . import plots
     failures = write_outputs([(args.plot, lambda p: plots.throughput_chart(rows, p))])
     for f in failures:
@@ -657,6 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--compile", action="store_true",
                     help="also the compiled paths, beside eager: Keras with XLA, torch.compile (Gluon is always hybridized)")
     sp.add_argument("--baseline", default="torch", help="framework the ratio column divides by")
+    sp.add_argument("--inference-only", action="store_true",
+                    help="time inference and batch-1 latency only, no training (for deployment)")
     sp.add_argument("--concurrency", type=lambda t: whole_number(t, 1, MAX_THREADS, "a number of cells"),
                     help="with --executor ray: timing cells allowed at once on one node (default 1: parallel "
                          "timing corrupts numbers)")

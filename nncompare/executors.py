@@ -30,12 +30,12 @@ class LocalExecutor:
         """Every core of this machine."""
         return os.cpu_count() or 1
 
-    def peaks(self, devices: list[str], threads: int) -> dict[tuple[str, str], float | None]:
-        """{(host, device): GEMM GFLOP/s} of every device a timing cell will use."""
+    def peaks(self, devices: list[str], threads: int) -> dict[tuple[str, str], dict | None]:
+        """{(host, device): its GEMM peak (backends.bench.gemm_peak)} of every device a timing cell will use."""
         out = {}
         for d in devices:
             r = run_subprocess(Task("peak", device=d, threads=threads), self.timeout, self.verbose)
-            out[(r["host"], d)] = r.get("gemm_gflops")
+            out[(r["host"], d)] = r.get("peak")
         return out
 
     def run(self, tasks: list[Task], done: Callable[[int, dict], None]) -> None:

@@ -66,7 +66,7 @@ def _group(r: dict, hosts: bool) -> tuple:
 def throughput_chart(rows: list[dict], path: str) -> None:
     """Training samples/s per (machine, model, device, batch, threads) group, one bar per framework, with spread."""
     plt = _pyplot()
-    ok = [r for r in rows if "error" not in r]
+    ok = [r for r in rows if r.get("train_samples_s") is not None]  # inference-only rows have none
     hosts = len({r.get("host") for r in ok}) > 1
     if len({r.get("source") for r in ok}) <= 1:
         ok = [{k: v for k, v in r.items() if k != "source"} for r in ok]
@@ -97,7 +97,7 @@ def throughput_chart(rows: list[dict], path: str) -> None:
 def scaling_chart(rows: list[dict], path: str) -> None:
     """Training samples/s against the thread count, one line per (machine, model, framework, device, batch)."""
     plt = _pyplot()
-    ok = [r for r in rows if "error" not in r]
+    ok = [r for r in rows if r.get("train_samples_s") is not None]
     hosts = len({r.get("host") for r in ok}) > 1
     lines: dict[tuple, list[tuple[int, float]]] = {}
     for r in ok:

@@ -196,7 +196,7 @@ def _group(task: Task) -> str:
 
 
 class Peaks(dict):
-    """{(Ray node id, device): GEMM GFLOP/s}; a (hostname, device) key finds the node only one node has that name."""
+    """{(Ray node id, device): its GEMM peak}; a (hostname, device) key finds the node only one node has that name."""
 
     def __init__(self, nodes: dict[str, dict]):
         super().__init__()
@@ -350,7 +350,7 @@ class RayExecutor:
         key = (node["id"], device)
         self.peak_values[key] = None
         return self._entry(Task("peak", device=device, threads=min(self.peak_threads, node["cpus"])), node["id"],
-                           lambda r: self.peak_values.__setitem__(key, r.get("gemm_gflops")))
+                           lambda r: self.peak_values.__setitem__(key, r.get("peak")))
 
     def _schedule(self, pending: list[dict]) -> None:
         """Run the entries (task, pinned node id or None, callback); see the module's docstring for where each
@@ -416,9 +416,10 @@ class RayExecutor:
                     result["ray_node_note"] = entry["note"]
                 entry["done"](result)
 
-    def peaks(self, devices: list[str], threads: int) -> dict[tuple[str, str], float | None]:
-        """{(node id, device): GEMM GFLOP/s} of every live node with a CPU (and a GPU, for the GPU's), measured
-        there at min(`threads`, its CPUs); a node that joins later is measured before its first timing cell."""
+    def peaks(self, devices: list[str], threads: int) -> dict[tuple[str, str], dict | None]:
+        """{(node id, device): its GEMM peak (backends.bench.gemm_peak)} of every live node with a CPU (and a GPU,
+        for the GPU's), measured there at min(`threads`, its CPUs); a node that joins later is measured before its
+        first timing cell."""
         self.peak_threads = threads
         self._schedule([self._peak_entry(n, d) for n in self.live() if n["cpus"] >= 1
                         for d in devices if d == "cpu" or n["gpus"]])

@@ -3,12 +3,14 @@ scaling, and training curves."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import statistics
 
 from tabulate import tabulate
 
+from .backends import BACKENDS
 from .backends.check import within
 
 # Settings that define a timing row beside its model, framework, device and batch: two rows that differ in any
@@ -73,8 +75,8 @@ def varying(rows: list[dict], keys) -> list[str]:
     return [k for k in keys if len({_settings_value(r, k) for r in rows}) > 1]
 
 
-RUN_HEADERS = ("Model", "Framework", "Device", "Batch", "Path", "First step s", "Train samples/s", "Infer samples/s",
-               "Peak MB", "GFLOP/s", "% peak", "Loss")
+RUN_HEADERS = ("Model", "Framework", "Device", "Batch", "Path", "First step s", "Train samples/s", "Peak MB", "GFLOP/s",
+               "% peak", "Loss")
 
 
 def machine(row: dict) -> str:
@@ -88,16 +90,39 @@ def operator_threads_note(row: dict) -> str:
     return f"{used} of {row['threads']} threads" if used is not None and used != row.get("threads") else ""
 
 
-def render_table(rows: list[dict], baseline: str, markdown: bool = False, show_machine: bool | None = None) -> str:
-    """One line per row; a Machine column when rows come from several hosts, and a column for every setting
-    that differs between rows."""
+def trains(row: dict) -> bool:
+    """Whether the row's backend trains at all (onnxruntime runs inference only); an unknown name is taken to."""
+    b = BACKENDS.get(row.get("backend"))
+    return b is None or b.trains
+
+
+def training_rows(rows: list[dict]) -> list[dict]:
+    """The rows the training table shows: those that timed training, failed, or belong to a backend that does not
+    train (it says so there); not the inference-only cells of one that does."""
+    return [r for r in rows if "error" in r or r.get("train_samples_s") is not None or not trains(r)]
+
+
+def _where(rows: list[dict], show_machine: bool | None) -> tuple[bool, bool]:
+    """Whether a table needs a Machine column (rows of several hosts) and a File column (two runs of one host)."""
     if show_machine is None:
         show_machine = len({machine(r) for r in rows}) > 1
-    extra = varying(rows, SETTINGS)
     files: dict[str, set] = {}
     for r in rows:
         files.setdefault(machine(r), set()).add(r.get("source"))
-    show_source = any(len(f) > 1 for f in files.values())  # two runs of one machine: say which row is which
+    return show_machine, any(len(f) > 1 for f in files.values())
+
+
+def _framework(r: dict) -> str:
+    """The backend's name (keras, keras-jax, keras-torch share Keras' version) and its first version number."""
+    return r["backend"] + (f" {r['version'].split(' / ')[0].split()[-1]}" if r.get("version") else "")
+
+
+def render_table(rows: list[dict], baseline: str, markdown: bool = False, show_machine: bool | None = None) -> str:
+    """Training: one line per row (see training_rows); a Machine column when rows come from several hosts, and a
+    column for every setting that differs between rows."""
+    rows = training_rows(rows)
+    show_machine, show_source = _where(rows, show_machine)
+    extra = varying(rows, SETTINGS)
     lead = ("Machine",) * show_machine + ("File",) * show_source
     table = []
     for r in rows:
@@ -107,20 +132,123 @@ def render_table(rows: list[dict], baseline: str, markdown: bool = False, show_m
             body = (r["model"], r["backend"], r["device"], r["batch_size"], "ERROR: " + r["error"][:70])
             table.append(head + body + ("",) * (len(RUN_HEADERS) - 4) + tail)
             continue
-        # the backend's name (keras, keras-jax, keras-torch share Keras' version) and its first version number
-        version = r["backend"] + (f" {r['version'].split(' / ')[0].split()[-1]}" if r.get("version") else "")
+        version = _framework(r)
         device = r["device"] + (f" ({r['device_name']})" if show_machine and r.get("device_name") else "")
+        sps = r.get("train_samples_s")
         table.append(head + (
             r["model"], version, device, r["batch_size"], ", ".join(filter(None, (r.get("path", "-"), operator_threads_note(r)))),
             _f(r.get("first_step_s"), ".2f"),
-            f"{r['train_samples_s']:,.0f} ±{100 * (r.get('train_spread') or 0):.0f}%",
-            _f(r.get("infer_samples_s"), ",.0f"),
+            f"{sps:,.0f} ±{100 * (r.get('train_spread') or 0):.0f}%" if sps is not None
+            else "not timed" if trains(r) else "does not train",
             _f(r.get("host_rss_mb"), ",.0f") + (f" / {r['device_mem_mb']:,.0f}" if r.get("device_mem_mb") is not None else ""),
             _f(r.get("train_gflops"), ".2f"), _f(r.get("peak_pct"), ".1f"), _f(r.get("loss"), ".4f"),
             _f(r.get("vs_baseline"), ".2f")) + tail)
     headers = (*lead, *RUN_HEADERS, f"x {escape(baseline)}", *(k.replace("_", " ").capitalize() for k in extra))
     return tabulate(_safe(table, markdown), headers=headers, disable_numparse=True,
                     tablefmt="github" if markdown else "simple")
+
+
+def _number(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def inference_rows(rows: list[dict]) -> list[dict]:
+    """The rows the inference table shows: those that timed inference or latency, or failed."""
+    return [r for r in rows if "error" in r or r.get("infer_samples_s") is not None
+            or r.get("latency_p50_ms") is not None]
+
+
+def render_inference(rows: list[dict], markdown: bool = False, show_machine: bool | None = None) -> str:
+    """Inference: samples/s at each batch size and batch-1 latency (median and 99th percentile over `Calls` single
+    calls), one line per model, framework, device and settings; '' when no row timed inference."""
+    rows = inference_rows(rows)
+    if not rows:
+        return ""
+    show_machine, show_source = _where(rows, show_machine)
+    extra = varying(rows, SETTINGS)
+    batches = sorted({r["batch_size"] for r in rows if "error" in r or r.get("infer_samples_s") is not None})
+    lines: dict[tuple, dict] = {}
+    for r in rows:
+        device = r["device"] + (f" ({r['device_name']})" if show_machine and r.get("device_name") else "")
+        key = ((machine(r),) * show_machine + (os.path.basename(r.get("source") or "-"),) * show_source
+               + (r["model"], r["backend"] if "error" in r else _framework(r), device,
+                  "-" if "error" in r else ", ".join(filter(None, (r.get("path", "-"), operator_threads_note(r)))))
+               + tuple(str(_settings_value(r, k)) for k in extra))
+        line = lines.setdefault(key, {"by_batch": {}, "latency": None})
+        line["by_batch"][r["batch_size"]] = r
+        if r.get("latency_p50_ms") is not None:
+            line["latency"] = r
+
+    def cell(r: dict | None) -> str:
+        if r is None:
+            return "-"
+        if "error" in r:
+            return "ERROR: " + r["error"][:60]
+        sps = r.get("infer_samples_s")
+        return "-" if sps is None else f"{sps:,.0f} ±{100 * (r.get('infer_spread') or 0):.0f}%"
+    table = []
+    for key, line in lines.items():
+        lat = line["latency"] or {}
+        lead, settings = key[:len(key) - len(extra)], key[len(key) - len(extra):]
+        table.append(lead + tuple(cell(line["by_batch"].get(b)) for b in batches)
+                     + (_ms(lat.get("latency_p50_ms")), _ms(lat.get("latency_p99_ms")),
+                        f"{lat['latency_calls']:,}" if lat.get("latency_calls") else "-") + settings)
+    headers = (("Machine",) * show_machine + ("File",) * show_source + ("Model", "Framework", "Device", "Path")
+               + tuple(f"Batch {b} samples/s" for b in batches) + ("Batch 1 p50 ms", "p99 ms", "Calls")
+               + tuple(k.replace("_", " ").capitalize() for k in extra))
+    return ("Inference: predict, host NumPy in and out (samples/s: median, ± spread); batch-1 latency per call\n"
+            + tabulate(_safe(table, markdown), headers=headers, disable_numparse=True,
+                       tablefmt="github" if markdown else "simple"))
+
+
+def inference_note(rows: list[dict]) -> str:
+    """What the inference table timed (for the footer); '' when no row timed inference."""
+    done = [r for r in rows if "error" not in r]
+    lat = [r for r in done if r.get("latency_p50_ms") is not None]
+    parts = []
+    if any(r.get("infer_samples_s") is not None for r in done):
+        parts.append("inference: predict from host NumPy to host NumPy, samples/s at each batch size")
+    if lat:
+        calls = [r["latency_calls"] for r in lat if isinstance(r.get("latency_calls"), int)]
+        cells = sorted({r["batch_size"] for r in lat})
+        span = f"{min(calls):,}" + (f"-{max(calls):,}" if max(calls) > min(calls) else "") + " " if calls else ""
+        parts.append(f"batch-1 latency: {span}single calls after warm-up (median and 99th percentile), once per model, "
+                     f"framework, device and thread count, in its batch-{'/'.join(map(str, cells))} cell")
+    untrained = sorted({r["backend"] for r in done if not trains(r)})
+    if untrained:
+        parts.append(f"{', '.join(untrained)}: inference only (does not train)")
+    if any(r.get("train_samples_s") is None and trains(r) for r in done):
+        parts.append("training not timed in the rows that say so (--inference-only)")
+    return escape("; ".join(p for p in parts if p))
+
+
+def peak_line(where: str, peak) -> str:
+    """A device's GEMM peak for the footer: the library that gave it, the others, and on a CPU how close it comes
+    to the theoretical FMA peak; '' when there is none. Values read back from a file are checked, not trusted."""
+    if not isinstance(peak, dict) or not _number(peak.get("gflops")):
+        return ""
+
+    def text(v) -> str:
+        return str(v)[:100]
+    gflops = _number(peak["gflops"])
+    candidates = peak.get("candidates") if isinstance(peak.get("candidates"), dict) else {}
+    others = [f"{text(k)} {_number(v):,.0f}" if _number(v) else f"{text(k)} {text(v)}"
+              for k, v in list(candidates.items())[:8] if k != peak.get("library")]
+    line = (f"{where} GEMM peak {gflops:,.0f} GFLOP/s: {text(peak.get('library'))}, fp32"
+            + (f" {peak['n']}x{peak['n']}" if isinstance(peak.get("n"), int) else "")
+            + (f" (also {'; '.join(others)})" if others else ""))
+    t = peak.get("theoretical")
+    if isinstance(t, dict) and _number(t.get("gflops")) and _number(t.get("ghz")):
+        cores = f"{text(t.get('cores'))} core{'s' * (t.get('cores') != 1)}"
+        line += (f". Theoretical fp32 FMA peak {_number(t['gflops']):,.0f} GFLOP/s = {cores} x "
+                 f"{text(t.get('fma_units'))} FMA units x {text(t.get('lanes'))} lanes x 2 x {_number(t['ghz']):.2f} "
+                 f"GHz (clock: {text(t.get('clock'))}; assumed: {text(t.get('assumed'))}): measured "
+                 f"{100 * gflops / _number(t['gflops']):.0f} % of it")
+    return escape(line)
 
 
 def compile_notes(rows: list[dict]) -> list[str]:

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from .backends.bench import SECTIONS, check_sections
 from .errors import UsageError
 from .files import short
 from .report import escape
@@ -15,7 +16,8 @@ if TYPE_CHECKING:
     from .cell import Task
 
 # The "schema" of a results file. A file without it (written before the key existed) holds version-1 rows.
-SCHEMA_VERSION = 1
+# 2: a run row may time inference alone (no train_samples_s), which version 1 reads as broken.
+SCHEMA_VERSION = 2
 
 
 class _Absent:
@@ -73,6 +75,17 @@ NUMBER_OR_NULL = ("a number or null", lambda v: v is None or is_number(v))
 NUMBERS = ("a list of numbers", _numbers)
 FLAG = ("true or false", lambda v: isinstance(v, bool))
 OBJECT = ("an object", lambda v: isinstance(v, dict))
+OBJECT_OR_NULL = ("an object or null", lambda v: v is None or isinstance(v, dict))
+
+
+def _sections(v) -> bool:
+    try:
+        return isinstance(v, list) and bool(check_sections(v))
+    except ValueError:
+        return False
+
+
+SECTION_LIST = (f"a list of {', '.join(SECTIONS)} in that order", _sections)
 
 
 def _field(check: tuple[str, Any] | None = None):
@@ -86,7 +99,7 @@ class _Record:
     """Fields in the order a row is written; keys the schema does not know (a newer cell's) kept in `extra`."""
 
     NEEDED: ClassVar[tuple[str, ...]] = ()
-    RESULT: ClassVar[str] = ""
+    RESULTS: ClassVar[tuple[str, ...]] = ()  # a row without an error has at least one of these
 
     extra: dict = field(default_factory=dict)
 
@@ -107,8 +120,8 @@ class _Record:
         for key in cls.NEEDED:
             if key not in r:
                 return f"no field {key!r}"
-        if "error" not in r and cls.RESULT not in r:
-            return f"neither 'error' nor {cls.RESULT!r}"
+        if "error" not in r and not any(k in r for k in cls.RESULTS):
+            return f"neither 'error' nor {' nor '.join(map(repr, cls.RESULTS))}"
         checks = cls.checks()
         for key, value in r.items():
             what, ok = checks.get(key, (None, None))
@@ -150,7 +163,7 @@ class Row(_Record):
     """One `run` cell: its configuration, where and when it ran, what it measured (or its error)."""
 
     NEEDED: ClassVar[tuple[str, ...]] = ("model", "backend", "device", "batch_size", "threads")
-    RESULT: ClassVar[str] = "train_samples_s"
+    RESULTS: ClassVar[tuple[str, ...]] = ("train_samples_s", "infer_samples_s", "latency_p50_ms")
 
     # the configuration
     model: str = _field(NAME)
@@ -164,6 +177,7 @@ class Row(_Record):
     repeats: int | None = _field(SETTING_COUNT)
     warmup: int | None = _field(SETTING_COUNT)
     compile: bool = _field(FLAG)
+    sections: list = _field(SECTION_LIST)  # what the cell timed; absent (older rows): training and inference
     model_params: int = _field()
     model_flops: int = _field()
     spec_file: str = _field()
@@ -193,6 +207,12 @@ class Row(_Record):
     infer_repeats: int = _field()
     infer_steps: int = _field()
     infer_noisy: bool = _field()
+    first_infer_s: float | None = _field(AMOUNT_OR_NULL)
+    infer_gflops: float | None = _field(AMOUNT_OR_NULL)
+    latency_first_call_s: float | None = _field(AMOUNT_OR_NULL)
+    latency_p50_ms: float | None = _field(AMOUNT_OR_NULL)  # batch-1 predict, host NumPy in and out
+    latency_p99_ms: float | None = _field(AMOUNT_OR_NULL)
+    latency_calls: int = _field(COUNT)
     noisy: bool = _field()
     data: str = _field()
     settings: dict = _field(OBJECT)
@@ -206,23 +226,43 @@ class Row(_Record):
     node_ip: str = _field()
     # the driver's
     gemm_peak_gflops: float | None = _field(AMOUNT_OR_NULL)
+    peak: dict | None = _field(OBJECT_OR_NULL)  # backends.bench.gemm_peak: the library that gave it, the others
     peak_pct: float | None = _field(AMOUNT_OR_NULL)
+    infer_peak_pct: float | None = _field(AMOUNT_OR_NULL)
     cell: str = _field()
     vs_baseline: float = _field()
     source: str | None = _field(TEXT_OR_NULL)  # the file a row merged by `report` came from
 
     @classmethod
+    def problem(cls, r) -> str | None:
+        problem = super().problem(r)
+        if problem or "error" in r:
+            return problem
+        if is_number(r.get("latency_p50_ms")) and is_number(r.get("latency_p99_ms")) \
+                and r["latency_p99_ms"] < r["latency_p50_ms"]:
+            return "its latency_p99_ms is below its latency_p50_ms"
+        return None
+
+    @classmethod
     def measured(cls, task: Task, result: dict, params: int, flops: int, spec_file: str | None, executor: str,
-                 peaks: dict[tuple[str, str], float | None]) -> "Row":
-        """The row of a finished "measure" task: its settings, then the cell's result, then the device's peak."""
+                 peaks: dict[tuple[str, str], dict | float | None]) -> "Row":
+        """The row of a finished "measure" task: its settings, then the cell's result, then the device's peak (a
+        gemm_peak record, or its GFLOP/s alone) and the share of it each throughput reached."""
         row = cls(model=task.model_name, backend=task.backend, device=task.device, batch_size=task.batch_size,
                   threads=task.threads, optimizer=task.optimizer["type"], lr=task.optimizer["args"]["lr"],
                   steps=task.steps, repeats=task.repeats, warmup=task.warmup, compile=task.compile,
-                  model_params=params, model_flops=flops, spec_file=spec_file or ABSENT, executor=executor)
+                  sections=list(task.sections), model_params=params, model_flops=flops,
+                  spec_file=spec_file or ABSENT, executor=executor)
         row.update({k: v for k, v in result.items() if k != "bad_input"})
-        row.gemm_peak_gflops = peak = peaks.get((row.get("node_id") or row.get("host"), task.device))
+        found = peaks.get((row.get("node_id") or row.get("host"), task.device))
+        if isinstance(found, dict):
+            row.peak = found
+            found = found.get("gflops")
+        row.gemm_peak_gflops = peak = found
         if row.get("train_gflops") and peak:
             row.peak_pct = 100 * row.train_gflops / peak
+        if row.get("infer_gflops") and peak:
+            row.infer_peak_pct = 100 * row.infer_gflops / peak
         return row
 
 
@@ -234,7 +274,7 @@ class TrainRow(_Record):
     """One `train` cell: its configuration, where and when it ran, its per-epoch curves (or its error)."""
 
     NEEDED: ClassVar[tuple[str, ...]] = ("backend", "device")
-    RESULT: ClassVar[str] = "train_loss"
+    RESULTS: ClassVar[tuple[str, ...]] = ("train_loss",)
 
     model: str = _field(NAME)
     dataset: str = _field()

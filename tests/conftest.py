@@ -22,6 +22,8 @@ from nncompare.backends import BACKENDS, available_backends, frameworks  # noqa:
 
 # Cells time exactly their minimum steps and repeats: tests assert behaviour, never speed (see docs/performance.md).
 os.environ.setdefault("NNCOMPARE_TIME_BUDGET", "0")
+# Every run's peak from NumPy alone: importing torch, JAX and TensorFlow would add seconds to each run.
+os.environ.setdefault("NNCOMPARE_PEAK_LIBRARIES", "numpy")
 # Every cell a test starts, through compare.py or not, runs tests/fault_cell.py: the cell with its test hooks.
 os.environ.setdefault("NNCOMPARE_CELL_MODULE", "tests.fault_cell")
 

@@ -35,7 +35,7 @@ def test_report_merges_machines_and_never_mixes_settings(tmp_path):
         partial=True, cells=4)
     out = cli("report", a, b, "--plot", str(tmp_path / "merged.png"))
     assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
+    lines = out.stdout.split("\n\n")[0].splitlines()  # the training table
     assert lines[0].split()[0] == "Machine" and "Threads" in lines[0]  # the differing setting is a column
 
     def line(host, backend, device, threads):
@@ -66,7 +66,7 @@ def test_report_of_real_runs_from_two_machines(tmp_path):
     other.write_text(json.dumps({**payload, "host": "elsewhere"}))
     out = cli("report", str(path), str(other), "--baseline", "numpy")
     assert out.returncode == 0, out.stderr
-    rows = [l for l in out.stdout.splitlines() if "perceptron" in l]
+    rows = [l for l in out.stdout.split("\n\n")[0].splitlines() if "perceptron" in l]  # the training table
     assert len(rows) == 2 and rows[1].startswith("elsewhere") and not rows[0].startswith("elsewhere")
     assert all(l.split()[-1] == "1.00" for l in rows)  # each machine's numpy row is its own baseline
 
@@ -210,3 +210,27 @@ def test_a_row_with_a_key_written_twice_is_refused(tmp_path):
                     '"threads": 1, "train_samples_s": 1.0, "train_samples_s": 1e9}]}')
     out = cli("report", str(path))
     assert out.returncode == 2 and "duplicate key 'train_samples_s' in one object" in out.stderr, out.stderr
+
+
+def test_report_reads_inference_latency_and_the_peak_back(tmp_path):
+    peak = {"gflops": 200.0, "library": "torch 2.13.0", "device": "cpu", "n": 2048,
+            "candidates": {"numpy 2.4.6": 63.0, "torch 2.13.0": 200.0}, "theoretical": None}
+    full = row("torch", 1000.0, sections=["train", "infer", "latency"], latency_p50_ms=0.25, latency_p99_ms=0.75,
+               latency_calls=321, peak=peak, gemm_peak_gflops=200.0)
+    only = {k: v for k, v in row("onnxruntime", 0.0, sections=["infer", "latency"], infer_samples_s=9000.0,
+                                   latency_p50_ms=0.125, latency_p99_ms=0.5, latency_calls=654).items()
+            if not k.startswith("train_") and k != "loss"}
+    path = save(tmp_path / "r.json", "h", [full, only], schema=2)
+    out = cli("report", path)
+    assert out.returncode == 0, out.stderr
+    training, inference = out.stdout.split("\n\n")[:2]
+    (ort,) = [l for l in training.splitlines() if "onnxruntime" in l]
+    assert "does not train" in ort
+    (torch,) = [l for l in inference.splitlines() if " torch 1.0 " in l]
+    assert torch.split()[-3:] == ["0.25", "0.75", "321"] and "2,000" in torch
+    (ort,) = [l for l in inference.splitlines() if "onnxruntime" in l]
+    assert ort.split()[-3:] == ["0.125", "0.5", "654"]
+    assert "h: cpu GEMM peak 200 GFLOP/s: torch 2.13.0, fp32 2048x2048 (also numpy 2.4.6 63)" in out.stdout
+    bad = save(tmp_path / "bad.json", "h", [{**full, "latency_p99_ms": 0.1}], schema=2)
+    out = cli("report", bad)
+    assert out.returncode == 2 and "latency_p99_ms is below its latency_p50_ms" in out.stderr

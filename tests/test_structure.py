@@ -146,6 +146,8 @@ def test_a_row_is_built_from_its_task_and_the_cells_result():
     result = {k: RUN_ROW[k] for k in list(RUN_ROW)[15:list(RUN_ROW).index("cell_in_process") + 1]}
     row = rows.Row.measured(task, {**result, "bad_input": "x"}, 3, 9, "m.json", "local", {("vm", "cpu"): 60.0})
     expected = {k: v for k, v in RUN_ROW.items() if k not in ("cell", "vs_baseline")}
+    expected = {**dict(list(expected.items())[:11]), "sections": ["train", "infer", "latency"],
+                **dict(list(expected.items())[11:])}  # what the cell timed follows its settings
     assert list(row.to_dict()) == list(expected) and row.to_dict() == {**expected, "peak_pct": 100 * 0.1 / 60.0}
 
 
@@ -156,8 +158,8 @@ def test_results_files_carry_their_schema_and_files_without_one_still_read(tmp_p
                   "--backends", "numpy", "--threads", "1", "--json", str(path), timeout=120)
     assert out.returncode == 0, out.stderr
     payload = json.loads(path.read_text())
-    assert payload["schema"] == rows.SCHEMA_VERSION == 1
-    for schema in (None, 1):  # written before results files had a schema, and now
+    assert payload["schema"] == rows.SCHEMA_VERSION == 2
+    for schema in (None, 1, 2):  # written before results files had a schema, by version 1, and now
         old = {k: v for k, v in payload.items() if k != "schema"} | ({"schema": schema} if schema else {})
         path.write_text(json.dumps(old))
         out = compare("report", str(path), timeout=120)
