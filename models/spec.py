@@ -661,7 +661,7 @@ class LayerNormalization(Layer):
     def check(self, in_shape):
         _epsilon(self.epsilon)
         if len(in_shape) not in (1, 3):
-            raise _FieldError("epsilon", f"LayerNormalization needs a (C, H, W) or (features,) input, got {in_shape}")
+            raise _FieldError("inputs", f"LayerNormalization needs a (C, H, W) or (features,) input, got {in_shape}")
         return in_shape
 
     def param_shapes(self, in_shape):

@@ -17,7 +17,8 @@ import pytest
 from nncompare.backends import BackendError, get_adapter
 from nncompare.backends.check import sample_batch, scaled_diff
 from nncompare.models import Dense, Flatten, ModelSpec
-from nncompare.models.spec import FLAT_ORDERS, LAYER_KINDS, Add, Layer
+from nncompare.models.spec import (FLAT_ORDERS, LAYER_KINDS, Add, Layer, LayerNormalization, Normalization,
+                                   SpecError)
 
 from .conftest import FRAMEWORKS, ROOT, require
 
@@ -68,6 +69,17 @@ def test_a_kind_name_is_not_taken_twice(registry):
     with pytest.raises(TypeError, match="'dense'.*must be a new"):
         throwaway_kind("dense")
     assert registry["dense"] is Dense
+
+
+@pytest.mark.parametrize("norm", [LayerNormalization(name="ln"), Normalization(name="ln")])
+def test_a_normalization_on_an_input_of_the_wrong_rank_blames_its_input(registry, norm):
+    """No built-in kind gives a 2-D shape, so a throwaway one does: the error names the layer and 'inputs'."""
+    drop_w = dataclasses.dataclass(frozen=True)(type("Throwaway_drop_w", (Layer,), {
+        "kind": "scratch_drop_w", "flat_order": "new", "check": lambda self, in_shape: in_shape[:2],
+        "__annotations__": {"kind": ClassVar[str], "flat_order": ClassVar[str]}}))
+    with pytest.raises(SpecError, match=r"^layer 1 \(ln\): field 'inputs': \w+ needs a \(C, H, W\) or "
+                                        r"\(features,\) input, got \(3, 4\)$"):
+        ModelSpec("s", (3, 4, 5), (drop_w(), norm, Flatten(), Dense(2)))
 
 
 @pytest.mark.parametrize("backend", IN_PROCESS)
