@@ -675,15 +675,16 @@ def cpu_fma_peak(threads: int | None = None, cpuinfo: str | None = None, max_khz
 
 def train_run(backend: str, spec: ModelSpec, dataset: str, device: str, epochs: int, batch_size: int,
               optimizer: Optimizer, threads: int, target: float | None, data_dir: str | None = None,
-              seed: int = 0) -> dict:
-    """Train from the canonical weights over the shared batch order; per-epoch losses, accuracy and times."""
+              seed: int = 0, weights: dict | None = None) -> dict:
+    """Train from `weights` (default: the spec's seeded init) over the shared batch order; per-epoch losses,
+    accuracy and times."""
     from ..models.data import load
     from . import get_adapter
 
     data = load(dataset, spec, data_dir)
     cls = get_adapter(backend)
     cls.set_threads(threads)
-    net = cls.build(spec, device=device, seed=seed, optimizer=optimizer)
+    net = cls.build(spec, device=device, seed=seed, optimizer=optimizer, weights=weights)
     result = {"version": cls.version(), "device_name": net.device_name, "path": net.execution_path,
               "train_loss": [], "test_loss": [], "test_accuracy": [], "epoch_s": [], "time_to_target_s": None}
     elapsed = 0.0

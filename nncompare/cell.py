@@ -10,9 +10,12 @@ import json
 import os
 import signal
 import sys
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
+
+import numpy as np
 
 from .backends import BackendError
 from .models import ModelSpec, SpecError
@@ -47,6 +50,9 @@ class Task:
     epochs: int = 1
     target: float | None = None
     data_dir: str | None = None
+    # an imported model: the .npz of its canonical weights, loaded after the build, and their weights_digest
+    weights: str | None = None
+    weights_sha256: str | None = None
 
     def __post_init__(self):
         from .backends.bench import check_sections
@@ -61,8 +67,12 @@ class Task:
 
     @property
     def key(self) -> str:
-        """Identity of the cell's configuration (every setting that defines it): what --resume matches on."""
+        """Identity of the cell's configuration (every setting that defines it): what --resume matches on. Imported
+        weights count by their content's hash, not by the path of the temporary file that carries them."""
         fields = dataclasses.asdict(self)
+        del fields["weights"]
+        if fields["weights_sha256"] is None:
+            del fields["weights_sha256"]  # a spec's seeded init: the key is what it was before weights travelled
         if self.sections == Task.sections:
             del fields["sections"]  # every section: the key is what it was before cells could time fewer
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
@@ -74,6 +84,37 @@ class Task:
 
 
 # --- the process: environment and command line -----------------------------------------------------
+def weights_digest(weights: dict) -> str:
+    """sha256 of canonical weights (names, dtypes, shapes and values, in name order)."""
+    digest = hashlib.sha256()
+    for k in sorted(weights):
+        a = np.ascontiguousarray(weights[k])
+        digest.update(json.dumps([k, a.dtype.str, a.shape]).encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
+
+
+def write_weights(path: str, weights: dict) -> str:
+    """Write canonical weights as the .npz a task names; returns their weights_digest."""
+    with open(path, "wb") as f:
+        np.savez(f, **weights)
+    return weights_digest(weights)
+
+
+def load_weights(task: Task) -> dict | None:
+    """The imported weights a task names, checked against its hash; None: the spec's seeded init."""
+    if task.weights is None:
+        return None
+    try:
+        with np.load(task.weights, allow_pickle=False) as f:
+            weights = {k: f[k] for k in f.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise ValueError(f"cannot read the weights file {task.weights}: {_first_line(e)}") from None
+    if weights_digest(weights) != task.weights_sha256:
+        raise ValueError(f"the weights file {task.weights} does not hold the weights this cell was given")
+    return weights
+
+
 def cell_env(threads: int, backend: str = "", extra: dict[str, str] | None = None) -> dict[str, str]:
     """The cell's environment: the thread and allocator variables chosen for its framework (inherited ones dropped),
     then `extra` (forwarded settings)."""
@@ -121,7 +162,7 @@ def _check(task: Task) -> dict:
         import torch  # noqa: F401  (Keras documents a segfault when TensorFlow loads before torch)
     checks = None if BACKENDS[task.backend].trains else ("logits",)  # an inference engine: its outputs only
     report = compare(get_adapter(task.backend), get_adapter("numpy"), ModelSpec.from_dict(task.spec), checks,
-                     device=task.device, steps=task.steps, compile=task.compile)
+                     device=task.device, steps=task.steps, compile=task.compile, weights=load_weights(task))
     return {"diffs": report.diffs, "where": report.where, "jitter": report.jitter, "ok": report.ok(),
             "tolerance": TOLERANCE}
 
@@ -137,13 +178,13 @@ def run_task(task: Task) -> dict:
             from .backends.bench import train_run
             return train_run(task.backend, ModelSpec.from_dict(task.spec), task.dataset, task.device,
                              task.epochs, task.batch_size, _optimizer(task.optimizer), task.threads,
-                             task.target, task.data_dir)
+                             task.target, task.data_dir, weights=load_weights(task))
         if task.kind == "check":
             return _check(task)
         from .backends.bench import measure
         return measure(task.backend, ModelSpec.from_dict(task.spec), task.device, task.batch_size,
                        task.steps, task.repeats, task.warmup, _optimizer(task.optimizer), task.threads,
-                       compile=task.compile, sections=task.sections)
+                       compile=task.compile, sections=task.sections, weights=load_weights(task))
     except (BackendError, SpecError, DataError) as e:  # bad input found inside the cell: the CLI's exit 2
         return {"error": f"{type(e).__name__}: {_first_line(e)}", "bad_input": str(e)}
     except (MemoryError, RuntimeError, ValueError, TypeError, OSError) as e:

@@ -29,6 +29,7 @@ from .files import (Journal, check_input, check_outputs, check_plot, read_result
                     write_atomic)
 from .models import ModelSpec, SpecError, resolve, zoo
 from .models.data import NAMES as DATASETS, DataError
+from .model_files import ImportedWeights, import_file, original_row, source_of
 from .report import add_ratios, compile_notes, escape, render_check, render_scaling, render_table, render_training
 from .report import inference_note, peak_line, render_inference, training_rows
 from .rows import Row, TrainRow, check_schema, echo, is_whole, results_payload
@@ -130,22 +131,41 @@ def distinct(arguments: list[str]) -> list[str]:
     return list(seen.values())
 
 
-def load_spec(argument: str) -> ModelSpec:
-    """A zoo model or a spec file; a file that is not a regular one (a FIFO would block the read) is refused."""
+def load_model(argument: str) -> tuple[ModelSpec, dict | None]:
+    """A zoo model or a spec file (weights None: the spec's seeded init), or a .keras / .onnx model file (the
+    spec and weights imported from it); a file that is not a regular one (a FIFO would block the read) is refused."""
+    if argument not in zoo.names() and source_of(argument):
+        return import_file(argument)
     if argument not in zoo.names() and os.path.lexists(argument):
         check_input(argument, "spec file")
-    return resolve(argument)
+    return resolve(argument), None
 
 
-def load_models(arguments: list[str]) -> list[tuple[str, ModelSpec, str | None]]:
+def load_spec(argument: str) -> ModelSpec:
+    return load_model(argument)[0]
+
+
+def imported_weights(args) -> ImportedWeights:
+    """The command's imported weights on their way to the cells; main() removes their files however it ends."""
+    if getattr(args, "imported", None) is None:
+        args.imported = ImportedWeights()
+    return args.imported
+
+
+def load_models(arguments: list[str],
+                imported: ImportedWeights | None = None) -> list[tuple[str, ModelSpec, str | None]]:
     """(label, spec, file) per distinct model argument; specs sharing a name are labelled with their file, so
-    ratios and plots never mix two different models."""
-    loaded = [(a, load_spec(a)) for a in distinct(arguments)]
+    ratios and plots never mix two different models. An imported model file's weights go to `imported`."""
+    loaded = [(a, *load_model(a)) for a in distinct(arguments)]
     counts: dict[str, int] = {}
-    for _, s in loaded:
+    for _, s, _ in loaded:
         counts[s.name] = counts.get(s.name, 0) + 1
-    return [(s.name if counts[s.name] == 1 else f"{s.name} ({a})", s, None if a in zoo.names() else a)
-            for a, s in loaded]
+    models = [(s.name if counts[s.name] == 1 else f"{s.name} ({a})", s, None if a in zoo.names() else a)
+              for a, s, _ in loaded]
+    for (label, _, _), (_, _, weights) in zip(models, loaded):
+        if weights is not None and imported is not None:
+            imported.add(label, weights)
+    return models
 
 
 def plan_outputs(args, inputs: list[str], rows_key: str) -> tuple[Journal | None, dict[str, dict]]:
@@ -305,7 +325,7 @@ def plan_run(args) -> RunPlan:
         peak_libraries()
     except ValueError as e:
         raise UsageError(str(e)) from None
-    models = load_models(args.models)
+    models = load_models(args.models, imported_weights(args))
     batch_sizes = list(dict.fromkeys(args.batch_sizes))  # 8 and 08 are one cell, run once
     check_batches(models, batch_sizes, args.executor)
     backends = checked_backends(args, default_backends())
@@ -330,8 +350,10 @@ def run_tasks(args, plan: RunPlan) -> list[Task]:
     opt_task = {"type": args.optimizer, "args": vars(plan.optimizer)}
     # --compile: the compiled path beside the eager one, so a compiler that is slower here shows as such
     modes = (False, True) if args.compile else (False,)
+    imported = imported_weights(args)
     return [Task("measure", device=d, threads=t, backend=b, model_name=label, spec=spec.to_dict(), batch_size=bs,
-                 optimizer=opt_task, steps=args.steps, repeats=args.repeats, warmup=args.warmup, compile=c)
+                 optimizer=opt_task, steps=args.steps, repeats=args.repeats, warmup=args.warmup, compile=c,
+                 **imported.fields(label))
             for label, spec, _ in plan.models for d in plan.devices for bs in plan.batch_sizes for t in plan.threads
             for b in plan.backends for c in modes
             if (not reference(b) or d == "cpu" and (args.backends or reference_is_quick(spec, bs, args)))
@@ -459,7 +481,8 @@ def timed_counts(rows: list[dict], args) -> str:
 # --- train -----------------------------------------------------------------------------------------
 def cmd_train(args) -> int:
     from .models.data import load
-    (label, spec, spec_file), = load_models([args.model])
+    imported = imported_weights(args)
+    (label, spec, spec_file), = load_models([args.model], imported)
     if args.no_dropout:
         spec = spec.without_dropout()
     backends = checked_backends(args, default_backends())
@@ -483,7 +506,8 @@ def cmd_train(args) -> int:
               "by design (use --no-dropout to compare them)", flush=True)
     tasks = [Task("train", device=d, threads=threads, backend=b, model_name=label, spec=spec.to_dict(),
                   batch_size=args.batch_size, optimizer={"type": args.optimizer, "args": vars(optimizer)},
-                  dataset=args.dataset, epochs=args.epochs, target=args.target, data_dir=args.data_dir)
+                  dataset=args.dataset, epochs=args.epochs, target=args.target, data_dir=args.data_dir,
+                  **imported.fields(label))
              for d in devices for b in backends if not (reference(b) and d != "cpu")]
     check_resume(args, finished, tasks, executor)
 
@@ -514,11 +538,16 @@ def cmd_train(args) -> int:
 # --- check -----------------------------------------------------------------------------------------
 def cmd_check(args) -> int:
     from .backends.check import TOLERANCE
-    (label, spec, _), = load_models([args.model])
+    imported = imported_weights(args)
+    (label, spec, model_file), = load_models([args.model], imported)
     dropout = [i.name for i in spec.infos if getattr(i.layer, "rate", 0) > 0]
     if dropout:
         spec = spec.without_dropout()  # live dropout is random per framework: compare without it
     backends = checked_backends(args, check_backends())
+    original, ran = [], ""
+    if label in imported.arrays:  # an imported model: the source model itself, beside every port
+        row, ran = original_row(model_file, spec, imported.arrays[label])
+        original = [row]
     executor = executor_for(args)
     try:
         device = canonical_device(args.device, executor.devices())
@@ -527,14 +556,17 @@ def cmd_check(args) -> int:
         raise
     threads = 1 if args.executor == "ray" else os.cpu_count() or 1  # under Ray: one CPU each, side by side
     tasks = [Task("check", device=device, threads=threads, backend=b, model_name=label,
-                  spec=spec.to_dict(), steps=args.steps, compile=args.compile) for b in backends]
+                  spec=spec.to_dict(), steps=args.steps, compile=args.compile, **imported.fields(label))
+             for b in backends]
     results, code = sweep(tasks, lambda t, r: {"backend": t.backend, **r}, executor, quiet=True)
     for r in results:
         if "bad_input" in r:
             raise UsageError(r["bad_input"])
     print(f"{spec.name} on {device} against the float64 NumPy oracle "
           f"(max abs diff / scale; tolerance {TOLERANCE:g}; weights after {args.steps} steps)")
-    print(render_check(results))
+    print(render_check(original + results))
+    if ran:
+        print(escape(ran))
     if dropout:
         print(f"not checked here: training-mode dropout ({', '.join(dropout)}), which is random per framework; "
               "these checks ran it at rate 0 (its inference-mode identity is covered by the logits). Its rate and "
@@ -542,7 +574,7 @@ def cmd_check(args) -> int:
     if code is not None:
         print(f"interrupted: {len(results)} of {len(tasks)} frameworks checked", file=sys.stderr)
         return code
-    return 1 if any("error" in r or not r["ok"] for r in results) else 0
+    return 1 if any("error" in r or not r["ok"] for r in original + results) else 0
 
 
 # --- report ----------------------------------------------------------------------------------------
@@ -628,6 +660,33 @@ def cmd_summary(args) -> int:
     return 0
 
 
+# --- export ----------------------------------------------------------------------------------------
+def cmd_export(args) -> int:
+    """The ONNX file of a model: a spec's seeded initial weights, or the weights of the model file it came from."""
+    from .model_files import require, write_onnx
+    from .models import init_weights
+    check_outputs({"--onnx": args.onnx}, [] if args.model in zoo.names() else [args.model])
+    require([("onnx", "onnx")], "export --onnx")
+    spec, weights = load_model(args.model)
+    if weights is not None:
+        if args.seed is not None:
+            raise UsageError(f"--seed: {args.model!r} holds its own weights; --seed chooses a spec's initial ones")
+        which = f"the weights of {args.model}"
+    else:
+        seed = args.seed or 0
+        weights, which = init_weights(spec, seed), f"the spec's initial weights, seed {seed}"
+    try:
+        with uninterruptible():
+            write_onnx(spec, weights, args.onnx)  # a layer ONNX cannot express: SpecError or BackendError, exit 2
+    except OSError as e:
+        print(f"error: could not write {args.onnx!r}: {escape(str(e))}", file=sys.stderr)
+        return 1
+    from .interop import OPSET
+    print(escape(f"wrote {args.onnx}: {spec.name} with {which}; ONNX opset {OPSET}, input 'input' of shape "
+                 f"(N, {', '.join(map(str, spec.input_shape))}) float32, N dynamic"))
+    return 0
+
+
 # --- parser ----------------------------------------------------------------------------------------
 def executor_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
@@ -673,7 +732,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("run", parents=[sweep_options()], help="time training and inference, one fresh process per cell")
     sp.add_argument("--models", nargs="+", default=["mlp", "lenet5"], metavar="MODEL",
-                    help="zoo names or spec .json files (default: mlp lenet5)")
+                    help="zoo names, spec .json files or .keras/.onnx model files (default: mlp lenet5)")
     sp.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[64], metavar="N")
     sp.add_argument("--steps", type=positive_int, default=10, help="timed training steps per repeat")
     sp.add_argument("--repeats", type=positive_int, default=3, help="timed repeats (median and spread)")
@@ -695,7 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("check", parents=[executor_options()],
                         help="equivalence report of every framework against the NumPy oracle")
-    sp.add_argument("model", help="zoo model name or spec .json file")
+    sp.add_argument("model", help="zoo model name, spec .json file or .keras/.onnx model file")
     sp.add_argument("--backends", nargs="+", metavar="BACKEND")
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--steps", type=positive_int, default=5, help="optimizer steps before comparing weights")
@@ -706,7 +765,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("train", parents=[sweep_options()],
                         help="train every framework on real data: accuracy, curves, time to accuracy "
                              "(default: digits_mlp on the bundled digits)")
-    sp.add_argument("--model", default="digits_mlp", help="zoo model name or spec .json file (default: digits_mlp)")
+    sp.add_argument("--model", default="digits_mlp",
+                    help="zoo model name, spec .json file or .keras/.onnx model file (default: digits_mlp)")
     sp.add_argument("--dataset", default="digits", choices=DATASETS, help="default: digits (bundled, no download)")
     sp.add_argument("--epochs", type=positive_int, default=10)
     sp.add_argument("--batch-size", type=positive_int, default=32)
@@ -728,9 +788,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("list", help="zoo models, installed backends, devices")
     sp.set_defaults(func=cmd_list)
-    sp = sub.add_parser("summary", help="layer table of a zoo model or spec JSON file")
-    sp.add_argument("model", help="zoo model name or path to a spec .json file")
+    sp = sub.add_parser("summary", help="layer table of a zoo model, spec JSON file or .keras/.onnx model file")
+    sp.add_argument("model", help="zoo model name, spec .json file or .keras/.onnx model file")
     sp.set_defaults(func=cmd_summary)
+
+    sp = sub.add_parser("export", help="write a model as an ONNX file (a spec with its seeded initial weights, a "
+                                       "model file with its own)")
+    sp.add_argument("model", help="zoo model name, spec .json file or .keras/.onnx model file")
+    sp.add_argument("--onnx", required=True, metavar="OUT.onnx", help="the ONNX file to write (atomically)")
+    sp.add_argument("--seed", type=nonnegative_int,
+                    help="seed of a spec's initial weights (default 0: the weights run, train and check start from)")
+    sp.set_defaults(func=cmd_export)
     return p
 
 
@@ -788,6 +856,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:  # also on SystemExit (--help): argparse prints too
             for journal in getattr(args, "open_journals", ()):
                 journal.close()
+            if getattr(args, "imported", None) is not None:
+                args.imported.close()
             sys.stdout.flush()
             out, sys.stdout = sys.stdout, real
             if out.error is not None and real is not None:

@@ -146,14 +146,28 @@ def _quiet_ray(ray, verbose: bool) -> None:
 
 
 # --- the task --------------------------------------------------------------------------------------
-def ray_cell(task_json: str, timeout: float, verbose: bool, env: dict[str, str]) -> dict:
-    """Body of a Ray task. Ray hands a GPU task one card through CUDA_VISIBLE_DEVICES: inside, it is gpu:0."""
+def ray_cell(task_json: str, timeout: float, verbose: bool, env: dict[str, str], weights: bytes | None = None) -> dict:
+    """Body of a Ray task. Ray hands a GPU task one card through CUDA_VISIBLE_DEVICES: inside, it is gpu:0.
+    `weights`: the bytes of the task's weights file (a node shares no file system with the driver), written to a
+    temporary file here for the cell."""
+    import dataclasses
     import ray
     task = Task.from_json(task_json)
     if task.device != "cpu":
-        import dataclasses
         task = dataclasses.replace(task, device="gpu:0")
-    result = run_subprocess(task, timeout, verbose, env)
+    folder = None
+    try:
+        if weights is not None:
+            import tempfile
+            folder = tempfile.mkdtemp(prefix="nncompare-weights-")
+            with open(os.path.join(folder, "weights.npz"), "wb") as f:
+                f.write(weights)
+            task = dataclasses.replace(task, weights=os.path.join(folder, "weights.npz"))
+        result = run_subprocess(task, timeout, verbose, env)
+    finally:
+        if folder is not None:
+            import shutil
+            shutil.rmtree(folder, ignore_errors=True)
     context = ray.get_runtime_context()
     return {**result, "node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address()}
 
@@ -240,6 +254,7 @@ class RayExecutor:
         self.remote = ray.remote(max_retries=0)(ray_cell)
         self.nodes: dict[str, dict] = {}
         self.inflight: dict = {}  # ref -> (entry, node id or None)
+        self.weights: dict = {}  # a task's weights file -> its bytes' ref in the object store
         self.refreshed = 0.0
         self.peak_values = Peaks(self.nodes)
         self.peak_threads: int | None = None  # set by peaks(): timing cells then need their node's peak
@@ -305,7 +320,13 @@ class RayExecutor:
         if node is not None:
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node["id"], soft=False)
         env = {**forwarded_env(), SWEEP_VARIABLE: self.marker}
-        return self.remote.options(**options).remote(task.to_json(), self.timeout, self.verbose, env)
+        weights = None
+        if task.weights is not None:  # the file's bytes, put in Ray's object store once
+            weights = self.weights.get(task.weights)
+            if weights is None:
+                with open(task.weights, "rb") as f:
+                    weights = self.weights[task.weights] = self.ray.put(f.read())
+        return self.remote.options(**options).remote(task.to_json(), self.timeout, self.verbose, env, weights)
 
     def _place(self, entry: dict, groups: dict[str, str]):
         """The node for `entry` (None: Ray places it), False to wait for one, or an error text."""
