@@ -3,11 +3,13 @@ is named, its weights travel to every cell, `check` runs the source model itself
 writes the ONNX file of any model. Nothing here imports a framework until a model file is read."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import shutil
 import stat
+import sys
 import tempfile
 import zipfile
 
@@ -49,6 +51,30 @@ def _readers(source: str) -> list[tuple[str, str]]:
         return [("onnx", "onnx")]
     engine = KERAS_ENGINES.get(os.environ.get("KERAS_BACKEND") or "tensorflow")
     return [("keras", "keras")] + ([engine] if engine else [])
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Standard error's descriptor on /dev/null while a framework loads or first runs in this process: TensorFlow's
+    C++ start-up lines (absl, oneDNN) ignore TF_CPP_MIN_LOG_LEVEL. Errors come out as exceptions, after it."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no descriptor 2 to begin with: nothing to quiet
+        yield
+        return
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+        yield
+    finally:
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _first_line(e: BaseException) -> str:
@@ -97,8 +123,6 @@ def import_file(path: str) -> tuple[ModelSpec, dict[str, np.ndarray]]:
     if not size:
         raise UsageError(f"{short(path)} is empty: no model in it")
     require(_readers(source), f"reading {short(path)}")
-    if source == "keras":
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # as in the cells: no TensorFlow start-up lines
     code = _keras_code_layer(path) if source == "keras" else None
     if code:
         from .interop.keras_import import SUPPORTED
@@ -106,7 +130,8 @@ def import_file(path: str) -> tuple[ModelSpec, dict[str, np.ndarray]]:
                         f"that is Python code cannot be imported exactly (supported: {', '.join(SUPPORTED)})")
     from . import interop
     try:
-        return interop.from_keras(path) if source == "keras" else interop.from_onnx(path)
+        with quiet_stderr():
+            return interop.from_keras(path) if source == "keras" else interop.from_onnx(path)
     except (SpecError, BackendError, UsageError):
         raise
     except ImportError as e:
@@ -160,13 +185,15 @@ def original_output(path: str, x: np.ndarray) -> tuple[np.ndarray, str]:
     """The source model's own output for canonical (NCHW) inputs and what ran it: Keras on the .keras file
     (channels-last images), ONNX Runtime on the .onnx file."""
     if source_of(path) == "keras":
-        import keras
-        model = keras.saving.load_model(path, compile=False)
-        image = x.ndim == 4
+        with quiet_stderr():
+            import keras
+            model = keras.saving.load_model(path, compile=False)
+            image = x.ndim == 4
 
-        def run(batch):
-            return keras.ops.convert_to_numpy(model(batch.transpose(0, 2, 3, 1) if image else batch, training=False))
-        out = _in_batches(run, x, model.inputs[0].shape[0])
+            def run(batch):
+                return keras.ops.convert_to_numpy(model(batch.transpose(0, 2, 3, 1) if image else batch,
+                                                        training=False))
+            out = _in_batches(run, x, model.inputs[0].shape[0])
         return (out.transpose(0, 3, 1, 2) if out.ndim == 4 else out), f"Keras {keras.__version__} on " \
                                                                      f"{keras.backend.backend()}"
     require([("onnxruntime", "onnx")], f"running {short(path)} itself")
