@@ -6,7 +6,8 @@ count and one GPU for a GPU cell. Timing cells ("measure", "peak") are pinned to
 most `concurrency` at once per node, because parallel timing on shared cores corrupts the numbers; the cells one
 ratio compares (one model, device, batch and settings) run on one node. Check and train cells are placed by Ray
 alone and may run side by side (their results are numbers computed, not times). The node view is refreshed
-every few seconds and whenever a task fails: a cell lost with its node runs once more on another node.
+every few seconds and whenever a task fails: a cell lost with its node (or its Ray worker) runs once more on
+another node.
 """
 from __future__ import annotations
 
@@ -340,11 +341,16 @@ class RayExecutor:
         if not fits:
             return (f"no live Ray node offers {task.threads} CPU{'s' * (task.threads != 1)}"
                     + ("" if task.device == "cpu" else " and a GPU"))
+        others = [n for n in fits if n["id"] not in entry["avoid"]]  # a retry goes to another node
+        if others:
+            fits = others
+        elif entry["note"]:
+            entry["note"] = entry["note"].replace("on another node", "on the same node (no other one fits)")
         if not task.exclusive:
-            return None
+            return min(fits, key=lambda n: n["busy"]) if entry["avoid"] else None
         group = _group(task)
         node = self.nodes.get(groups.get(group, ""))
-        if node is not None and self._fits(node, task):
+        if node is not None and node["id"] in {n["id"] for n in fits}:
             return node if node["busy"] < self.concurrency else False
         free = [n for n in fits if n["busy"] < self.concurrency]
         if not free:
@@ -359,13 +365,13 @@ class RayExecutor:
         node = self.nodes.get(node_id or "")
         gone = isinstance(error, (NodeDiedError, TaskUnschedulableError))
         if gone and node is not None:
-            node["lost"] = node["alive"] = False  # the GCS notices a dead raylet only seconds later
+            node["lost"], node["alive"] = True, False  # the GCS notices a dead raylet only seconds later
         self.refresh()
         return gone or isinstance(error, WorkerCrashedError) or node is not None and not node["alive"]
 
     @staticmethod
     def _entry(task: Task, pin: str | None, done: Callable[[dict], None]) -> dict:
-        return {"task": task, "pin": pin, "tries": 0, "note": None, "done": done}
+        return {"task": task, "pin": pin, "tries": 0, "note": None, "avoid": set(), "done": done}
 
     def _peak_entry(self, node: dict, device: str) -> dict:
         key = (node["id"], device)
@@ -423,6 +429,8 @@ class RayExecutor:
                         entry["tries"] -= 1  # its node was gone before it started: not a try
                     if lost and entry["tries"] < 2 and entry["pin"] is None:
                         node_name = f"Ray node {_short(where)}" if where else "its Ray node"
+                        if where:
+                            entry["avoid"].add(where)  # a worker's crash may be its node's fault
                         entry["note"] = (f"moved: {node_name} was lost before it started" if entry["tries"] == 0
                                          else f"retried on another node: its first run was lost with {node_name} "
                                               f"({name})")

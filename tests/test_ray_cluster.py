@@ -93,6 +93,46 @@ def test_a_sweep_outlives_a_lost_node_and_uses_one_that_joins(tmp_path):
     assert rows[0]["gemm_peak_gflops"] and len({r["gemm_peak_gflops"] for r in rows}) == 1
 
 
+@pytest.mark.parametrize("kill", ["raylet", "worker"])
+def test_a_lost_cell_runs_again_on_another_node(tmp_path, kill):
+    """Node A's cell hangs; A's raylet and that cell's Ray worker are killed, or the worker alone. The cell runs again on B, never on
+    A again: a dead A gets no cell at all though the GCS declares it dead only ~15 s later, a live A (its worker
+    crashed) gets the other cells, and the row's note names the first run's loss."""
+    from ray._private import ray_constants
+    c = start_cluster()
+    try:
+        logs = {name: tmp_path / f"{name}.log" for name in "ab"}
+        a = c.add_node(num_cpus=1, env_vars={"NNCOMPARE_FAULT": "numpy:perceptron:hang",
+                                             "NNCOMPARE_CELL_LOG": str(logs["a"])})
+        b = c.add_node(num_cpus=1, env_vars={"NNCOMPARE_CELL_LOG": str(logs["b"])})
+        c.wait_for_nodes()
+        path = tmp_path / "r.json"
+        proc = compare("run", "--models", "perceptron", "digits_mlp", "--backends", "numpy", "--batch-sizes", "8",
+                       "16", *FAST, "--timeout", "90", "--executor", "ray", "--address", c.address, "--json",
+                       str(path))
+        wait_for(lambda: any(l[1] == "perceptron" for l in log_lines(logs["a"])) or proc.poll() is not None,
+                 what="the hanging cell on A")
+        assert proc.poll() is None, proc.communicate()
+        cell = int(next(l for l in log_lines(logs["a"]) if l[1] == "perceptron")[-1])
+        if kill == "raylet":
+            os.kill(a.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid, signal.SIGKILL)
+        os.kill(int(open(f"/proc/{cell}/stat").read().rsplit(")", 1)[1].split()[1]), signal.SIGKILL)  # its worker
+        out, err = proc.communicate(timeout=300)
+    finally:
+        c.shutdown()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    rows = json.loads(path.read_text())["rows"]
+    where = [(r["model"], r["batch_size"], r["node_id"][:8], r.get("ray_node_note"), r.get("error")) for r in rows]
+    assert len(rows) == 4 and not any("error" in r for r in rows), where
+    noted = [r for r in rows if "ray_node_note" in r]
+    assert len(noted) == 1 and noted[0]["node_id"] == b.node_id, where  # no other cell was sent to a dead A
+    note = noted[0]["ray_node_note"]
+    assert "retried on another node" in note and a.node_id[:8] in note
+    assert ("NodeDiedError" if kill == "raylet" else "WorkerCrashedError") in note, note  # not a later try's loss
+    if kill == "raylet":
+        assert len(log_lines(logs["a"])) == 1  # nothing ran on A after its loss
+
+
 def test_losing_the_head_writes_the_finished_cells_and_exits_1(tmp_path):
     c = start_cluster()
     try:
