@@ -598,7 +598,7 @@ class BatchNorm(Layer):
         _unit_interval(self.momentum, "momentum")
         _epsilon(self.epsilon)
         if len(in_shape) not in (1, 3):
-            raise _FieldError("momentum", f"BatchNorm needs a (C, H, W) or (features,) input, got {in_shape}")
+            raise _FieldError("inputs", f"BatchNorm needs a (C, H, W) or (features,) input, got {in_shape}")
         return in_shape
 
     def param_shapes(self, in_shape):

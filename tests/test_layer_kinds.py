@@ -17,7 +17,7 @@ import pytest
 from nncompare.backends import BackendError, get_adapter
 from nncompare.backends.check import sample_batch, scaled_diff
 from nncompare.models import Dense, Flatten, ModelSpec
-from nncompare.models.spec import (FLAT_ORDERS, LAYER_KINDS, Add, Layer, LayerNormalization, Normalization,
+from nncompare.models.spec import (FLAT_ORDERS, LAYER_KINDS, Add, BatchNorm, Layer, LayerNormalization, Normalization,
                                    SpecError)
 
 from .conftest import FRAMEWORKS, ROOT, require
@@ -71,7 +71,7 @@ def test_a_kind_name_is_not_taken_twice(registry):
     assert registry["dense"] is Dense
 
 
-@pytest.mark.parametrize("norm", [LayerNormalization(name="ln"), Normalization(name="ln")])
+@pytest.mark.parametrize("norm", [LayerNormalization(name="ln"), Normalization(name="ln"), BatchNorm(name="ln")])
 def test_a_normalization_on_an_input_of_the_wrong_rank_blames_its_input(registry, norm):
     """No built-in kind gives a 2-D shape, so a throwaway one does: the error names the layer and 'inputs'."""
     drop_w = dataclasses.dataclass(frozen=True)(type("Throwaway_drop_w", (Layer,), {
