@@ -5,7 +5,9 @@ a second apart see the same one, so per-turn ratios between the sides are what t
 
 The protocol ($NNCOMPARE_TURNS="GO_FD,DONE_FD", spoken by nncompare's cells and benchmarks/native_loops.py):
 a process says "ready" on DONE when it reaches its timed loop, then per repeat waits for a byte on GO and
-answers with its samples/s, or "-" for a repeat dropped as too short. EOF on GO ends the turns.
+answers with its samples/s, or "-" for a repeat dropped as too short (a latency turn: a block of single calls
+lasting at least 50 ms, answered with 1 / its median seconds per call, so higher is faster there too). EOF on GO
+ends the turns.
 Never imports nncompare.
 """
 from __future__ import annotations
@@ -31,6 +33,9 @@ SETTLE_MAX_S = 0.25  # a process busy for longer between its turns is not waited
 # use a few per cent (libgomp at 2 threads: ~7 %); beyond this, work was still queued when it answered (MXNet's
 # engine runs a step's backward and update after its loss is ready: ~13 %), so its repeats were timed short.
 SPILL_BOUND = 0.10
+# Turns a side may answer "-" beyond its dropped short repeats: a cell choosing its thread count takes a turn per
+# probe repeat (MXNet: 6 rounds of 2 counts, started over when a repeat is short), all before its first timed one.
+UNTIMED_TURNS = 48
 
 
 def spill(runs: list[dict]) -> float | None:
@@ -194,7 +199,7 @@ def run_round(sides: dict[str, tuple[list[str], dict[str, str], str]], turns: in
     try:
         for s in started:
             s.ready(timeout)
-        cap, cycle = 4 * turns + 8, 0
+        cap, cycle = 4 * turns + 8 + UNTIMED_TURNS, 0
         while any(s.alive and len(s.values()) < turns for s in started) and cycle < cap:
             # the order rotates: each side follows each other side equally often (a turn right after another
             # process's may meet its pool threads still spinning, or its data in the caches)

@@ -579,12 +579,12 @@ def test_native_mxnet_repeat_ends_when_every_queued_step_is_done(monkeypatch):
 def test_benchmark_quick_runs_end_to_end():
     require("torch")
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "native_vs_adapter.py"), "--quick",
-                          "--backends", "torch", "--models", "lenet5", "--batch-sizes", "8"],
+                          "--modes", "train", "--backends", "torch", "--models", "lenet5", "--batch-sizes", "8"],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
     assert any(l.split()[:3] == ["lenet5", "8", "torch"] for l in lines)
-    assert lines[-1].startswith("worst adapter / best native: ") and "(torch, lenet5, batch 8)" in lines[-1]
+    assert lines[-1].startswith("worst adapter / best native: ") and "(train: torch, lenet5, batch 8)" in lines[-1]
 
 
 
