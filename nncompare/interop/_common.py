@@ -25,12 +25,14 @@ class Value:
     """A source tensor as the spec sees it: the spec layer (or INPUT) computing it and its canonical shape
     (no batch axis). perm: for a flat tensor whose source order differs from the canonical one (a channels-last
     image flattened), the canonical index of each source position. kept: the source keeps pooled images as
-    (C, 1, 1) where the spec has (C,)."""
+    (C, 1, 1) where the spec has (C,). last: the source holds this image channels-last (torch's permute(0, 2, 3, 1)),
+    where only what acts per position (elementwise layers, Linear or LayerNorm over the channels) may read it."""
 
     name: str
     shape: tuple
     perm: np.ndarray | None = None
     kept: bool = False
+    last: bool = False
 
 
 class Builder:
@@ -44,7 +46,7 @@ class Builder:
 
     def name(self, raw, fallback: str) -> str:
         """`raw` as a spec layer name: letters, digits, _ and - (others become _), at most 64, unique."""
-        base = re.sub(r"[^A-Za-z0-9_-]+", "_", str(raw or "")).strip("_")[:56] or fallback
+        base = re.sub(r"[^A-Za-z0-9_-]+", "_", str(raw or "")).strip("_")[:56].strip("_") or fallback
         name, n = base, 1
         while name in self.used:
             n += 1

@@ -4,9 +4,16 @@ torch.fx rather than torch.export: fx keeps each torch.nn layer as one call_modu
 (its padding, ceil_mode, momentum, eps, weights and dotted name), where export lowers the model to ATen ops
 (batch norm as _native_batch_norm_legit_no_training, linear as addmm) whose layer attributes would have to be
 pieced back together. fx's shape propagation (one run on a small batch) gives every tensor's shape.
+
+The tracer runs the module on a sample batch beside the symbolic trace, so a traced tensor's sizes other than the
+batch are plain ints: code that checks or pads by them (Hugging Face's channel checks, TensorFlow-style "same"
+padding computed from the input size) traces as it runs for that input shape, which is the spec's fixed input shape.
+The batch size stays symbolic, so a branch on it is refused as plain fx refuses it. A subclass of a torch.nn layer
+that inherits its forward unchanged (Hugging Face's depthwise Conv2d) is read as that layer.
 """
 from __future__ import annotations
 
+import decimal
 import math
 import operator
 
@@ -19,21 +26,133 @@ from torch.fx.passes.shape_prop import ShapeProp
 import dataclasses
 
 from ..models import (INPUT, Activation, AdaptiveAvgPool2D, Add, AvgPool2D, BatchNorm, Concatenate, Conv2D, Dense,
-                      Dropout, Flatten, GlobalAveragePooling2D, MaxPool2D, Multiply, ZeroPadding2D, same_padding)
+                      Dropout, Flatten, GlobalAveragePooling2D, LayerNormalization, MaxPool2D, Multiply, ZeroPadding2D,
+                      same_padding)
 
 from ._common import Builder, InteropError, Value, is_tf_same, leaky, supported
 
 _BATCH = object()  # x.size(0) / x.shape[0]: the batch size, allowed only in a flattening view/reshape
 _SAMPLE_BATCH = 2
+_VALUE, _BATCHED = "nncompare_value", "nncompare_batched"  # node.meta keys while tracing
 
 
 class _Shape(tuple):
     """x.size() / x.shape of a traced tensor: its sizes, the first being the batch."""
 
 
+class _Param:
+    """A parameter or buffer the graph reads directly (get_attr): usable only where a layer takes it as its weight
+    (F.layer_norm's weight and bias, a per-channel scale)."""
+
+    def __init__(self, target: str, value: np.ndarray):
+        self.target, self.value = target, value
+
+
+class _Proxy(fx.Proxy):
+    """A traced tensor whose sizes other than the batch are plain ints (those of its value on the sample batch)."""
+
+    def __getattr__(self, k):
+        if k in ("shape", "size", "dim", "ndim"):
+            sizes = self.tracer.sizes(self)
+            if sizes is not None:
+                if k == "shape":
+                    return sizes
+                if k == "ndim":
+                    return len(sizes)
+                if k == "dim":
+                    return lambda: len(sizes)
+                return lambda dim=None: sizes if dim is None else sizes[dim]
+        return super().__getattr__(k)
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer, each node also run on the sample batch (its value kept in node.meta while tracing); a module
+    that computes what a supported torch.nn layer computes is a leaf."""
+
+    def __init__(self, sample):
+        super().__init__()
+        self.sample, self.placed, self.running = sample, 0, False
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return super().is_leaf_module(m, qualname) or _layer_class(m) is not None
+
+    # while a node runs on real values, module calls and attribute reads inside it are plain Python again
+    def call_module(self, m, forward, args, kwargs):
+        return forward(*args, **kwargs) if self.running else super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        return attr_val if self.running else super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, *rest, **more):
+        proxy = super().create_proxy(kind, target, args, kwargs, *rest, **more)
+        found = []
+        fx.node.map_aggregate((args, kwargs), lambda a: found.append(a) if isinstance(a, fx.Proxy) else None)
+        proxy.node.meta[_BATCHED] = kind == "placeholder" or any(p.node.meta.get(_BATCHED) for p in found)
+        proxy.node.meta[_VALUE] = self.value(kind, target, args, kwargs, found)
+        return proxy
+
+    def value(self, kind, target, args, kwargs, found):
+        """The node's value on the sample batch; None where it cannot be computed (plain fx then decides)."""
+        if kind == "placeholder":  # the first is the input; others (optional arguments) have no sample value
+            self.placed += 1
+            return self.sample if self.placed == 1 else None
+        if any(p.node.meta.get(_VALUE) is None for p in found):
+            return None
+        real = lambda a: a.node.meta[_VALUE] if isinstance(a, fx.Proxy) else a  # noqa: E731
+        args, kwargs = fx.node.map_aggregate(args, real), fx.node.map_aggregate(kwargs, real)
+        self.running = True
+        try:
+            with torch.no_grad():
+                if kind == "get_attr":
+                    obj = self.root
+                    for part in target.split("."):
+                        obj = getattr(obj, part)
+                    return obj
+                if kind == "call_module":
+                    return self.root.get_submodule(target)(*args, **kwargs)
+                if kind == "call_method":
+                    return getattr(args[0], target)(*args[1:], **kwargs)
+                return target(*args, **kwargs)
+        except Exception:  # the op fails on real values too: the traced module will not run, which ShapeProp says
+            return None
+        finally:
+            self.running = False
+
+    def sizes(self, proxy) -> tuple | None:
+        """A traced tensor's sizes: ints, and the batch (for a tensor computed from the input) as x.size(0)."""
+        value = proxy.node.meta.get(_VALUE)
+        if not isinstance(value, torch.Tensor):
+            return None
+        sizes = list(value.shape)
+        if proxy.node.meta.get(_BATCHED) and sizes:
+            sizes[0] = self.create_proxy("call_method", "size", (proxy, 0), {})
+        return tuple(sizes)
+
+
+# the torch.nn layers the walk reads (a subclass before its base: ReLU6 is a Hardtanh)
+_LAYER_CLASSES = (nn.Linear, nn.LayerNorm, nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.ZeroPad2d,
+                  nn.BatchNorm1d, nn.BatchNorm2d, nn.Dropout, nn.Flatten, nn.Identity, nn.Softmax, nn.ReLU, nn.ReLU6, nn.Hardtanh,
+                  nn.Sigmoid, nn.Tanh, nn.SiLU, nn.Hardsigmoid, nn.Hardswish, nn.GELU, nn.LeakyReLU, nn.ELU,
+                  nn.Softplus)
+
+
+def _layer_class(m: nn.Module) -> type | None:
+    """The torch.nn layer class whose computation `m` is: its own, or the one a subclass inherits forward (and a
+    convolution's _conv_forward) from unchanged; None for any other module."""
+    t = type(m)
+    for cls in _LAYER_CLASSES:
+        if isinstance(m, cls) and t.forward is cls.forward \
+                and getattr(t, "_conv_forward", None) is getattr(cls, "_conv_forward", None):
+            return cls
+    return None
+
+
 def _act_module(m: nn.Module) -> str | None:
     """The spec activation an activation module computes, None for a module that is no activation."""
-    t = type(m)
+    t = _layer_class(m)
     names = {nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.SiLU: "silu", nn.ReLU6: "relu6",
              nn.Hardsigmoid: "hard_sigmoid", nn.Hardswish: "hard_swish"}
     if t in names:
@@ -93,11 +212,13 @@ _VIEW = ("view", "reshape", torch.reshape)
 _MUL = (operator.mul, operator.imul, torch.mul, "mul", "mul_")
 _NAMES = {getattr(f, "__name__", str(f))
           for f in (*_FUNCTIONS, *_SOFTMAX, *_ADD, *_CAT, *_FLATTEN, *_MEAN, *_VIEW, *_MUL)}
-SUPPORTED_MODULES = ("Linear", "Conv2d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "ZeroPad2d", "BatchNorm1d",
-                     "BatchNorm2d", "ReLU", "ReLU6", "Hardtanh(0, 6)", "Hardsigmoid", "Hardswish", "Sigmoid", "Tanh",
+SUPPORTED_MODULES = ("Linear", "LayerNorm", "Conv2d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "ZeroPad2d",
+                     "BatchNorm1d", "BatchNorm2d", "ReLU", "ReLU6", "Hardtanh(0, 6)", "Hardsigmoid", "Hardswish", "Sigmoid", "Tanh",
                      "Softmax", "GELU", "SiLU", "ELU", "Softplus", "LeakyReLU", "Flatten", "Dropout", "Identity")
 SUPPORTED_FUNCTIONS = tuple(sorted(_NAMES | {"max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "dropout",
-                                              "pad", "size", "shape", "contiguous"}))
+                                              "pad", "size", "shape", "contiguous",
+                                              "stochastic_depth (torchvision, inference)", "layer_norm",
+                                              "permute (to channels-last and back)"}))
 
 
 def _arg(node: fx.Node, index: int, name: str, default):
@@ -115,12 +236,29 @@ class _Walk:
         self.pooled: dict[str, fx.Node] = {}  # a kept (N, C, 1, 1) global pooling's layer -> its fx node
 
     # --- values ----------------------------------------------------------------------------------
-    def tensor(self, a) -> Value:
+    def tensor(self, a, last: bool = False) -> Value:
+        """The Value of argument `a`; a channels-last image only where the caller reads one (`last`)."""
         v = self.env.get(a) if isinstance(a, fx.Node) else None
+        if isinstance(v, _Param):
+            raise _Refused(f"reads the parameter or buffer {v.target!r} directly; only nn layers "
+                           f"({supported(SUPPORTED_MODULES)}), F.layer_norm and a per-channel scale take weights")
         if not isinstance(v, Value):
             raise _Refused(f"an argument {a!r} is not a tensor computed from the input (constants and parameters "
                            f"used directly are not supported)")
+        if v.last and not last:
+            raise _Refused("reads a channels-last image (after permute(0, 2, 3, 1)); there only elementwise layers, "
+                           "Linear and LayerNorm over the channels, a per-channel scale and the permute back are "
+                           "supported")
         return v
+
+    def param(self, a, what: str) -> np.ndarray | None:
+        """A weight given as an argument: None stays None, a parameter read by get_attr its value."""
+        if a is None:
+            return None
+        v = self.env.get(a) if isinstance(a, fx.Node) else None
+        if not isinstance(v, _Param):
+            raise _Refused(f"its {what} is not a parameter of the module")
+        return v.value
 
     @staticmethod
     def shape(node: fx.Node) -> tuple:
@@ -132,7 +270,7 @@ class _Walk:
         return self.b.add(layer_cls(**fields, name=name), inputs, weights, node.name)
 
     def keep(self, v: Value, like: Value) -> Value:
-        return Value(v.name, v.shape, kept=like.kept)
+        return Value(v.name, v.shape, kept=like.kept, last=like.last)
 
     def activation(self, node, x: Value, act: str) -> Value:
         return self.keep(self.layer(node, Activation, [x], activation=act), x)
@@ -161,8 +299,12 @@ class _Walk:
                 elif node.op == "output":
                     out = self.tensor(node.args[0])
                 elif node.op == "get_attr":
-                    raise _Refused(f"reads the parameter or buffer {node.target!r} directly; only nn layers "
-                                   f"({supported(SUPPORTED_MODULES)}) carry weights")
+                    value = self.gm
+                    for part in node.target.split("."):
+                        value = getattr(value, part)
+                    if not isinstance(value, torch.Tensor):
+                        raise _Refused(f"reads the attribute {node.target!r}, which is no tensor")
+                    self.env[node] = _Param(node.target, value.detach().cpu().numpy())
                 elif node.op == "call_module":
                     self.env[node] = self.module(node, self.gm.get_submodule(node.target))
                 else:
@@ -171,16 +313,23 @@ class _Walk:
                 what = (type(self.gm.get_submodule(node.target)).__name__ if node.op == "call_module"
                         else getattr(node.target, "__name__", str(node.target)))
                 raise InteropError(f"{self.b.source}: node {node.name!r} ({node.op} {what}): {e}") from None
-        if out.kept:
-            raise InteropError(f"{self.b.source}: its output is a pooled (N, C, 1, 1) image; the spec's global "
-                               f"pooling gives (N, C): flatten it")
+        if out.kept or out.last:
+            kind = "channels-last" if out.last else "pooled (N, C, 1, 1)"
+            raise InteropError(f"{self.b.source}: its output is a {kind} image; the spec's output is a flat (N, C) or "
+                               f"an (N, C, H, W) image")
         return self.b.spec(name, self.input_shape, out)
 
     # --- modules ---------------------------------------------------------------------------------
     def module(self, node, m: nn.Module):
-        x = self.tensor(node.args[0]) if node.args else None
-        t = type(m)
+        x = self.tensor(node.args[0], last=True) if node.args else None
+        t = _layer_class(m) or type(m)
+        if m._forward_hooks or m._forward_pre_hooks:
+            raise _Refused("forward hooks run around the module; a module with hooks is not supported")
         act = _act_module(m)
+        if x is not None and x.last and act is None and t not in (nn.Dropout, nn.Identity, nn.Linear, nn.LayerNorm):
+            self.tensor(node.args[0])  # refused: a channels-last image
+        if t is nn.LayerNorm:
+            return self.layernorm(node, x, m.normalized_shape, m.weight, m.bias, m.eps)
         if act is not None:
             return self.activation(node, x, act)
         if t is nn.Softmax:
@@ -212,6 +361,13 @@ class _Walk:
         raise _Refused(f"module {t.__name__} is not supported (supported: {supported(SUPPORTED_MODULES)})")
 
     def linear(self, node, x, m: nn.Linear):
+        if x.last:  # over the channels of each position: a 1x1 convolution
+            weights = {"kernel": m.weight.detach().cpu().numpy()[:, :, None, None]}
+            if m.bias is not None:
+                weights["bias"] = m.bias.detach().cpu().numpy()
+            v = self.layer(node, Conv2D, [x], weights, filters=int(m.out_features), kernel_size=1,
+                           use_bias=m.bias is not None)
+            return self.keep(v, x)
         if len(x.shape) != 1 or x.kept:
             raise _Refused(f"Linear on a tensor of shape (N, {', '.join(map(str, x.shape))}) applies to its last "
                            f"axis; the spec's Dense needs a flat (N, features) input")
@@ -254,6 +410,10 @@ class _Walk:
         if pair(dilation) != (1, 1) or indices or divisor is not None:
             raise _Refused("dilation, return_indices and divisor_override are not supported")
         out = self.shape(node)[2:]
+        if avg and tuple(out) == (1, 1) and p == (0, 0) and k[0] >= x.shape[1] and k[1] >= x.shape[2]:
+            # one window over the whole input (Hugging Face EfficientNet's AvgPool2d(1280, ceil_mode=True) after
+            # 7x7 or smaller): without padding it averages every cell, whatever count_include_pad says
+            return self.gap(node, x, kept=True)
         modes = []
         for d in (0, 1):
             size = x.shape[1 + d]
@@ -288,7 +448,8 @@ class _Walk:
         return Value(v.name, v.shape, kept=kept)
 
     def batchnorm(self, node, x, m):
-        if len(self.shape(node)) not in (2, 4) or (type(m) is nn.BatchNorm1d) != (len(x.shape) == 1 and not x.kept):
+        flat = len(x.shape) == 1 and not x.kept
+        if len(self.shape(node)) not in (2, 4) or (_layer_class(m) is nn.BatchNorm1d) != flat:
             raise _Refused(f"{type(m).__name__} on a tensor of shape {self.shape(node)} is not supported")
         if not m.track_running_stats or m.running_mean is None:
             raise _Refused("track_running_stats=False normalizes by the batch at inference; the spec's uses "
@@ -299,9 +460,36 @@ class _Walk:
         w = {"gamma": m.weight.detach().cpu().numpy() if m.affine else np.ones(c),
              "beta": m.bias.detach().cpu().numpy() if m.affine else np.zeros(c),
              "moving_mean": m.running_mean.detach().cpu().numpy(), "moving_var": m.running_var.detach().cpu().numpy()}
-        # torch's momentum weighs the new batch value, the spec's (Keras') the old moving one
-        v = self.layer(node, BatchNorm, [x], w, momentum=1 - float(m.momentum), epsilon=float(m.eps))
+        # torch's momentum weighs the new batch value, the spec's (Keras') the old moving one; 1 - 0.9997 as the
+        # decimal 0.0003, not 0.00029999999999996696
+        momentum = float(1 - decimal.Decimal(repr(float(m.momentum))))
+        v = self.layer(node, BatchNorm, [x], w, momentum=momentum, epsilon=float(m.eps))
         return self.keep(v, x)
+
+    def layernorm(self, node, x: Value, shape, weight, bias, eps) -> Value:
+        """LayerNorm over the channels: of a flat (N, C) tensor or of a channels-last image at each position."""
+        c = x.shape[0]
+        if tuple(shape) != (c,) or not ((len(x.shape) == 1 and not x.kept) or x.last):
+            raise _Refused(f"normalizes over the last {tuple(shape)} of a tensor of shape (N, "
+                           f"{', '.join(map(str, x.shape))}){' kept channels-first' if len(x.shape) == 3 else ''}; "
+                           f"only over the channels (a flat input, or an image permuted channels-last) is supported")
+        as_array = lambda t, fill: np.full(c, fill, np.float32) if t is None else (  # noqa: E731
+            t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else t)
+        w = {"gamma": as_array(weight, 1.0), "beta": as_array(bias, 0.0)}
+        return self.keep(self.layer(node, LayerNormalization, [x], w, epsilon=float(eps)), x)
+
+    def permute(self, node) -> Value:
+        x = self.tensor(node.args[0], last=True)
+        if node.target is torch.permute:
+            dims = _arg(node, 1, "dims", ())
+        else:  # x.permute(0, 2, 3, 1), x.permute((0, 2, 3, 1)) or x.permute(dims=...)
+            dims = node.kwargs.get("dims", node.args[1:])
+            dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+        dims = tuple(int(d) % len(dims) for d in dims)
+        if len(x.shape) == 3 and not x.kept and dims == ((0, 3, 1, 2) if x.last else (0, 2, 3, 1)):
+            return Value(x.name, x.shape, last=not x.last)
+        raise _Refused(f"permute to {dims}: only an image to channels-last (0, 2, 3, 1) and back (0, 3, 1, 2), "
+                       f"around layers that act per position, is supported")
 
     def softmax(self, node, x, dim):
         rank = len(self.shape(node))
@@ -328,7 +516,7 @@ class _Walk:
     def call(self, node, target):
         if target in _FUNCTIONS:
             act, params = _FUNCTIONS[target]
-            x = self.tensor(node.args[0])
+            x = self.tensor(node.args[0], last=True)
             values = [_arg(node, 1 + j, p, _DEFAULTS[p]) for j, p in enumerate(params)]
             if act == "gelu":
                 act = "gelu_tanh" if values[0] == "tanh" else "gelu"
@@ -370,7 +558,13 @@ class _Walk:
         if target in _VIEW:
             return self.view(node)
         if target is F.dropout:
-            return self.dropout(node, self.tensor(node.args[0]), _arg(node, 1, "p", 0.5))
+            return self.dropout(node, self.tensor(node.args[0], last=True), _arg(node, 1, "p", 0.5))
+        if target is F.layer_norm:
+            return self.layernorm(node, self.tensor(node.args[0], last=True), _arg(node, 1, "normalized_shape", ()),
+                                  self.param(_arg(node, 2, "weight", None), "weight"),
+                                  self.param(_arg(node, 3, "bias", None), "bias"), _arg(node, 4, "eps", 1e-5))
+        if target in ("permute", torch.permute):
+            return self.permute(node)
         if target in (F.max_pool2d, F.avg_pool2d):
             avg = target is F.avg_pool2d
             kernel = _arg(node, 1, "kernel_size", None)
@@ -386,7 +580,13 @@ class _Walk:
         if target is F.adaptive_avg_pool2d:
             return self.adaptive(node, self.tensor(node.args[0]), _arg(node, 1, "output_size", None))
         if target == "contiguous":
-            return self.tensor(node.args[0])
+            return self.tensor(node.args[0], last=True)
+        if getattr(target, "__name__", None) == "stochastic_depth" \
+                and "torchvision" in getattr(target, "__module__", ""):
+            # torchvision.ops.stochastic_depth(input, p, mode, training), fx-wrapped: the identity in inference
+            if _arg(node, 3, "training", True) is not False:
+                raise _Refused("stochastic depth in training mode drops whole samples at random")
+            return self.tensor(node.args[0], last=True)
         if target == "size" or (target is getattr and node.args[1] == "shape"):
             self.tensor(node.args[0])
             full = _Shape((_BATCH,) + tuple(self.shape(node.args[0])[1:]))
@@ -399,14 +599,25 @@ class _Walk:
                        f"(supported: {supported(SUPPORTED_FUNCTIONS)})")
 
     def merge(self, node, args: list, kind) -> Value:
-        xs = [self.tensor(a) for a in args]
+        xs = [self.tensor(a, last=kind is Add) for a in args]
         shapes = [self.shape(a) for a in args]
-        if len({x.kept for x in xs}) != 1 or (kind is Add and len(set(shapes)) != 1):
+        if len({(x.kept, x.last) for x in xs}) != 1 or (kind is Add and len(set(shapes)) != 1):
             raise _Refused(f"{'adds' if kind is Add else 'joins'} shapes {', '.join(map(str, shapes))}; broadcasting "
                            f"is not supported")
         return self.keep(self.layer(node, kind, xs), xs[0])
 
     def multiply(self, node, args: list) -> Value:
+        params = [a for a in args if isinstance(a, fx.Node) and isinstance(self.env.get(a), _Param)]
+        if len(params) == 1 and len(args) == 2:  # a per-channel scale (ConvNeXt's layer scale): a depthwise 1x1 conv
+            p = self.env[params[0]]
+            x = self.tensor(next(a for a in args if a is not params[0]), last=True)
+            c = x.shape[0]
+            if len(x.shape) != 3 or x.kept or p.value.shape != ((c,) if x.last else (c, 1, 1)):
+                raise _Refused(f"a product with the parameter {p.target!r} of shape {p.value.shape}: only a "
+                               f"per-channel scale of an image ((C,) channels-last, (C, 1, 1) channels-first)")
+            v = self.layer(node, Conv2D, [x], {"kernel": p.value.reshape(c, 1, 1, 1)}, filters=c, kernel_size=1,
+                           use_bias=False, groups=c)
+            return self.keep(v, x)
         if not all(isinstance(a, fx.Node) and isinstance(self.env.get(a), Value) for a in args):
             raise _Refused("a product with a constant is not supported (only of two computed tensors)")
         xs = [self.tensor(a) for a in args]
@@ -429,14 +640,17 @@ class _Walk:
                 or len(pads) != 4 or min(pads) < 0:
             raise _Refused(f"pad {pads}: only zero padding of height and width (>= 0) is a ZeroPadding2D")
         left, right, top, bottom = (int(v) for v in pads)
+        if not any((left, right, top, bottom)):  # TensorFlow-style "same" padding before a 1x1 or stride-1 conv
+            return x
         return self.layer(node, ZeroPadding2D, [x], padding=((top, bottom), (left, right)))
 
     def view(self, node):
         x = self.tensor(node.args[0])
         target = node.args[1:] if "shape" not in node.kwargs else (node.kwargs["shape"],)
-        if len(target) == 1 and isinstance(target[0], (tuple, list)):
-            target = tuple(target[0])
-        target = tuple(self.env.get(t, t) if isinstance(t, fx.Node) else t for t in target)
+        resolve = lambda t: self.env.get(t, t) if isinstance(t, fx.Node) else t  # noqa: E731
+        if len(target) == 1 and isinstance(resolve(target[0]), (tuple, list)):
+            target = tuple(resolve(target[0]))
+        target = tuple(resolve(t) for t in target)
         size = math.prod(x.shape)
         flat = len(target) == 2 and ((target[0] is _BATCH and target[1] in (-1, size))
                                      or (target[0] == -1 and target[1] == size))
@@ -458,16 +672,27 @@ def from_torch(module, input_shape):
     modes = {m: m.training for m in module.modules()}
     try:
         module.eval()  # traced and run as inference; self.training branches take their eval side
+        param = next(module.parameters(), None)
+        x = torch.randn(_SAMPLE_BATCH, *input_shape, dtype=param.dtype if param is not None else None,
+                        device=param.device if param is not None else None)
         try:
-            gm = fx.symbolic_trace(module)
+            with torch.no_grad():
+                module(x.clone())
+        except Exception as e:
+            raise InteropError(f"{source}: does not run on inputs of shape (N, {', '.join(map(str, input_shape))}): "
+                               f"{str(e).splitlines()[0][:300]}") from None
+        try:
+            tracer = _Tracer(x.clone())
+            graph = tracer.trace(module)
+            gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
         except Exception as e:  # data-dependent control flow, unsupported Python
             raise InteropError(f"{source}: torch.fx cannot trace it: {str(e).splitlines()[0][:300]}") from None
+        for n in gm.graph.nodes:
+            n.meta.pop(_VALUE, None)
+            n.meta.pop(_BATCHED, None)
         gm.graph.eliminate_dead_code()
         try:
             with torch.no_grad():
-                param = next(module.parameters(), None)
-                x = torch.randn(_SAMPLE_BATCH, *input_shape, dtype=param.dtype if param is not None else None,
-                                device=param.device if param is not None else None)
                 ShapeProp(gm).propagate(x)
         except Exception as e:
             raise InteropError(f"{source}: does not run on inputs of shape (N, {', '.join(map(str, input_shape))}): "
