@@ -1,6 +1,10 @@
 """Keras 3 model -> spec. Keras images are channels-last (H, W, C), the spec's (C, H, W): conv kernels go HWIO ->
 OIHW, and a flattened image is in (H, W, C) order, tracked as a permutation per flat tensor (as
-backends/keras_backend.py does) and absorbed into the next Dense kernel's rows or a flat BatchNorm's parameters."""
+backends/keras_backend.py does) and absorbed into the next Dense kernel's rows or a flat BatchNorm's parameters.
+
+Import is for inference: a Dropout with a noise_shape (stochastic depth, whole samples dropped) is the identity
+there and is folded away, so the spec predicts exactly what the model predicts but trains without stochastic depth;
+a plain Dropout stays a Dropout."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,10 +26,11 @@ _ACTIVATIONS = {"linear": "linear", "relu": "relu", "sigmoid": "sigmoid", "tanh"
                 "elu": "elu", "softplus": "softplus", "silu": "silu", "swish": "silu", "gelu": "gelu",
                 "leaky_relu": "leaky_relu", "relu6": "relu6", "hard_sigmoid": "hard_sigmoid",
                 "hard_silu": "hard_swish", "hard_swish": "hard_swish"}
-SUPPORTED = ("InputLayer", "Dense", "Conv2D", "DepthwiseConv2D", "MaxPooling2D", "AveragePooling2D",
-             "GlobalAveragePooling2D", "ZeroPadding2D", "Flatten", "Reshape (a flat (C,) to (1, 1, C))", "Activation",
-             "ReLU", "LeakyReLU", "ELU", "Softmax", "Dropout", "BatchNormalization", "LayerNormalization",
-             "Normalization", "Rescaling", "Add", "Multiply", "Concatenate", "Identity")
+SUPPORTED = ("InputLayer", "Dense (flat, or per position of an image)", "Conv2D", "DepthwiseConv2D",
+             "MaxPooling2D", "AveragePooling2D", "GlobalAveragePooling2D", "ZeroPadding2D", "Flatten",
+             "Reshape (a flat (C,) to (1, 1, C))", "Activation", "ReLU", "LeakyReLU", "ELU", "Softmax", "Dropout",
+             "BatchNormalization", "LayerNormalization", "Normalization", "Rescaling", "Add", "Multiply",
+             "Concatenate", "Identity", "ConvNeXt's LayerScale and StochasticDepth")
 
 
 class _Refused(Exception):
@@ -67,11 +72,12 @@ def _load(model_or_path):
 
 
 def _graph(model) -> tuple[list[tuple], str, str]:
-    """[(layer, [input layer names])] in topological order, the input layer's name and the output layer's name."""
+    """[(layer or keras.ops operation, [input layer names], [its arguments: a layer name per tensor, numbers as they
+    are])] in topological order, the input layer's name and the output layer's name."""
     if isinstance(model, keras.Sequential):
         layers, previous, graph = model.layers, "input", []
         for layer in layers:
-            graph.append((layer, [previous]))
+            graph.append((layer, [previous], [previous]))
             previous = layer.name
         return graph, "input", previous
     config = model.get_config()
@@ -82,28 +88,32 @@ def _graph(model) -> tuple[list[tuple], str, str]:
         if len(refs) != 1:
             raise InteropError(f"Keras model {model.name!r}: {len(refs)} {key.split('_')[0]}s; a spec has one")
         ends.append(refs[0][0])
+    operations = {op.name: op for op in model.operations}  # layers, and keras.ops calls on Keras tensors (x + 3)
     graph = []
     for entry in config["layers"]:
-        layer = model.get_layer(entry["name"])
+        layer = operations[entry["name"]]
         nodes = entry.get("inbound_nodes") or []
         if len(nodes) > 1:
             raise InteropError(f"Keras model {model.name!r}: layer {layer.name!r} ({type(layer).__name__}) is "
                                f"called {len(nodes)} times; shared layers are not supported")
-        inputs = []
+        inputs, args = [], []
 
-        def collect(obj):
+        def collect(obj, top=False):
             if isinstance(obj, dict) and obj.get("class_name") == "__keras_tensor__":
                 inputs.append(obj["config"]["keras_history"][0])
+                args.append(inputs[-1])
             elif isinstance(obj, dict):
                 for v in obj.values():
                     collect(v)
             elif isinstance(obj, (list, tuple)):
                 for v in obj:
-                    collect(v)
+                    collect(v, top)
+            elif top and isinstance(obj, (int, float)) and not isinstance(obj, bool):
+                args.append(obj)
         if nodes:
-            collect(nodes[0].get("args", []))
+            collect(nodes[0].get("args", []), top=True)
             collect(nodes[0].get("kwargs", {}))
-        graph.append((layer, inputs))
+        graph.append((layer, inputs, args))
     return graph, ends[0], ends[1]
 
 
@@ -133,11 +143,11 @@ class _Walk:
         spec_shape = (shape[2], shape[0], shape[1]) if len(shape) == 3 else shape
         graph, input_name, output_name = _graph(model)
         self.readers = {}  # Keras layer name -> how many Keras layers read it
-        for _, inputs in graph:
+        for _, inputs, _ in graph:
             for n in inputs:
                 self.readers[n] = self.readers.get(n, 0) + 1
         self.values[input_name] = Value(INPUT, spec_shape)
-        for layer, inputs in graph:
+        for layer, inputs, args in graph:
             if isinstance(layer, L.InputLayer):
                 self.values[layer.name] = self.values[input_name]
                 continue
@@ -149,7 +159,11 @@ class _Walk:
                 if policy is not None and getattr(policy, "compute_dtype", "float32") != "float32":
                     raise _Refused(f"computes in {policy.compute_dtype}; the spec computes in float32")
                 self.inputs = inputs
-                self.values[layer.name] = self.convert(layer, layer.get_config(), [self.values[n] for n in inputs])
+                xs = [self.values[n] for n in inputs]
+                if not isinstance(layer, keras.Layer):
+                    self.values[layer.name] = self.operation(layer, args, xs)
+                    continue
+                self.values[layer.name] = self.convert(layer, layer.get_config(), xs)
             except _Refused as e:
                 raise InteropError(f"{self.b.source}: layer {layer.name!r} ({type(layer).__name__}): {e}") from None
         out = self.values[output_name]
@@ -161,9 +175,15 @@ class _Walk:
     def convert(self, layer, cfg: dict, xs: list[Value]) -> Value:
         t, x = type(layer), xs[0]
         if t is L.Dense:
+            if len(x.shape) == 3:  # over the channels of each position (ConvNeXt's pointwise convolutions)
+                weights = {"kernel": _numpy(layer.kernel).T[:, :, None, None]}
+                if layer.use_bias:
+                    weights["bias"] = _numpy(layer.bias)
+                return self.layer(layer, Conv2D, [x], weights, filters=int(cfg["units"]), kernel_size=1,
+                                  activation=_activation(cfg["activation"]), use_bias=bool(layer.use_bias))
             if len(x.shape) != 1:
                 raise _Refused(f"Dense on an (N, {', '.join(map(str, x.shape))}) tensor applies to its last axis; the "
-                               f"spec's Dense needs a flat input (add a Flatten)")
+                               f"spec's Dense needs a flat input or an image")
             kernel = _numpy(layer.kernel)
             if x.perm is not None:  # rows in the source's flat order -> the canonical C, H, W order
                 rows = np.empty_like(kernel)
@@ -226,14 +246,47 @@ class _Walk:
             return self.activation(layer, cfg, x)
         if t is L.Dropout:
             if cfg.get("noise_shape") is not None:
-                raise _Refused("noise_shape drops whole slices; the spec's Dropout drops single values")
+                # stochastic depth (EfficientNet's per-sample Dropout): the identity at inference, folded away, so
+                # the imported spec predicts what the model predicts but trains without stochastic depth
+                return x
             v = self.layer(layer, Dropout, [x], rate=float(cfg["rate"]))
             return Value(v.name, v.shape, x.perm)
         if t is L.BatchNormalization:
             return self.batchnorm(layer, cfg, x)
         if t in (L.Add, L.Concatenate):
             return self.merge(layer, cfg, xs)
+        if t.__module__ == "keras.src.applications.convnext" and t.__name__ in ("StochasticDepth", "LayerScale"):
+            return self.convnext(layer, x)
         raise _Refused(f"layer type {t.__name__} is not supported (supported: {supported(SUPPORTED)})")
+
+    def convnext(self, layer, x: Value) -> Value:
+        """ConvNeXt's own layers: StochasticDepth is the identity at inference (folded); LayerScale multiplies each
+        channel by its gamma, which a depthwise 1x1 convolution does exactly."""
+        if type(layer).__name__ == "StochasticDepth":
+            return x
+        gamma = _numpy(layer.gamma)
+        if len(x.shape) != 3 or gamma.shape != (x.shape[0],):
+            raise _Refused(f"a layer scale of {gamma.shape} on an (N, {', '.join(map(str, x.shape))}) tensor; only a "
+                           f"per-channel scale of an image is supported")
+        return self.layer(layer, Conv2D, [x], {"kernel": gamma.reshape(-1, 1, 1, 1)}, filters=x.shape[0],
+                          kernel_size=1, use_bias=False, groups=x.shape[0])
+
+    def operation(self, op, args: list, xs: list[Value]) -> Value:
+        """A keras.ops call on Keras tensors: a tensor plus or times a number (MobileNetV3's relu6(x + 3) * (1 / 6)
+        as written) is a Rescaling; a sum or product of two tensors an Add or a Multiply."""
+        kind = type(op).__name__
+        numbers = [a for a in args if not isinstance(a, str)]
+        if type(op).__module__.startswith("keras.src.ops.numpy") and kind in ("Add", "Multiply", "Subtract"):
+            if len(xs) == 1 and len(numbers) == 1 and (kind != "Subtract" or isinstance(args[0], str)):
+                c = float(numbers[0])
+                scale, offset = (c, 0.0) if kind == "Multiply" else (1.0, c if kind == "Add" else -c)
+                v = self.layer(op, Rescaling, xs, scale=scale, offset=offset)
+                return Value(v.name, v.shape, xs[0].perm)
+            if len(xs) == 2 and not numbers and kind != "Subtract":
+                return self.multiply(op, xs) if kind == "Multiply" else self.merge(op, {}, xs)
+        raise _Refused(f"the operation keras.ops.{kind.lower()} on {len(xs)} tensors and the numbers {numbers} is not "
+                       f"supported (supported: a tensor plus, minus or times a number; a sum or product of two "
+                       f"tensors)")
 
     def activation(self, layer, cfg: dict, x: Value) -> Value:
         t = type(layer)
@@ -336,7 +389,7 @@ class _Walk:
     def merge(self, layer, cfg: dict, xs: list[Value]) -> Value:
         if len(xs) < 2:
             raise _Refused(f"merges {len(xs)} tensor; the spec's merges take two or more")
-        if type(layer) is L.Add:
+        if type(layer) is L.Add or not isinstance(layer, keras.Layer):
             if len({x.shape for x in xs}) != 1 or len({None if _identity(x.perm) else x.perm.tobytes()
                                                       for x in xs}) != 1:
                 raise _Refused("adds tensors of different shapes or flatten orders")
