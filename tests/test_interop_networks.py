@@ -60,9 +60,12 @@ NETWORKS = {
     "hf-MobileNetV2": Network("transformers", "MobileNetV2", 32, oracle_tol=3e-5),
     "hf-EfficientNetB0": Network("transformers", "EfficientNet", 32),
     "hf-RegNet": Network("transformers", "RegNet", 32, oracle_tol=2e-4),
-    **{f"tv-{n}": Network("torchvision", n, 75 if n == "inception_v3" else 32)
-       for n in ("vgg11_bn", "resnet18", "mobilenet_v2", "densenet121", "squeezenet1_1", "googlenet",
-                 "efficientnet_b0", "mnasnet0_5", "inception_v3")},
+    # torchvision 0.28 checked from its wheel with its CUDA op registrations stubbed out: float32 oracle gaps
+    # googlenet 3.0e-5, efficientnet_b0 1.5e-5, mnasnet0_5 1.2e-5, inception_v3 5.1e-5
+    **{f"tv-{n}": Network("torchvision", n, 75 if n == "inception_v3" else 32, oracle_tol=tol)
+       for n, tol in (("vgg11_bn", ORACLE_TOL), ("resnet18", ORACLE_TOL), ("mobilenet_v2", 3e-5),
+                      ("densenet121", 3e-5), ("squeezenet1_1", ORACLE_TOL), ("googlenet", 1e-4),
+                      ("efficientnet_b0", 5e-5), ("mnasnet0_5", 5e-5), ("inception_v3", 2e-4))},
 }
 
 

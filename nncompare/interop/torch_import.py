@@ -410,9 +410,10 @@ class _Walk:
         if pair(dilation) != (1, 1) or indices or divisor is not None:
             raise _Refused("dilation, return_indices and divisor_override are not supported")
         out = self.shape(node)[2:]
-        if avg and tuple(out) == (1, 1) and p == (0, 0) and k[0] >= x.shape[1] and k[1] >= x.shape[2]:
-            # one window over the whole input (Hugging Face EfficientNet's AvgPool2d(1280, ceil_mode=True) after
-            # 7x7 or smaller): without padding it averages every cell, whatever count_include_pad says
+        if avg and tuple(out) == (1, 1) and p == (0, 0) and k[0] >= x.shape[1] and k[1] >= x.shape[2] \
+                and k != tuple(x.shape[1:]):
+            # one window larger than the whole input (Hugging Face EfficientNet's AvgPool2d(1280, ceil_mode=True)
+            # after 7x7 or smaller): without padding it averages every cell, whatever count_include_pad says
             return self.gap(node, x, kept=True)
         modes = []
         for d in (0, 1):
