@@ -134,9 +134,9 @@ class _Tracer(fx.Tracer):
 
 # the torch.nn layers the walk reads (a subclass before its base: ReLU6 is a Hardtanh)
 _LAYER_CLASSES = (nn.Linear, nn.LayerNorm, nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.ZeroPad2d,
-                  nn.BatchNorm1d, nn.BatchNorm2d, nn.Dropout, nn.Flatten, nn.Identity, nn.Softmax, nn.ReLU, nn.ReLU6, nn.Hardtanh,
-                  nn.Sigmoid, nn.Tanh, nn.SiLU, nn.Hardsigmoid, nn.Hardswish, nn.GELU, nn.LeakyReLU, nn.ELU,
-                  nn.Softplus)
+                  nn.BatchNorm1d, nn.BatchNorm2d, nn.Dropout, nn.Flatten, nn.Identity, nn.Softmax, nn.ReLU, nn.ReLU6,
+                  nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.SiLU, nn.Hardsigmoid, nn.Hardswish, nn.GELU, nn.LeakyReLU,
+                  nn.ELU, nn.Softplus)
 
 
 def _layer_class(m: nn.Module) -> type | None:
@@ -213,8 +213,9 @@ _MUL = (operator.mul, operator.imul, torch.mul, "mul", "mul_")
 _NAMES = {getattr(f, "__name__", str(f))
           for f in (*_FUNCTIONS, *_SOFTMAX, *_ADD, *_CAT, *_FLATTEN, *_MEAN, *_VIEW, *_MUL)}
 SUPPORTED_MODULES = ("Linear", "LayerNorm", "Conv2d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "ZeroPad2d",
-                     "BatchNorm1d", "BatchNorm2d", "ReLU", "ReLU6", "Hardtanh(0, 6)", "Hardsigmoid", "Hardswish", "Sigmoid", "Tanh",
-                     "Softmax", "GELU", "SiLU", "ELU", "Softplus", "LeakyReLU", "Flatten", "Dropout", "Identity")
+                     "BatchNorm1d", "BatchNorm2d", "ReLU", "ReLU6", "Hardtanh(0, 6)", "Hardsigmoid", "Hardswish",
+                     "Sigmoid", "Tanh", "Softmax", "GELU", "SiLU", "ELU", "Softplus", "LeakyReLU", "Flatten", "Dropout",
+                     "Identity")
 SUPPORTED_FUNCTIONS = tuple(sorted(_NAMES | {"max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "dropout",
                                               "pad", "size", "shape", "contiguous",
                                               "stochastic_depth (torchvision, inference)", "layer_norm",
