@@ -296,6 +296,7 @@ class Adapter(ABC):
             raise BackendError(f"weights: must be a dict of canonical key -> array (as get_weights() returns), "
                                f"got {type(weights).__name__}")
         net = cls(spec, device, compile, native_init=weights is None and init == "native")
+        net._seed(seed)
         if weights is not None or init == "canonical":
             net.set_weights(init_weights(spec, seed) if weights is None else weights)
         if spec.trainable_keys():  # frameworks refuse an optimizer over no parameters
@@ -306,6 +307,9 @@ class Adapter(ABC):
     @abstractmethod
     def _build(self) -> None:
         """Create the native network on self.device."""
+
+    def _seed(self, seed: int) -> None:
+        """Seed the framework's random draws (dropout masks) so a run repeats itself; none by default."""
 
     @abstractmethod
     def get_weights(self) -> dict[str, np.ndarray]:

@@ -429,6 +429,13 @@ class _KerasAdapter(Adapter):
     def _on_device(self):
         return keras.device(self._kdev)
 
+    def _seed(self, seed: int) -> None:
+        # a Dropout made without a seed draws one from Python's per-process random state
+        drops = [layer for layer in self.native.layers if isinstance(layer, keras.layers.Dropout)]
+        for k, layer in enumerate(drops):
+            state = layer.seed_generator.state
+            state.assign(np.array([seed * len(drops) + k, 0], dtype=keras.backend.standardize_dtype(state.dtype)))
+
     def _build_model(self) -> None:
         spec = self.spec
         inputs = keras.Input(self._native_shape(spec.input_shape), name=INPUT)
@@ -822,6 +829,10 @@ class KerasTorchAdapter(_KerasAdapter):
 
     def peak_device_memory(self):
         return torch.cuda.max_memory_allocated(self._tdev) if self._gpu else None
+
+    def _seed(self, seed: int) -> None:
+        super()._seed(seed)
+        torch.manual_seed(seed)  # Keras on torch drops unseeded layers with torch's global generator
 
     def _after_build(self):
         self._opt = None

@@ -471,6 +471,9 @@ class MXNetAdapter(Adapter):
     def device_name(self) -> str:
         return str(self.ctx) if self.ctx.device_type == "gpu" else super().device_name
 
+    def _seed(self, seed: int) -> None:
+        mx.random.seed(seed, ctx=self.ctx)
+
     def _build(self) -> None:
         index = gpu_index(self.device, "mxnet", mx.context.num_gpus())
         self.ctx = mx.cpu() if index is None else mx.gpu(index)

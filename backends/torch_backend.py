@@ -347,6 +347,9 @@ class TorchAdapter(Adapter):
     def peak_device_memory(self):
         return torch.cuda.max_memory_allocated(self.dev) if self.dev.type == "cuda" else None
 
+    def _seed(self, seed: int) -> None:
+        torch.manual_seed(seed)  # torch seeds its global generator afresh in every process
+
     def _build(self) -> None:
         index = gpu_index(self.device, "torch", torch.cuda.device_count())
         if index is not None:
