@@ -431,9 +431,10 @@ class _KerasAdapter(Adapter):
 
     def _seed(self, seed: int) -> None:
         # a Dropout made without a seed draws one from Python's per-process random state
-        drops = [layer for layer in self.native.layers if isinstance(layer, keras.layers.Dropout)]
-        for k, layer in enumerate(drops):
-            state = layer.seed_generator.state
+        drops = [layer.seed_generator for layer in self.native.layers
+                 if isinstance(layer, keras.layers.Dropout) and hasattr(layer, "seed_generator")]  # rate 0: none
+        for k, generator in enumerate(drops):
+            state = generator.state
             state.assign(np.array([seed * len(drops) + k, 0], dtype=keras.backend.standardize_dtype(state.dtype)))
 
     def _build_model(self) -> None:
