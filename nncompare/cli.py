@@ -666,8 +666,8 @@ def cmd_export(args) -> int:
     from .model_files import require, write_onnx
     from .models import init_weights
     check_outputs({"--onnx": args.onnx}, [] if args.model in zoo.names() else [args.model])
+    spec, weights = load_model(args.model)  # a bad model file is named before a missing package
     require([("onnx", "onnx")], "export --onnx")
-    spec, weights = load_model(args.model)
     if weights is not None:
         if args.seed is not None:
             raise UsageError(f"--seed: {args.model!r} holds its own weights; --seed chooses a spec's initial ones")
