@@ -218,6 +218,7 @@ def imported(name: str) -> Imported:
             source = np.asarray(model(x.transpose(0, 2, 3, 1), training=False))
             float64 = lambda: keras_float64(model, net)(x)  # noqa: E731
         else:
+            require("torch")
             import torch
             model = (transformers_network if net.source == "transformers" else torchvision_network)(net)
             spec, w = from_torch(model, (3, net.size, net.size))

@@ -95,11 +95,11 @@ def test_a_sweep_outlives_a_lost_node_and_uses_one_that_joins(tmp_path):
 
 @pytest.mark.parametrize("kill", ["raylet", "worker"])
 def test_a_lost_cell_runs_again_on_another_node(tmp_path, kill):
-    """Node A's cell hangs; A's raylet and that cell's Ray worker are killed, or the worker alone. The cell runs again on B, never on
-    A again: a dead A gets no cell at all though the GCS declares it dead only ~15 s later, a live A (its worker
-    crashed) gets the other cells, and the row's note names the first run's loss."""
-    from ray._private import ray_constants
+    """Node A's cell hangs; A's raylet and that cell's Ray worker are killed, or the worker alone. The cell runs
+    again on B, never on A again: a dead A gets no cell at all though the GCS declares it dead only ~15 s later,
+    a live A (its worker crashed) gets the other cells, and the row's note names the first run's loss."""
     c = start_cluster()
+    from ray._private import ray_constants
     try:
         logs = {name: tmp_path / f"{name}.log" for name in "ab"}
         a = c.add_node(num_cpus=1, env_vars={"NNCOMPARE_FAULT": "numpy:perceptron:hang",
