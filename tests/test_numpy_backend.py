@@ -43,7 +43,11 @@ def test_gradients_match_finite_differences_for_every_layer_kind(name):
     assert max_relative_fd_error(net, *batch(spec)) < 1e-6
 
 
-@pytest.mark.parametrize("name", [n for n in zoo.names()])
+HEAVY = ("mobilenet_mini", "efficientnet_mini", "inception_mini", "resnet20")
+
+
+# the four deepest zoo models take 1-3 s each: the slow lane checks them
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in zoo.names()])
 def test_gradients_match_finite_differences_for_zoo_models(name):
     spec = zoo.get(name).without_dropout()
     if name in ("resnet20", "inception_mini", "mobilenet_mini", "efficientnet_mini"):

@@ -203,6 +203,7 @@ def test_same_pools_match_the_oracle(torch_cls, pool, k, s):
     assert report.ok(), report.diffs
 
 
+@pytest.mark.slow  # torch.compile takes seconds
 def test_compiled_graph_matches_the_oracle(torch_cls):
     """torch.compile of the graph module: inference and one training step agree with the oracle."""
     spec = ModelSpec("cg", (2, 6, 6), (
