@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 
 from .base import (Adam, Adapter, BackendError, SGD, as_inputs, as_labels, batch_indices, check_optimizer,
-                   make_optimizer, parse_device)
+                   inference_inputs, make_optimizer, parse_device)
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,6 @@ def _select_keras_engine(name: str, engine: str) -> None:
                            f"{keras.backend.backend()}")
 
 
-__all__ = ["BACKENDS", "COMPILERS", "Adam", "Backend", "Adapter", "BackendError", "SGD", "as_inputs", "as_labels", "available_backends", "batch_indices",
-           "check_backend", "check_optimizer", "frameworks", "get_adapter", "make_optimizer", "names",
-           "parse_device"]
+__all__ = ["BACKENDS", "COMPILERS", "Adam", "Backend", "Adapter", "BackendError", "SGD", "as_inputs", "as_labels",
+           "available_backends", "batch_indices", "check_backend", "check_optimizer", "frameworks", "get_adapter",
+           "inference_inputs", "make_optimizer", "names", "parse_device"]

@@ -211,6 +211,16 @@ def as_inputs(spec: ModelSpec, x: Any) -> np.ndarray:
     return x32 if x32.flags.writeable else x32.copy()  # torch.from_numpy warns on a read-only array
 
 
+def inference_inputs(spec: ModelSpec, x: Any) -> np.ndarray:
+    """Inputs for logits and predict. A non-empty, C-contiguous, writable float32 ndarray of the spec's shape goes
+    to the engine as it is, its values unscanned (a NaN gives NaN outputs, as the frameworks themselves do): the
+    scan costs more than a batch-1 call of a small net in ONNX Runtime. Anything else goes through as_inputs."""
+    if (type(x) is np.ndarray and x.dtype == np.float32 and x.shape[1:] == spec.input_shape and len(x)
+            and x.flags.c_contiguous and x.flags.writeable):
+        return x
+    return as_inputs(spec, x)
+
+
 def as_labels(spec: ModelSpec, y: Any, n: int | None = None) -> np.ndarray:
     """Validate class labels for `spec` (and `n` inputs) and convert them to int64 (N,).
 
@@ -259,7 +269,7 @@ class Adapter(ABC):
     The public methods live here and check their arguments once, for every framework, then call the backend's
     implementation: `_build`, `get_weights`, `_set_weights`, `logits`, `layer_outputs`, `_loss_and_grads`,
     `_set_optimizer`, `_train_batch`, and where it has them `_to_device`, `_set_threads`, `thread_choices`,
-    `use_threads`, `settings`. logits and layer_outputs check their inputs with `as_inputs`.
+    `use_threads`, `settings`. logits checks its inputs with `inference_inputs`, layer_outputs with `as_inputs`.
     """
 
     name: ClassVar[str] = ""

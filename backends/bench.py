@@ -326,6 +326,7 @@ def _build(cls: Any, spec: ModelSpec, device: str, seed: int, optimizer: Optimiz
     if train:
         return cls.build(spec, device=device, seed=seed, weights=weights, optimizer=optimizer, compile=compile)
     net = cls(spec, device, compile, native_init=False)
+    net._seed(seed)  # as build() seeds: nothing random runs in inference, but the cell's state is the same
     net.set_weights(init_weights(spec, seed) if weights is None else weights)
     return net
 

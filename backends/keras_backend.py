@@ -25,7 +25,8 @@ from ..models import (INPUT, Activation, AdaptiveAvgPool2D, Add, AvgPool2D, Batc
                       Multiply, Normalization, Rescaling, ZeroPadding2D)
 from ..models.spec import NORMALIZATION_EPSILON, adaptive_bins, parse_activation  # noqa: E402
 
-from .base import Adam, Adapter, BackendError, SGD, as_inputs, converter, cpu_name, gpu_index  # noqa: E402
+from .base import (Adam, Adapter, BackendError, SGD, as_inputs, converter, cpu_name, gpu_index,  # noqa: E402
+                   inference_inputs)
 
 ENGINE = keras.backend.backend()
 if ENGINE == "tensorflow":
@@ -534,9 +535,14 @@ class _KerasAdapter(Adapter):
         return (*shape[1:], shape[0]) if self._nhwc() else tuple(shape)
 
     def _input(self, x: np.ndarray) -> np.ndarray:
-        """Canonical NCHW inputs in the model's layout: channels-last batches are transposed on the host,
+        """Canonical NCHW training inputs in the model's layout: channels-last batches are transposed on the host,
         once, as a Keras user's data pipeline delivers them (not by a transpose inside the timed graph)."""
         return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if self._nhwc() else x
+
+    def _graph_input(self, x):
+        """Canonical NCHW inference inputs in the model's layout, inside the traced logits function: XLA and
+        Grappler fold the transpose into the first layer (a host transpose costs 3 % of cifar_cnn's b64 call)."""
+        return ops.transpose(x, (0, 2, 3, 1)) if self._nhwc() else x
 
     def _grads_to_canonical(self, grads) -> dict[str, np.ndarray]:
         return {k: self._to_canonical(ops.convert_to_numpy(g), *self._params[k][1:])
@@ -590,8 +596,11 @@ class KerasAdapter(_KerasAdapter):
         # Traced for the batch's exact shape, as Keras' own fit does (reduce_retracing): a later shape (the last
         # partial batch) adds one trace with a free batch size. A free batch size from the start (an
         # input_signature of None) cost 7 % of mlp b32's training speed (docs/performance.md).
-        self._logits_fn = tf.function(lambda x: self.native(x, training=False), reduce_retracing=True,
-                                      jit_compile=self.compile)
+        def forward(x):
+            with self._on_device():  # placed in the traced graph: a call enters no device scope
+                return self.native(self._graph_input(x), training=False)
+
+        self._logits_fn = tf.function(forward, reduce_retracing=True, jit_compile=self.compile)
         self._grads_fn = tf.function(self._grads_graph, reduce_retracing=True)
         self._step_fn = None
 
@@ -612,8 +621,7 @@ class KerasAdapter(_KerasAdapter):
         return loss
 
     def logits(self, x):
-        with self._on_device():
-            return self._logits_fn(self._input(as_inputs(self.spec, x))).numpy()
+        return self._logits_fn(inference_inputs(self.spec, x)).numpy()
 
     def _loss_and_grads(self, x, y):
         with self._on_device():
@@ -694,7 +702,7 @@ class KerasJaxAdapter(_KerasAdapter):
         self._grad_index = [index[id(v)] for v in self._trainable]  # spec's trainable order -> Keras order
 
         def logits(tv, ntv, x):
-            return model.stateless_call(tv, ntv, x, training=False)[0]
+            return model.stateless_call(tv, ntv, self._graph_input(x), training=False)[0]
 
         def loss_fn(tv, ntv, x, y):
             z, ntv = model.stateless_call(tv, ntv, x, training=True)
@@ -752,8 +760,8 @@ class KerasJaxAdapter(_KerasAdapter):
 
     def logits(self, x):
         tv, ntv, _ = self._pull()
-        with self._on_device():
-            return np.asarray(self._logits_fn(tv, ntv, self._input(as_inputs(self.spec, x))))
+        # no device scope (it costs a tenth of lenet5's batch-1 call): jit runs where the committed state lives
+        return np.asarray(self._logits_fn(tv, ntv, inference_inputs(self.spec, x)))
 
     def _loss_and_grads(self, x, y):
         tv, ntv, _ = self._pull()
@@ -846,7 +854,7 @@ class KerasTorchAdapter(_KerasAdapter):
 
     def logits(self, x):
         with torch.no_grad(), self._on_device():
-            return self.native(self._input(as_inputs(self.spec, x)), training=False).cpu().numpy()
+            return self.native(self._input(inference_inputs(self.spec, x)), training=False).cpu().numpy()
 
     def _backward(self, x, y):
         for v in self._trainable:

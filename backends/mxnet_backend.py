@@ -49,7 +49,7 @@ from ..models.spec import (INPUT, NORMALIZATION_EPSILON, Activation, AdaptiveAvg
                            LayerNormalization, MaxPool2D, Multiply, Normalization, Rescaling, ZeroPadding2D,
                            parse_activation)
 
-from .base import Adam, Adapter, BackendError, SGD, _check_int, as_inputs, converter, gpu_index  # noqa: E402
+from .base import Adam, Adapter, BackendError, SGD, _check_int, as_inputs, converter, gpu_index, inference_inputs  # noqa: E402
 
 HYBRIDIZE = {"static_alloc": True, "static_shape": True}  # static_shape still re-plans for other batch sizes
 
@@ -520,7 +520,7 @@ class MXNetAdapter(Adapter):
 
     # --- inference -------------------------------------------------------------------------------
     def logits(self, x):
-        return self.native(self._array(x)).asnumpy()
+        return self.native(_nd(inference_inputs(self.spec, x), self.ctx)).asnumpy()
 
     def layer_outputs(self, x):
         # each child block runs on its own (hybridized) graph: the outputs of every node, not just the last

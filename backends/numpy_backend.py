@@ -15,7 +15,7 @@ from ..models import (INPUT, Activation, AdaptiveAvgPool2D, Add, AvgPool2D, Batc
                       Rescaling, ZeroPadding2D, adaptive_bins, init_weights, parse_activation)
 from ..models.spec import NORMALIZATION_EPSILON
 
-from .base import Adam, Adapter, BackendError, SGD, as_inputs, converter, loss_and_dlogits, parse_device
+from .base import Adam, Adapter, BackendError, SGD, as_inputs, converter, inference_inputs, loss_and_dlogits, parse_device
 
 _SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
 _ERF = np.frompyfunc(math.erf, 1, 1)
@@ -508,7 +508,7 @@ class NumpyAdapter(Adapter):
 
     # --- the contract ------------------------------------------------------------------------
     def logits(self, x):
-        return self.forward(as_inputs(self.spec, x)).astype(np.float32)
+        return self.forward(inference_inputs(self.spec, x)).astype(np.float32)
 
     def layer_outputs(self, x) -> dict[str, np.ndarray]:
         """Inference-mode output of every logits node, keyed by layer name, in topological order."""

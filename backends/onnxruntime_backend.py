@@ -11,7 +11,7 @@ import onnxruntime as ort
 from ..interop.onnx_export import CONVERTERS, OPSET, build  # CONVERTERS: every layer kind's ONNX nodes
 from ..models import INPUT, init_weights
 
-from .base import Adapter, BackendError, as_inputs, converter, cpu_name, gpu_index
+from .base import Adapter, BackendError, as_inputs, converter, cpu_name, gpu_index, inference_inputs
 
 __all__ = ["CONVERTERS", "OnnxRuntimeAdapter"]
 _NO_TRAINING = ("the onnxruntime backend runs inference only: it does not train (no loss_and_grads, train_step "
@@ -86,7 +86,7 @@ class OnnxRuntimeAdapter(Adapter):
 
     # --- inference -------------------------------------------------------------------------------
     def logits(self, x):
-        return self.native.run(None, {INPUT: as_inputs(self.spec, x)})[0]
+        return self.native.run(None, {INPUT: inference_inputs(self.spec, x)})[0]
 
     def layer_outputs(self, x):
         if self._all is None:

@@ -13,7 +13,7 @@ from ..models.spec import (INPUT, Activation, AdaptiveAvgPool2D, Add, AvgPool2D,
                            Dense, Dropout, Flatten, GlobalAveragePooling2D, LayerNormalization, MaxPool2D, Multiply,
                            NORMALIZATION_EPSILON, Normalization, Rescaling, ZeroPadding2D, parse_activation)
 
-from .base import Adam, Adapter, BackendError, SGD, as_inputs, converter, gpu_index
+from .base import Adam, Adapter, BackendError, SGD, as_inputs, converter, gpu_index, inference_inputs
 
 # channels_last memory format, per device type. CPU, measured (interleaved A/B, CPU seconds of 1 thread on the
 # shared 2-core machine): cifar_cnn b64 +27% (364 -> 462 samples/s), lenet5 b64 +7% (noise-level). Not used: its
@@ -363,6 +363,7 @@ class TorchAdapter(Adapter):
         channels_last = CHANNELS_LAST[self.dev.type]
         self._format = torch.channels_last if channels_last else torch.contiguous_format
         self.memory_format = "channels_last" if channels_last else "contiguous"
+        self._host_inputs = self.dev.type == "cpu" and not channels_last  # from_numpy's tensor is ready as it is
         self.infos = self.spec.logits_infos()
         self._binary, self._flat_logits = self.spec.num_classes == 1, len(self.spec.output_shape) == 1
         self._params = {}  # canonical key -> (getter of the native tensor, whether it is a transposed Dense kernel)
@@ -408,10 +409,12 @@ class TorchAdapter(Adapter):
             self.native.train(training)
 
     # --- inference -------------------------------------------------------------------------------
-    @torch.no_grad()
     def logits(self, x):
         self._mode(False)
-        return self._run(self._tensor(x)).cpu().numpy()
+        t = torch.from_numpy(inference_inputs(self.spec, x))
+        with torch.inference_mode():  # no autograd bookkeeping at all: cheaper per call than no_grad
+            z = self._run(t if self._host_inputs else self._place(t))
+        return z.numpy() if self._host_inputs else z.cpu().numpy()
 
     @torch.no_grad()
     def layer_outputs(self, x):

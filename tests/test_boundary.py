@@ -128,6 +128,25 @@ def test_non_finite_inputs_are_refused_naming_the_first_bad_element(backend):
             raises(call, message)
 
 
+@pytest.mark.parametrize("backend", [*BACKENDS, "onnxruntime"])
+def test_float32_inputs_reach_inference_unscanned_and_training_refuses_them(backend):
+    """predict and logits hand a ready float32 batch to the engine as it is (NaN in, NaN out, as the frameworks
+    do); every entry that trains or scores still names the bad element."""
+    a = net(backend)
+    x, y = batch()
+    x[2, 3] = np.nan
+    for entry in ("predict", "logits"):
+        out = every_entry(a, x, y)[entry]()
+        assert out.shape == (6, 10) and np.isnan(out[2]).all() and np.isfinite(np.delete(out, 2, axis=0)).all()
+    for entry in ("train_step", "fit", "evaluate", "loss_and_grads", "layer_outputs"):  # checked before any
+        raises(every_entry(a, x, y)[entry], "inputs: value nan at index (2, 3) is not finite")  # backend call
+    strided = np.asfortranarray(batch()[0])  # not C-contiguous: converted, so checked
+    strided[1, 0] = np.inf
+    raises(lambda: a.predict(strided), "inputs: value inf at index (1, 0) is not finite")
+    raises(lambda: a.logits(x[:, :3]), "inputs: shape (6, 3) does not match the spec's input_shape")
+    raises(lambda: a.logits(x[:0]), "inputs: empty (0 samples)")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_an_empty_batch_is_refused(backend):
     """MXNet crashed on an empty predict; fit and evaluate divided by zero."""
