@@ -5,6 +5,8 @@ layer_outputs is complete: a second session, made on first use, has every logits
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnxruntime as ort
 
@@ -16,6 +18,28 @@ from .base import Adapter, BackendError, as_inputs, converter, cpu_name, gpu_ind
 __all__ = ["CONVERTERS", "OnnxRuntimeAdapter"]
 _NO_TRAINING = ("the onnxruntime backend runs inference only: it does not train (no loss_and_grads, train_step "
                 "or fit); use it for predict, logits, layer_outputs and evaluate")
+
+
+def physical_cores(cpuinfo: str | None = None) -> int | None:
+    """The machine's physical cores (distinct physical id, core id pairs in /proc/cpuinfo), when this process
+    may use every CPU; else None (also where cpuinfo does not say)."""
+    if cpuinfo is None:
+        try:
+            if len(os.sched_getaffinity(0)) != os.cpu_count():
+                return None
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except (AttributeError, OSError):
+            return None
+    cores = set()
+    for block in cpuinfo.split("\n\n"):
+        fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        if "processor" in fields:
+            if "core id" not in fields:
+                return None
+            cores.add((fields.get("physical id"), fields["core id"]))
+    return len(cores) or None
 
 
 class OnnxRuntimeAdapter(Adapter):
@@ -37,10 +61,17 @@ class OnnxRuntimeAdapter(Adapter):
     def execution_path(self) -> str:
         return "inference session"
 
+    def _intra_op_threads(self) -> int:
+        """0 (ONNX Runtime's default) where the count asked for is its default, one per physical core: only then
+        does it pin its threads to cores, as a plain session's are (docs/performance.md)."""
+        return 0 if self._threads is None or self._threads == physical_cores() else self._threads
+
     @property
     def settings(self) -> dict:
         """The performance settings in effect, recorded with each timing."""
-        return {"intra_op_threads": self._options.intra_op_num_threads, "inter_op_threads": 1,
+        n = self._options.intra_op_num_threads
+        return {"intra_op_threads": n or f"0: ONNX Runtime's default ({physical_cores() or '?'}, pinned to cores)",
+                "inter_op_threads": 1,
                 "execution_mode": "sequential", "graph_optimization": "all", "providers": self.native.get_providers(),
                 "opset": OPSET}
 
@@ -66,7 +97,7 @@ class OnnxRuntimeAdapter(Adapter):
     def _session(self, outputs: tuple[str, ...] | None = None) -> ort.InferenceSession:
         model = build(self.spec, self._weights, self._infos, outputs)
         self._options = ort.SessionOptions()
-        self._options.intra_op_num_threads = self._threads or 0
+        self._options.intra_op_num_threads = self._intra_op_threads()
         self._options.inter_op_num_threads = 1
         self._options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         self._options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -11,7 +11,7 @@ import pytest
 from nncompare.backends import BackendError, get_adapter
 from nncompare.backends.check import compare, sample_batch, scaled_diff
 from nncompare.interop import InteropError
-from nncompare.models import Activation, ModelSpec, Rescaling, SpecError, init_weights, zoo
+from nncompare.models import Activation, Dense, ModelSpec, Rescaling, SpecError, init_weights, zoo
 
 from .conftest import ROOT, require
 from .specs import ACTIVATION_SPECS, CNN_SPECS, EVERY_LAYER, GRAPHS
@@ -301,6 +301,27 @@ def test_onnxruntime_backend_reexports_on_set_weights_and_does_not_train():
         adapter._threads = None
     with pytest.raises(BackendError, match="inputs: shape"):
         net.predict(np.zeros((2, 3)))
+
+
+def test_onnxruntime_leaves_its_default_pinned_pool_where_the_count_is_its_default(monkeypatch):
+    """ONNX Runtime pins its intra-op threads to cores only when left at 0 (one per physical core)."""
+    require("onnxruntime")
+    adapter = get_adapter("onnxruntime")
+    from nncompare.backends import onnxruntime_backend as ort_backend
+    two_threads_per_core = "".join(f"processor\t: {i}\nphysical id\t: 0\ncore id\t\t: {i // 2}\n\n"
+                                   for i in range(8))
+    assert ort_backend.physical_cores(two_threads_per_core) == 4
+    assert ort_backend.physical_cores("processor\t: 0\nmodel name\t: x\n\n") is None  # no core ids: unknown
+    monkeypatch.setattr(ort_backend, "physical_cores", lambda: 4)
+    spec = ModelSpec("tiny", (3,), (Dense(2),))
+    try:
+        for asked, given in ((4, 0), (3, 3), (8, 8)):
+            adapter.set_threads(asked)
+            net = adapter.build(spec)
+            assert net._options.intra_op_num_threads == given
+            assert str(net.settings["intra_op_threads"]).startswith(str(given))
+    finally:
+        adapter._threads = None
 
 
 # --- from_torch --------------------------------------------------------------------------------------
