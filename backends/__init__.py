@@ -26,7 +26,6 @@ class Backend:
     framework: str               # the framework whose kernels and thread pools run its cells
     keras_engine: str | None = None  # the KERAS_BACKEND value of a Keras backend
     compiler: str | None = None      # the compiled path apart from its default one (compile=True), if any
-    default: bool = True             # run, train and check use it when no --backends are given
     reference: bool = False          # the float64 oracle every other backend is checked against
     trains: bool = True              # False: inference only (predict, logits, layer_outputs, evaluate)
 
@@ -44,7 +43,7 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
             compiler="torch.compile"),
     Backend("mxnet", "nncompare.backends.mxnet_backend", "MXNetAdapter", "mxnet", ("mxnet",), "mxnet", "mxnet"),
     Backend("onnxruntime", "nncompare.backends.onnxruntime_backend", "OnnxRuntimeAdapter", "onnxruntime",
-            ("onnxruntime", "onnx"), "onnx", "onnxruntime", default=False, trains=False),
+            ("onnxruntime", "onnx"), "onnx", "onnxruntime", trains=False),
 )}
 # Backends with a compiled path apart from their default one (compile=True), and what it is.
 COMPILERS = {b.name: b.compiler for b in BACKENDS.values() if b.compiler}

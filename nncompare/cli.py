@@ -102,10 +102,12 @@ def reference(backend: str) -> bool:
     return BACKENDS[backend].reference
 
 
-def default_backends() -> list[str]:
-    """run and train without --backends: every installed default framework, then the reference."""
+def default_backends(training: bool = False) -> list[str]:
+    """run without --backends: every installed engine, then the reference; train (training=True): those that
+    train."""
     info = available_backends()
-    return ([b.name for b in BACKENDS.values() if b.default and not b.reference and info[b.name]["installed"]]
+    return ([b.name for b in BACKENDS.values()
+             if not b.reference and info[b.name]["installed"] and (b.trains or not training)]
             + [b.name for b in BACKENDS.values() if b.reference])
 
 
@@ -485,7 +487,7 @@ def cmd_train(args) -> int:
     (label, spec, spec_file), = load_models([args.model], imported)
     if args.no_dropout:
         spec = spec.without_dropout()
-    backends = checked_backends(args, default_backends())
+    backends = checked_backends(args, default_backends(training=True))
     if args.data_dir is not None and not args.data_dir.strip():
         raise UsageError("--data-dir is empty (omit it for the default folder)")
     optimizer = make_optimizer(args.optimizer, args.lr)
@@ -701,8 +703,8 @@ def sweep_options() -> argparse.ArgumentParser:
     """The options run and train share (a fresh parent for each: set_defaults would change a shared one's)."""
     p = argparse.ArgumentParser(add_help=False, parents=[executor_options()])
     p.add_argument("--backends", nargs="+", metavar="BACKEND",
-                   help=f"any of {', '.join(names())} (default: every installed framework, plus the numpy "
-                        "reference)")
+                   help=f"any of {', '.join(names())} (default: every installed engine, for train "
+                        "those that train, plus the numpy reference)")
     p.add_argument("--devices", nargs="+", metavar="DEVICE", help="cpu, gpu, gpu:N")
     p.add_argument("--optimizer", choices=("sgd", "adam"))
     p.add_argument("--lr", type=positive_float, help="learning rate (default: 0.01 for sgd, 0.001 for adam)")

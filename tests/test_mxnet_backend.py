@@ -101,6 +101,30 @@ def test_same_pools_match_the_oracle(mxnet, pool, k, s):
     assert report.ok(), report.diffs
 
 
+@pytest.mark.parametrize("layer, shape", [(MaxPool2D(3, 2, padding="same"), (2, 8, 10)),
+                                          (MaxPool2D(2, 2, padding="same"), (2, 7, 9)),
+                                          (MaxPool2D(3, 2, ceil_mode=True), (2, 8, 10)),
+                                          (MaxPool2D(2, 3, ceil_mode=True), (2, 8, 10))])
+def test_max_pools_padded_only_after_the_input_use_the_full_convention_without_a_pad(mxnet, layer, shape):
+    """A max pool whose padding and overhang lie only after the input (TF's "same" at stride 2 on an even side, a
+    ceil_mode window) is MXNet's 'full' convention as it is, with no Pad op, and still computes the spec's."""
+    from mxnet.gluon import nn
+    spec = ModelSpec("p", shape, (Conv2D(3, 1), layer, Flatten(), Dense(3)))
+    net = mxnet.build(spec)
+    pool = net.native.node1
+    assert isinstance(pool, nn.MaxPool2D) and pool._kwargs["pooling_convention"] == "full", pool
+    report = compare(mxnet, get_adapter("numpy"), spec, checks=("logits", "grads"))
+    assert report.ok(), report.diffs
+
+
+def test_global_average_pooling_is_mxnet_global_pool(mxnet):
+    """MXNet's mean over (2, 3) took 5x as long as its global pooling: the adapter pools, keepdims or not."""
+    for keepdims in (False, True):
+        spec = ModelSpec("g", (3, 5, 6), (Conv2D(4, 1), GlobalAveragePooling2D(keepdims=keepdims)))
+        x = sample_batch(spec, 3)[0]
+        np.testing.assert_allclose(mxnet.build(spec).logits(x), _oracle(spec, x), rtol=1e-5, atol=1e-6)
+
+
 def test_depthwise_and_grouped_kernels_keep_the_canonical_layout_trap33(mxnet):
     """Depthwise with multiplier 2: filter f reads input channel f // 2; groups 2 of 4 channels: filter f reads
     channels 2f and 2f + 1. The native weight is the canonical (filters, in // groups, kh, kw) kernel."""

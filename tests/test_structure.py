@@ -106,7 +106,10 @@ def test_command_line_backend_lists_come_from_the_registry():
     installed = {n for n, i in available_backends().items() if i["installed"]}
     references = [b.name for b in BACKENDS.values() if b.reference]
     assert cli.default_backends() == [b.name for b in BACKENDS.values()
-                                      if b.default and not b.reference and b.name in installed] + references
+                                      if not b.reference and b.name in installed] + references
+    assert cli.default_backends(training=True) == [b.name for b in BACKENDS.values()
+                                                   if b.trains and not b.reference and b.name in installed] + references
+    assert "onnxruntime" not in cli.default_backends(training=True)
     assert cli.check_backends() == [b.name for b in BACKENDS.values() if not b.reference and b.name in installed]
     assert not hasattr(cli, "FRAMEWORKS")
 
