@@ -112,12 +112,13 @@ def gradient_jitter(oracle: Adapter, x: np.ndarray, y: np.ndarray, ref: dict, dr
                for _ in range(draws))
 
 
-def noisy_steps(before: Adapter, x: np.ndarray, y: np.ndarray, start: dict, draws: int = 16, noise: float = 1e-6,
-                seed: int = 0) -> list[tuple[dict, dict]]:
+def noisy_steps(before: Adapter, x: np.ndarray, y: np.ndarray, start: dict, ref: dict, draws: int = 16,
+                noise: float = 1e-6, seed: int = 0) -> list[tuple[float, float]]:
     """The oracle's own step from its state `before` it, with inputs and weights moved by float32-sized relative
-    noise, `draws` times: [(the moved weights, the weights after)]. Beside a ReLU or max-pool kink a float32
-    framework lands on either side (it starts each step from the oracle's weights rounded to float32); the
-    optimizer-step twin of gradient_jitter."""
+    noise, `draws` times, each reduced at once to (its weights' scaled diff from `ref`, its update's from ref's
+    update): one draw's weights held at a time (a ResNet50 draw's are ~300 MB). Beside a ReLU or max-pool kink a
+    float32 framework lands on either side (it starts each step from the oracle's weights rounded to float32);
+    the optimizer-step twin of gradient_jitter."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(draws):
@@ -125,7 +126,9 @@ def noisy_steps(before: Adapter, x: np.ndarray, y: np.ndarray, start: dict, draw
         moved = {k: v * (1 + noise * rng.standard_normal(v.shape)) for k, v in start.items()}
         o.set_weights(moved)
         o.train_step(x * (1 + noise * rng.standard_normal(x.shape)), y)
-        out.append((moved, o.get_weights()))
+        after = o.get_weights()
+        del o
+        out.append((dict_diff(after, ref)[0], update_diff(after, ref, start, got_start=moved)[0]))
     return out
 
 
@@ -180,8 +183,8 @@ def compare(backend_cls: type[Adapter], oracle_cls: type[Adapter], spec: ModelSp
             diff, key = dict_diff(got, ref)  # the weights, against their own scale
             jitter = None
             if math.isfinite(diff) and diff > TOLERANCE:  # the oracle's own steps under noise, made once a step
-                noisy = noisy or noisy_steps(before, bx, by, start)
-                jitter = max(dict_diff(after, ref)[0] for _, after in noisy)
+                noisy = noisy or noisy_steps(before, bx, by, start, ref)
+                jitter = max(weights for weights, _ in noisy)
             if jitter is not None and carried:
                 jitter = max(jitter, carried)
             if jitter is not None and within(diff, TOLERANCE, jitter):
@@ -194,8 +197,8 @@ def compare(backend_cls: type[Adapter], oracle_cls: type[Adapter], spec: ModelSp
                 diff, key = update_diff(got, ref, start)
                 jitter = None
                 if math.isfinite(diff) and diff > TOLERANCE:
-                    noisy = noisy or noisy_steps(before, bx, by, start)
-                    jitter = max(update_diff(after, ref, start, got_start=moved)[0] for moved, after in noisy)
+                    noisy = noisy or noisy_steps(before, bx, by, start, ref)
+                    jitter = max(update for _, update in noisy)
                 seen.append((diff, jitter, f"{key} (first update)"))
             if not math.isfinite(seen[-1][0]):
                 break
