@@ -147,6 +147,29 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_processors(cpuinfo: str | None = None) -> list[dict[str, str]]:
+    """/proc/cpuinfo (or the text given) as one {field: value} per processor; [] where there is none."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return []
+    procs = []
+    for block in cpuinfo.split("\n\n"):
+        fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in block.splitlines() if ":" in line)}
+        if "processor" in fields:
+            procs.append(fields)
+    return procs
+
+
+def physical_cores(processors: list[dict[str, str]]) -> int | None:
+    """Distinct (physical id, core id) pairs among `processors`; None where one has no core id or there are none."""
+    if not processors or any("core id" not in p for p in processors):
+        return None
+    return len({(p.get("physical id"), p["core id"]) for p in processors})
+
+
 def _first_bad(mask: np.ndarray) -> int | tuple[int, ...]:
     """The index of the first True in `mask`, an int for a vector."""
     idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(mask)), mask.shape))

@@ -16,7 +16,7 @@ import numpy as np
 from ..models import ModelSpec, init_weights
 
 from . import BACKENDS
-from .base import Optimizer, parse_device
+from .base import Optimizer, cpu_processors, parse_device, physical_cores
 
 # glibc malloc thresholds (mallopt(3)); fixed, they also stop glibc from moving them as it sees large frees.
 # Left dynamic, a process whose allocation history kept them low page-faults its step buffers in afresh on
@@ -631,16 +631,7 @@ def cpu_fma_peak(threads: int | None = None, cpuinfo: str | None = None, max_khz
     """The CPU's theoretical fp32 peak, cores x FMA units x vector lanes x 2 FLOPs x clock, from what Linux reports
     (/proc/cpuinfo's flags, cores and MHz; cpufreq's maximum clock where there is one); None where it says too
     little (no x86 vector flags or no clock). `assumed` names what the machine does not report."""
-    try:
-        text = cpuinfo if cpuinfo is not None else open("/proc/cpuinfo").read()
-    except OSError:
-        return None
-    procs = []
-    for block in text.split("\n\n"):
-        fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
-        if "processor" in fields:
-            procs.append(fields)
+    procs = cpu_processors(cpuinfo)
     usable = _usable_cpus() if cpuinfo is None else None
     procs = [p for p in procs if usable is None or p["processor"].isdigit() and int(p["processor"]) in usable] or procs
     if not procs:
@@ -667,8 +658,7 @@ def cpu_fma_peak(threads: int | None = None, cpuinfo: str | None = None, max_khz
     fma = bool(flags & {"fma", "avx512f"})
     units = 2 if fma else 1
     assumed.append("2 FMA units per core" if fma else "no FMA: one multiply and one add per cycle")
-    ids = [(p.get("physical id"), p.get("core id")) for p in procs]
-    cores = len(set(ids)) if all(c is not None for _, c in ids) else len(procs)
+    cores = physical_cores(procs) or len(procs)
     used = min(threads or cores, cores)
     return {"gflops": used * units * lanes * 2 * mhz / 1e3, "cores": used, "fma_units": units, "lanes": lanes,
             "ghz": mhz / 1e3, "clock": clock, "assumed": "; ".join(assumed)}

@@ -541,7 +541,7 @@ class _KerasAdapter(Adapter):
 
     def _graph_input(self, x):
         """Canonical NCHW inference inputs in the model's layout, inside the traced logits function: XLA and
-        Grappler fold the transpose into the first layer (a host transpose costs 3 % of cifar_cnn's b64 call)."""
+        Grappler fold the transpose into the first layer (a host transpose cost 2 % of cifar_cnn's b64 call)."""
         return ops.transpose(x, (0, 2, 3, 1)) if self._nhwc() else x
 
     def _grads_to_canonical(self, grads) -> dict[str, np.ndarray]:

@@ -15,7 +15,8 @@ from ..models import (INPUT, Activation, AdaptiveAvgPool2D, Add, AvgPool2D, Batc
                       Rescaling, ZeroPadding2D, adaptive_bins, init_weights, parse_activation)
 from ..models.spec import NORMALIZATION_EPSILON
 
-from .base import Adam, Adapter, BackendError, SGD, as_inputs, converter, inference_inputs, loss_and_dlogits, parse_device
+from .base import (Adam, Adapter, BackendError, SGD, as_inputs, converter, inference_inputs, loss_and_dlogits,
+                   parse_device)
 
 _SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
 _ERF = np.frompyfunc(math.erf, 1, 1)

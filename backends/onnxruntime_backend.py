@@ -13,33 +13,23 @@ import onnxruntime as ort
 from ..interop.onnx_export import CONVERTERS, OPSET, build  # CONVERTERS: every layer kind's ONNX nodes
 from ..models import INPUT, init_weights
 
-from .base import Adapter, BackendError, as_inputs, converter, cpu_name, gpu_index, inference_inputs
+from .base import (Adapter, BackendError, as_inputs, converter, cpu_name, cpu_processors, gpu_index, inference_inputs,
+                   physical_cores)
 
 __all__ = ["CONVERTERS", "OnnxRuntimeAdapter"]
 _NO_TRAINING = ("the onnxruntime backend runs inference only: it does not train (no loss_and_grads, train_step "
                 "or fit); use it for predict, logits, layer_outputs and evaluate")
 
 
-def physical_cores(cpuinfo: str | None = None) -> int | None:
-    """The machine's physical cores (distinct physical id, core id pairs in /proc/cpuinfo), when this process
-    may use every CPU; else None (also where cpuinfo does not say)."""
-    if cpuinfo is None:
-        try:
-            if len(os.sched_getaffinity(0)) != os.cpu_count():
-                return None
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except (AttributeError, OSError):
+def default_intra_op_threads() -> int | None:
+    """ONNX Runtime's own intra-op thread count, one per physical core, when this process may use every CPU;
+    else None (also where /proc/cpuinfo does not say)."""
+    try:
+        if len(os.sched_getaffinity(0)) != os.cpu_count():
             return None
-    cores = set()
-    for block in cpuinfo.split("\n\n"):
-        fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
-        if "processor" in fields:
-            if "core id" not in fields:
-                return None
-            cores.add((fields.get("physical id"), fields["core id"]))
-    return len(cores) or None
+    except AttributeError:
+        return None
+    return physical_cores(cpu_processors())
 
 
 class OnnxRuntimeAdapter(Adapter):
@@ -64,14 +54,14 @@ class OnnxRuntimeAdapter(Adapter):
     def _intra_op_threads(self) -> int:
         """0 (ONNX Runtime's default) where the count asked for is its default, one per physical core: only then
         does it pin its threads to cores, as a plain session's are (docs/performance.md)."""
-        return 0 if self._threads is None or self._threads == physical_cores() else self._threads
+        return 0 if self._threads is None or self._threads == default_intra_op_threads() else self._threads
 
     @property
     def settings(self) -> dict:
         """The performance settings in effect, recorded with each timing."""
         n = self._options.intra_op_num_threads
-        return {"intra_op_threads": n or f"0: ONNX Runtime's default ({physical_cores() or '?'}, pinned to cores)",
-                "inter_op_threads": 1,
+        default = f"0: ONNX Runtime's default ({default_intra_op_threads() or '?'}, pinned to cores)"
+        return {"intra_op_threads": n or default, "inter_op_threads": 1,
                 "execution_mode": "sequential", "graph_optimization": "all", "providers": self.native.get_providers(),
                 "opset": OPSET}
 

@@ -308,11 +308,12 @@ def test_onnxruntime_leaves_its_default_pinned_pool_where_the_count_is_its_defau
     require("onnxruntime")
     adapter = get_adapter("onnxruntime")
     from nncompare.backends import onnxruntime_backend as ort_backend
+    from nncompare.backends.base import cpu_processors, physical_cores
     two_threads_per_core = "".join(f"processor\t: {i}\nphysical id\t: 0\ncore id\t\t: {i // 2}\n\n"
                                    for i in range(8))
-    assert ort_backend.physical_cores(two_threads_per_core) == 4
-    assert ort_backend.physical_cores("processor\t: 0\nmodel name\t: x\n\n") is None  # no core ids: unknown
-    monkeypatch.setattr(ort_backend, "physical_cores", lambda: 4)
+    assert physical_cores(cpu_processors(two_threads_per_core)) == 4
+    assert physical_cores(cpu_processors("processor\t: 0\nmodel name\t: x\n\n")) is None  # no core ids: unknown
+    monkeypatch.setattr(ort_backend, "default_intra_op_threads", lambda: 4)
     spec = ModelSpec("tiny", (3,), (Dense(2),))
     try:
         for asked, given in ((4, 0), (3, 3), (8, 8)):
