@@ -258,9 +258,10 @@ def check_weights(spec: ModelSpec, weights) -> dict[str, np.ndarray]:
     return out
 
 
-def build(spec: ModelSpec, weights: dict, infos=None, outputs: tuple[str, ...] | None = None) -> onnx.ModelProto:
+def build(spec: ModelSpec, weights: dict, infos=None, outputs: tuple[str, ...] | None = None,
+          head: str | None = None) -> onnx.ModelProto:
     """The ONNX model of `infos` (default: every layer, the head included); its outputs are `outputs` (default:
-    the last layer)."""
+    the last layer), then, where `head` names one, the spec's head activation applied to the last of `infos`."""
     weights = check_weights(spec, weights)
     infos = spec.infos if infos is None else infos
     g = _Graph(weights)
@@ -268,6 +269,10 @@ def build(spec: ModelSpec, weights: dict, infos=None, outputs: tuple[str, ...] |
         converter(CONVERTERS, info, "ONNX export", InteropError)(g, info, info.inputs)
     shapes = {i.name: i.out_shape for i in infos}
     outputs = (infos[-1].name,) if outputs is None else outputs
+    if head is not None and spec.head is not None:
+        activation(g, spec.head, infos[-1].name, head, head)
+        shapes[head] = infos[-1].out_shape
+        outputs = (*outputs, head)
     graph = helper.make_graph(g.nodes, spec.name, [_value_info(INPUT, spec.input_shape)],
                               [_value_info(n, shapes[n]) for n in outputs], g.initializers)
     opsets = [helper.make_opsetid("", OPSET)]
