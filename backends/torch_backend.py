@@ -386,7 +386,9 @@ class TorchAdapter(Adapter):
     def _set_weights(self, weights):
         with torch.no_grad():
             for k, (get, tr) in self._params.items():
-                w = torch.as_tensor(np.asarray(weights[k], np.float32))
+                a = np.asarray(weights[k], np.float32)
+                # torch warns on a read-only array (a broadcast view) though copy_ only reads it
+                w = torch.as_tensor(a if a.flags.writeable else a.copy())
                 get().copy_(w.T if tr else w)
 
     # --- data ------------------------------------------------------------------------------------

@@ -44,6 +44,9 @@ MIN_SLOPE, MAX_SLOPE = 1e-30, 1e38  # a leaky_relu slope other than 0: a normal 
 # A smaller BatchNorm epsilon sends float32 rounding through 1/sqrt(epsilon) in a (near-)constant channel: a batch
 # of one at 1e-7 puts torch 3.6e-4 off the float64 oracle, at 1e-20 its loss 100 % off. cuDNN's minimum, too.
 MIN_BN_EPSILON = 1e-5
+# LayerNormalization averages over the channels of one position, which are rarely near-constant: ConvNeXt's 1e-6
+# (Keras, torchvision, Hugging Face) is allowed.
+MIN_LN_EPSILON = 1e-6
 NORMALIZATION_EPSILON = 1e-7  # Normalization divides by max(sqrt(variance), this): Keras 3's backend epsilon
 _OMIT_DEFAULT = {"omit_default": True}  # fields added after v1: left out of JSON at their default
 
@@ -570,13 +573,13 @@ class Dropout(Layer):
         return in_shape
 
 
-def _epsilon(value: Any) -> float:
-    """A normalisation epsilon: in [MIN_BN_EPSILON, 1]."""
+def _epsilon(value: Any, floor: float = MIN_BN_EPSILON) -> float:
+    """A normalisation epsilon: in [floor, 1]."""
     if (isinstance(value, bool) or not isinstance(value, (int, float))
             or not 0 < value <= 1):  # NaN fails the comparison; an int of any size is compared exactly
         raise _FieldError("epsilon", f"must be a finite positive number at most 1, got {_short(value)}")
-    if value < MIN_BN_EPSILON:
-        raise _FieldError("epsilon", f"must be at least {MIN_BN_EPSILON:g} (float32 frameworks part from the "
+    if value < floor:
+        raise _FieldError("epsilon", f"must be at least {floor:g} (float32 frameworks part from the "
                                      f"float64 oracle on near-constant channels below it), got {_short(value)}")
     return value
 
@@ -659,7 +662,7 @@ class LayerNormalization(Layer):
     epsilon: float = 1e-3
 
     def check(self, in_shape):
-        _epsilon(self.epsilon)
+        _epsilon(self.epsilon, MIN_LN_EPSILON)
         if len(in_shape) not in (1, 3):
             raise _FieldError("inputs", f"LayerNormalization needs a (C, H, W) or (features,) input, got {in_shape}")
         return in_shape

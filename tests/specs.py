@@ -110,7 +110,7 @@ CNN_SPECS = {
         Multiply(name="excite", inputs=("conv", "expand")),
         GlobalAveragePooling2D(name="flat_squeeze", inputs=("conv",)), Dense(4, activation="sigmoid", name="gate"),
         Multiply(name="flat_excite", inputs=("gate", "excite")),
-        LayerNormalization(name="ln_image"),
+        LayerNormalization(epsilon=1e-6, name="ln_image"),  # ConvNeXt's, the least allowed
         Multiply(name="triple", inputs=("ln_image", "conv", "excite")),
         GlobalAveragePooling2D(name="gap"), Normalization(name="norm_flat"), LayerNormalization(epsilon=1e-5,
                                                                                                name="ln_flat"),

@@ -55,6 +55,8 @@ NETWORKS = {
     # 64x64: at 32x32 its last stages run on 1x1 maps, where a calibration batch leaves BatchNorm variances down to
     # 3e-11, and every pair of engines is 5e-4 apart by float32 rounding alone
     "keras-EfficientNetB0": Network("keras", "EfficientNetB0", 64, oracle_tol=3e-5, pixels=True),
+    "keras-MobileNetV3Small": Network("keras", "MobileNetV3Small", 32, pixels=True),
+    "keras-ConvNeXtTiny": Network("keras", "ConvNeXtTiny", 32, pixels=True),
     "hf-ResNet50": Network("transformers", "ResNet", 32, oracle_tol=1e-4),
     "hf-MobileNetV1": Network("transformers", "MobileNetV1", 32, oracle_tol=3e-5),
     "hf-MobileNetV2": Network("transformers", "MobileNetV2", 32, oracle_tol=3e-5),
@@ -77,22 +79,37 @@ def keras_module():
     return keras
 
 
+def keras_layers(model) -> list:
+    """Every layer of the model, those of the models nested in it (ConvNeXt's Sequential stem) included."""
+    out = []
+    for layer in model.layers:
+        out += keras_layers(layer) if hasattr(layer, "layers") else [layer]
+    return out
+
+
 def keras_network(net: Network):
-    """A keras.applications network (weights=None, 10 classes, logits out), random gamma and beta, and BatchNorm
-    statistics those of a calibration batch; its own momentum kept."""
+    """A keras.applications network (weights=None, 10 classes, logits out), random gamma and beta (LayerNorm's
+    too), ConvNeXt's layer scales random near 1 (not 1e-6: the blocks must count), and BatchNorm statistics those
+    of a calibration batch; its own momentum kept."""
     keras = keras_module()
     keras.utils.set_random_seed(0)
     model = keras_constructor(keras, net)
     rng = np.random.default_rng(1)
-    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    layers = keras_layers(model)
+    norms = [layer for layer in layers if isinstance(layer, keras.layers.BatchNormalization)]
     momenta = [layer.momentum for layer in norms]
+    for layer in layers:
+        if isinstance(layer, (keras.layers.BatchNormalization, keras.layers.LayerNormalization)):
+            for v, (lo, hi) in ((layer.gamma, (0.5, 1.5)), (layer.beta, (-0.3, 0.3))):
+                if v is not None:
+                    v.assign(rng.uniform(lo, hi, v.shape))
+        if type(layer).__name__ == "LayerScale":
+            layer.gamma.assign(rng.uniform(0.5, 1.5, layer.gamma.shape))
     for layer in norms:
-        for v, (lo, hi) in ((layer.gamma, (0.5, 1.5)), (layer.beta, (-0.3, 0.3))):
-            if v is not None:
-                v.assign(rng.uniform(lo, hi, v.shape))
         layer.momentum = 0.0
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.Normalization):  # ImageNet's statistics, as the pretrained model has
+    for layer in layers:
+        if isinstance(layer, keras.layers.Normalization) and hasattr(layer, "adapt_mean"):
+            # ImageNet's statistics, as the pretrained model has (ConvNeXt's are constants already)
             layer.adapt_mean.assign([0.485, 0.456, 0.406])
             layer.adapt_variance.assign([0.052, 0.050, 0.051])
             layer.finalize_state()
@@ -117,8 +134,8 @@ def keras_float64(model, net: Network) -> np.ndarray:
     finally:
         keras.config.set_dtype_policy(policy)
     twin.set_weights(model.get_weights())
-    for layer in twin.layers:
-        if isinstance(layer, keras.layers.Normalization):
+    for layer in keras_layers(twin):
+        if isinstance(layer, keras.layers.Normalization) and hasattr(layer, "adapt_mean"):
             layer.finalize_state()  # it computes with constants taken from its statistics (docs/design.md trap 37)
     return lambda x: np.asarray(twin(x.transpose(0, 2, 3, 1).astype(np.float64), training=False))
 

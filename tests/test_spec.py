@@ -293,7 +293,7 @@ def test_new_kinds_shapes_params_and_flops():
     (lambda: ModelSpec("m", (4,), (Rescaling(1e-40),)), "layer 0 (rescaling_0): field 'scale': must be 0 or at least 1e-30"),
     (lambda: ModelSpec("m", (4,), (Rescaling(1.0, offset=float("inf")),)), "layer 0 (rescaling_0): field 'offset'"),
     (lambda: ModelSpec("m", (2, 3), (Normalization(),)), "field 'input_shape'"),
-    (lambda: ModelSpec("m", (4,), (LayerNormalization(epsilon=1e-6),)), "layer 0 (layernorm_0): field 'epsilon': must be at least 1e-05"),
+    (lambda: ModelSpec("m", (4,), (LayerNormalization(epsilon=5e-7),)), "layer 0 (layernorm_0): field 'epsilon': must be at least 1e-06"),
     (lambda: ModelSpec("m", (4,), (Dense(3, name="a"), Dense(4, name="b", inputs=(INPUT,)), Multiply(inputs=("a", "b")))),
      "layer 2 (multiply_2): field 'inputs': cannot multiply 'b' of shape (4,) with 'a' of shape (3,)"),
     (lambda: ModelSpec("m", (2, 4, 4), (GlobalAveragePooling2D(name="g"), Multiply(inputs=("input", "g", "input")))),

@@ -61,7 +61,8 @@ class Builder:
         try:
             shape = tuple(layer.check_inputs(tuple(v.shape for v in inputs), names))
         except Exception as e:  # the spec's own field check, e.g. a kernel larger than its input
-            raise InteropError(f"{self.source}: {where or layer.name}: {getattr(e, 'message', e)}") from None
+            field = f"field {e.field!r}: " if getattr(e, "field", "inputs") != "inputs" else ""
+            raise InteropError(f"{self.source}: {where or layer.name}: {field}{getattr(e, 'message', e)}") from None
         previous = self.layers[-1].name if self.layers else INPUT
         single = len(names) == 1 and names[0] == previous and not layer.merges
         layer = dataclasses.replace(layer, inputs=None if single else names)

@@ -30,7 +30,8 @@ SUPPORTED = ("InputLayer", "Dense (flat, or per position of an image)", "Conv2D"
              "MaxPooling2D", "AveragePooling2D", "GlobalAveragePooling2D", "ZeroPadding2D", "Flatten",
              "Reshape (a flat (C,) to (1, 1, C))", "Activation", "ReLU", "LeakyReLU", "ELU", "Softmax", "Dropout",
              "BatchNormalization", "LayerNormalization", "Normalization", "Rescaling", "Add", "Multiply",
-             "Concatenate", "Identity", "ConvNeXt's LayerScale and StochasticDepth")
+             "Concatenate", "Identity", "ConvNeXt's LayerScale and StochasticDepth",
+             "Sequential (of these)")
 
 
 class _Refused(Exception):
@@ -174,6 +175,8 @@ class _Walk:
 
     def convert(self, layer, cfg: dict, xs: list[Value]) -> Value:
         t, x = type(layer), xs[0]
+        if isinstance(layer, keras.Sequential):
+            return self.sequential(layer, x)
         if t is L.Dense:
             if len(x.shape) == 3:  # over the channels of each position (ConvNeXt's pointwise convolutions)
                 weights = {"kernel": _numpy(layer.kernel).T[:, :, None, None]}
@@ -259,6 +262,21 @@ class _Walk:
             return self.convnext(layer, x)
         raise _Refused(f"layer type {t.__name__} is not supported (supported: {supported(SUPPORTED)})")
 
+    def sequential(self, model, x: Value) -> Value:
+        """A Sequential inside the model (ConvNeXt's stem and downsampling steps): its layers in turn, each read by
+        the next alone; a refusal names the inner layer."""
+        for sub in model.layers:
+            try:
+                policy = getattr(sub, "dtype_policy", None)
+                if policy is not None and getattr(policy, "compute_dtype", "float32") != "float32":
+                    raise _Refused(f"computes in {policy.compute_dtype}; the spec computes in float32")
+                x = self.convert(sub, sub.get_config(), [x])
+            except _Refused as e:
+                raise _Refused(f"its layer {sub.name!r} ({type(sub).__name__}): {e}") from None
+            self.inputs = [(model.name, sub.name)]
+            self.readers[self.inputs[0]] = 1
+        return x
+
     def convnext(self, layer, x: Value) -> Value:
         """ConvNeXt's own layers: StochasticDepth is the identity at inference (folded); LayerScale multiplies each
         channel by its gamma, which a depthwise 1x1 convolution does exactly."""
@@ -307,6 +325,8 @@ class _Walk:
             if axis not in (-1, len(x.shape)):
                 raise _Refused(f"softmax over axis {axis}; the spec's runs over the channels (the last Keras axis)")
             act = "softmax"
+        if act == "linear":  # Activation(None), as keras.applications ends with classifier_activation=None
+            return x
         v = self.layer(layer, Activation, [x], activation=act)
         return Value(v.name, v.shape, x.perm)  # elementwise (softmax: over all features, in any order)
 
@@ -348,7 +368,7 @@ class _Walk:
                            f"channel (last) axis is supported")
         # the statistics Keras computes with: constants it took from its variables when built
         c = x.shape[0]
-        mean, var = (np.broadcast_to(_numpy(v).reshape(-1), (c,)) for v in (layer.mean, layer.variance))
+        mean, var = (np.broadcast_to(_numpy(v).reshape(-1), (c,)).copy() for v in (layer.mean, layer.variance))
         w = {"mean": self.canonical(mean, x), "variance": self.canonical(var, x)}
         v = self.layer(layer, Normalization, [x], w)
         return Value(v.name, v.shape, x.perm)
