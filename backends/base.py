@@ -234,12 +234,16 @@ def as_inputs(spec: ModelSpec, x: Any) -> np.ndarray:
     return x32 if x32.flags.writeable else x32.copy()  # torch.from_numpy warns on a read-only array
 
 
+_FLOAT32 = np.dtype(np.float32)
+
+
 def inference_inputs(spec: ModelSpec, x: Any) -> np.ndarray:
-    """Inputs for logits and predict. A non-empty, C-contiguous, writable float32 ndarray of the spec's shape goes
-    to the engine as it is, its values unscanned (a NaN gives NaN outputs, as the frameworks themselves do): the
-    scan costs more than a batch-1 call of a small net in ONNX Runtime. Anything else goes through as_inputs."""
-    if (type(x) is np.ndarray and x.dtype == np.float32 and x.shape[1:] == spec.input_shape and len(x)
-            and x.flags.c_contiguous and x.flags.writeable):
+    """Inputs for logits and predict. A non-empty, C-contiguous, aligned, writable float32 ndarray of the spec's
+    shape goes to the engine as it is, its values unscanned (a NaN gives NaN outputs, as the frameworks themselves
+    do): the scan costs more than a batch-1 call of a small net in ONNX Runtime. Anything else goes through
+    as_inputs."""
+    # carray: C-contiguous, aligned and writeable in one flag; `is`: float32 in native byte order (a singleton)
+    if type(x) is np.ndarray and x.dtype is _FLOAT32 and x.shape[1:] == spec.input_shape and len(x) and x.flags.carray:
         return x
     return as_inputs(spec, x)
 

@@ -99,6 +99,7 @@ class OnnxRuntimeAdapter(Adapter):
     def _load(self, weights) -> None:
         self._weights = {k: np.array(weights[k], np.float32) for k in self.spec.param_shapes()}
         self.native = self._session(head=_HEAD)
+        self._outputs = [o.name for o in self.native.get_outputs()]  # named: run() would list them every call
         self._all = None
 
     # --- weights ---------------------------------------------------------------------------------
@@ -110,10 +111,10 @@ class OnnxRuntimeAdapter(Adapter):
 
     # --- inference -------------------------------------------------------------------------------
     def logits(self, x):
-        return self.native.run(None, {INPUT: inference_inputs(self.spec, x)})[0]
+        return self.native.run(self._outputs, {INPUT: inference_inputs(self.spec, x)})[0]
 
     def predict(self, x):
-        return self.native.run(None, {INPUT: inference_inputs(self.spec, x)})[-1]
+        return self.native.run(self._outputs, {INPUT: inference_inputs(self.spec, x)})[-1]
 
     def layer_outputs(self, x):
         if self._all is None:
