@@ -113,7 +113,7 @@ class OnnxRuntimeAdapter(Adapter):
     def logits(self, x):
         return self.native.run(self._outputs, {INPUT: inference_inputs(self.spec, x)})[0]
 
-    def predict(self, x):
+    def _predict(self, x):
         return self.native.run(self._outputs, {INPUT: inference_inputs(self.spec, x)})[-1]
 
     def layer_outputs(self, x):
