@@ -540,8 +540,8 @@ class _KerasAdapter(Adapter):
         return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if self._nhwc() else x
 
     def _graph_input(self, x):
-        """Canonical NCHW inference inputs in the model's layout, inside the traced logits function: XLA and
-        Grappler fold the transpose into the first layer (a host transpose cost 2 % of cifar_cnn's b64 call)."""
+        """Canonical NCHW inference inputs in the model's layout, inside JAX's traced logits function: XLA folds
+        the transpose into the first layer (a host transpose cost 2 % of cifar_cnn's b64 call)."""
         return ops.transpose(x, (0, 2, 3, 1)) if self._nhwc() else x
 
     def _grads_to_canonical(self, grads) -> dict[str, np.ndarray]:
@@ -598,7 +598,7 @@ class KerasAdapter(_KerasAdapter):
         # input_signature of None) cost 7 % of mlp b32's training speed (docs/performance.md).
         def forward(x):
             with self._on_device():  # placed in the traced graph: a call enters no device scope
-                return self.native(self._graph_input(x), training=False)
+                return self.native(x, training=False)
 
         self._logits_fn = tf.function(forward, reduce_retracing=True, jit_compile=self.compile)
         self._grads_fn = tf.function(self._grads_graph, reduce_retracing=True)
@@ -621,7 +621,9 @@ class KerasAdapter(_KerasAdapter):
         return loss
 
     def logits(self, x):
-        return self._logits_fn(inference_inputs(self.spec, x)).numpy()
+        # NCHW to NHWC on the host: in the graph, TensorFlow's Transpose op cost 4-6 % of a batch-1 call (lenet5,
+        # cifar_cnn) and nothing at batch 64
+        return self._logits_fn(self._input(inference_inputs(self.spec, x))).numpy()
 
     def _loss_and_grads(self, x, y):
         with self._on_device():

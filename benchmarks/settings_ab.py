@@ -5,8 +5,8 @@ lockstep (benchmarks/lockstep.py: turns on the cores, one repeat each, so the ho
 each variant's median samples/s and its median per-turn ratio to the first variant. These are the
 measurements docs/performance.md quotes to justify each choice in nncompare.backends.bench.tool_env.
 
-    python benchmarks/settings_ab.py EXPERIMENT [--model lenet5] [--batch 128] [--rounds 3] [--turns 20]
-                                     [--threads N]
+    python benchmarks/settings_ab.py EXPERIMENT [--model lenet5] [--batch 128] [--mode train] [--rounds 3]
+                                     [--turns 20] [--threads N]
     python benchmarks/settings_ab.py --list
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lockstep import median, paired, positive, run_round, spill_note  # noqa: E402
 
 NATIVE = Path(__file__).resolve().parent / "native_loops.py"
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
+ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}  # as tool_env's
+THREAD_VARIABLES = (*ALLOCATOR, "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
                     "TF_NUM_INTEROP_THREADS", "MXNET_CPU_WORKER_NTHREADS", "MXNET_OMP_MAX_THREADS",
                     "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
@@ -29,6 +30,7 @@ def experiments(n: int) -> dict[str, tuple[str, str, list[tuple[str, dict[str, s
     """name -> (framework, what it decides, [(variant label, environment, extra native_loops arguments)])."""
     t = str(n)
     omp = {"OMP_NUM_THREADS": t, "MKL_NUM_THREADS": t, "OPENBLAS_NUM_THREADS": t}
+    tf_threads = {**omp, "TF_NUM_INTRAOP_THREADS": t, "TF_NUM_INTEROP_THREADS": t}
     return {
         "mxnet-workers": ("mxnet", "MXNet engine workers (MXNET_CPU_WORKER_NTHREADS) with N OpenMP threads", [
             ("1 worker (default)", {**omp, "MXNET_OMP_MAX_THREADS": t}, []),
@@ -47,6 +49,11 @@ def experiments(n: int) -> dict[str, tuple[str, str, list[tuple[str, dict[str, s
         "torch-threads": ("torch", "PyTorch intra-op threads: OMP_NUM_THREADS=N vs torch's own default", [
             ("default (no variable)", {}, []),
             (f"OMP_NUM_THREADS={n}", omp, [])]),
+        "keras-env": ("keras", "the tool's variables for Keras on TensorFlow, in parts", [
+            ("TensorFlow's default (no variables)", {}, []),
+            ("allocator thresholds only", dict(ALLOCATOR), []),
+            ("thread variables only", tf_threads, []),
+            ("the tool's (both)", {**tf_threads, **ALLOCATOR}, [])]),
     }
 
 
@@ -56,6 +63,8 @@ def main() -> int:
     p.add_argument("--list", action="store_true")
     p.add_argument("--model", default="lenet5", choices=("mlp", "lenet5", "cifar_cnn"))
     p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--mode", choices=("train", "infer", "latency"), default="train",
+                   help="what the loops time (latency: batch 1, calls/s at each turn's median)")
     p.add_argument("--rounds", type=positive, default=3, help="rounds, each with a fresh process per variant")
     p.add_argument("--turns", type=positive, default=20, help="timed repeats per process in a round, taken in turns")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -68,12 +77,14 @@ def main() -> int:
     framework, what, variants = table[args.experiment]
     base = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
     base.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sides = {label: ([sys.executable, str(NATIVE), framework, args.model, str(args.batch), *extra], {**base, **env}, "")
-             for label, env, extra in variants}
+    batch = 1 if args.mode == "latency" else args.batch
+    sides = {label: ([sys.executable, str(NATIVE), framework, args.model, str(batch), "--mode", args.mode, *extra],
+                     {**base, **env}, "") for label, env, extra in variants}
     rounds = [run_round(sides, args.turns, timeout=600, start=i) for i in range(args.rounds)]
     first = variants[0][0]
-    print(f"{what}: {framework} {args.model} batch {args.batch}, {args.rounds} rounds of {args.turns} turns in "
-          "lockstep, training samples/s")
+    unit = {"train": "training samples/s", "infer": "inference samples/s", "latency": "batch-1 calls/s"}[args.mode]
+    print(f"{what}: {framework} {args.model} batch {batch}, {args.rounds} rounds of {args.turns} turns in "
+          f"lockstep, {unit}")
     for label, _, _ in variants:
         errors = [r[label]["error"] for r in rounds if "error" in r[label]]
         meds = [median(r[label]["turns"]) for r in rounds if "error" not in r[label]]
