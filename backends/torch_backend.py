@@ -173,11 +173,15 @@ def _binding(module: nn.Module, attr: str, transposed: bool = False):
     return functools.partial(getattr, module, attr), transposed
 
 
-def _activation(spec: str) -> nn.Module | None:
-    """The module computing one spec activation (None for linear)."""
+def _activation(spec: str, inplace: bool = False) -> nn.Module | None:
+    """The module computing one spec activation (None for linear). inplace: ReLU and ReLU6 overwrite their input,
+    which must be a tensor nothing else reads (a Dense's or Conv2D's own output); their gradient reads only
+    their result. inception_mini's out-of-place ReLUs cost 5 % of a batch-32 inference call."""
     kind, alpha = parse_activation(spec)
     if kind == "linear":
         return None
+    if inplace and kind in ("relu", "relu6"):
+        return (nn.ReLU if kind == "relu" else nn.ReLU6)(inplace=True)
     return {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "softmax": Softmax1,
             "leaky_relu": lambda: nn.LeakyReLU(alpha),  # torch's default slope is 0.01, the spec's 0.2
             "elu": lambda: nn.ELU(alpha), "softplus": nn.Softplus, "silu": nn.SiLU,
@@ -193,7 +197,7 @@ def _sequence(*parts: nn.Module | None) -> nn.Module:
 
 def _dense(layer: Dense, info):
     core = nn.Linear(info.in_shape[0], layer.units)  # weight (out, in): the canonical kernel is (in, out)
-    return _sequence(core, _activation(layer.activation)), {"kernel": _binding(core, "weight", True),
+    return _sequence(core, _activation(layer.activation, inplace=True)), {"kernel": _binding(core, "weight", True),
                                                             "bias": _binding(core, "bias")}
 
 
@@ -208,7 +212,7 @@ def _conv2d(layer: Conv2D, info):
     core = nn.Conv2d(info.in_shape[0], layer.filters, (kh, kw), layer.strides, (pt, pl) if symmetric else 0,
                      dilation=layer.dilation, groups=layer.groups, bias=layer.use_bias)
     params = {"kernel": _binding(core, "weight")} | ({"bias": _binding(core, "bias")} if layer.use_bias else {})
-    return _sequence(pad, core, _activation(layer.activation)), params
+    return _sequence(pad, core, _activation(layer.activation, inplace=True)), params
 
 
 def _pool(layer, info):
