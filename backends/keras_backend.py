@@ -535,14 +535,10 @@ class _KerasAdapter(Adapter):
         return (*shape[1:], shape[0]) if self._nhwc() else tuple(shape)
 
     def _input(self, x: np.ndarray) -> np.ndarray:
-        """Canonical NCHW training inputs in the model's layout: channels-last batches are transposed on the host,
-        once, as a Keras user's data pipeline delivers them (not by a transpose inside the timed graph)."""
+        """Canonical NCHW inputs in the model's layout, transposed on the host: training batches once, as a Keras
+        user's data pipeline delivers them (not by a transpose inside the timed graph); TensorFlow's inference
+        batches on each call (its in-graph Transpose cost 4-6 % of a batch-1 call)."""
         return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if self._nhwc() else x
-
-    def _graph_input(self, x):
-        """Canonical NCHW inference inputs in the model's layout, inside JAX's traced logits function: XLA folds
-        the transpose into the first layer (a host transpose cost 2 % of cifar_cnn's b64 call)."""
-        return ops.transpose(x, (0, 2, 3, 1)) if self._nhwc() else x
 
     def _grads_to_canonical(self, grads) -> dict[str, np.ndarray]:
         return {k: self._to_canonical(ops.convert_to_numpy(g), *self._params[k][1:])
@@ -621,8 +617,6 @@ class KerasAdapter(_KerasAdapter):
         return loss
 
     def logits(self, x):
-        # NCHW to NHWC on the host: in the graph, TensorFlow's Transpose op cost 4-6 % of a batch-1 call (lenet5,
-        # cifar_cnn) and nothing at batch 64
         return self._logits_fn(self._input(inference_inputs(self.spec, x))).numpy()
 
     def _loss_and_grads(self, x, y):
@@ -668,6 +662,11 @@ class KerasJaxAdapter(_KerasAdapter):
     @staticmethod
     def _engine_version():
         return jax.__version__
+
+    def _graph_input(self, x):
+        """Canonical NCHW inference inputs in the model's layout, inside the traced logits function: XLA folds
+        the transpose into the first layer (a host transpose cost 2 % of cifar_cnn's b64 call)."""
+        return ops.transpose(x, (0, 2, 3, 1)) if self._nhwc() else x
 
     @property
     def execution_path(self) -> str:

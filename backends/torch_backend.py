@@ -197,8 +197,8 @@ def _sequence(*parts: nn.Module | None) -> nn.Module:
 
 def _dense(layer: Dense, info):
     core = nn.Linear(info.in_shape[0], layer.units)  # weight (out, in): the canonical kernel is (in, out)
-    return _sequence(core, _activation(layer.activation, inplace=True)), {"kernel": _binding(core, "weight", True),
-                                                            "bias": _binding(core, "bias")}
+    params = {"kernel": _binding(core, "weight", True), "bias": _binding(core, "bias")}
+    return _sequence(core, _activation(layer.activation, inplace=True)), params
 
 
 def _conv2d(layer: Conv2D, info):

@@ -16,11 +16,12 @@ import os
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lockstep import median, paired, positive, run_round, spill_note  # noqa: E402
+from nncompare.backends.bench import ALLOCATOR_ENV as ALLOCATOR  # noqa: E402  (numpy only: no framework)
 
 NATIVE = Path(__file__).resolve().parent / "native_loops.py"
-ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}  # as tool_env's
 THREAD_VARIABLES = (*ALLOCATOR, "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
                     "TF_NUM_INTEROP_THREADS", "MXNET_CPU_WORKER_NTHREADS", "MXNET_OMP_MAX_THREADS",
                     "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")

@@ -38,6 +38,12 @@ class _Refused(Exception):
     """Raised while converting one layer; from_keras adds the layer's name and type."""
 
 
+def _float32_only(layer) -> None:
+    policy = getattr(layer, "dtype_policy", None)
+    if policy is not None and getattr(policy, "compute_dtype", "float32") != "float32":
+        raise _Refused(f"computes in {policy.compute_dtype}; the spec computes in float32")
+
+
 def _activation(value) -> str:
     if value is None:
         return "linear"
@@ -156,9 +162,7 @@ class _Walk:
                 missing = [n for n in inputs if n not in self.values]
                 if missing or not inputs:
                     raise _Refused(f"reads {missing or 'nothing'}, not an earlier layer of this model")
-                policy = getattr(layer, "dtype_policy", None)
-                if policy is not None and getattr(policy, "compute_dtype", "float32") != "float32":
-                    raise _Refused(f"computes in {policy.compute_dtype}; the spec computes in float32")
+                _float32_only(layer)
                 self.inputs = inputs
                 xs = [self.values[n] for n in inputs]
                 if not isinstance(layer, keras.Layer):
@@ -267,9 +271,7 @@ class _Walk:
         the next alone; a refusal names the inner layer."""
         for sub in model.layers:
             try:
-                policy = getattr(sub, "dtype_policy", None)
-                if policy is not None and getattr(policy, "compute_dtype", "float32") != "float32":
-                    raise _Refused(f"computes in {policy.compute_dtype}; the spec computes in float32")
+                _float32_only(sub)
                 x = self.convert(sub, sub.get_config(), [x])
             except _Refused as e:
                 raise _Refused(f"its layer {sub.name!r} ({type(sub).__name__}): {e}") from None
