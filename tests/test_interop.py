@@ -761,11 +761,32 @@ def test_from_keras_reads_a_keras_file(tmp_path, oracle):
         from_keras(tmp_path / "missing.keras")
 
 
+def test_from_keras_walks_a_sequential_nested_in_the_model(oracle):
+    """ConvNeXt's stem: a Sequential (convolution, then LayerNormalization at ConvNeXt's 1e-6) inside a model."""
+    keras = keras_module()
+    from nncompare.interop import from_keras
+    L = keras.layers
+    i = keras.Input((6, 6, 3))
+    stem = keras.Sequential([L.Conv2D(4, 2, strides=2, name="stem_conv"),
+                             L.LayerNormalization(epsilon=1e-6, name="stem_norm")], name="stem")
+    model = keras.Model(i, L.Dense(2, name="out")(L.GlobalAveragePooling2D(name="gap")(stem(i))))
+    rng = np.random.default_rng(3)
+    norm = stem.get_layer("stem_norm")
+    norm.gamma.assign(rng.uniform(0.5, 1.5, 4))
+    norm.beta.assign(rng.uniform(-0.3, 0.3, 4))
+    spec, w = from_keras(model)
+    assert [l.name for l in spec.layers] == ["stem_conv", "stem_norm", "gap", "out"]
+    assert spec.layers[1].epsilon == 1e-6
+    x = inputs(spec.input_shape)
+    assert scaled_diff(oracle.build(spec, weights=w).predict(x), keras_output(model, x)) <= ORACLE_TOL
+
+
 @pytest.mark.parametrize("case,message", [
     ("lambda", r"layer 'double' \(Lambda\): layer type Lambda is not supported \(supported: .*Conv2D"),
     ("relu4", r"layer 'relu4' \(ReLU\): threshold, and max_value other than 6 \(relu6\), are not supported"),
     ("output_order", r"its output is a flattened channels-last image"),
     ("activation", r"layer 'dense' \(Dense\): activation 'selu' is not supported"),
+    ("nested", r"layer 'block' \(Sequential\): its layer 'double' \(Lambda\): layer type Lambda is not supported"),
 ])
 def test_from_keras_refuses_what_it_cannot_import_exactly(case, message):
     keras = keras_module()
@@ -776,6 +797,8 @@ def test_from_keras_refuses_what_it_cannot_import_exactly(case, message):
         "relu4": [keras.Input((4,)), L.ReLU(max_value=4, name="relu4")],
         "output_order": [keras.Input((2, 2, 3)), L.Flatten()],
         "activation": [keras.Input((4,)), L.Dense(2, activation="selu", name="dense")],
+        "nested": [keras.Input((4,)), keras.Sequential([L.Dense(3), L.Lambda(lambda t: 2 * t, name="double")],
+                                                       name="block"), L.Dense(2)],
     }[case]
     with pytest.raises(InteropError, match=message) as e:
         from_keras(keras.Sequential(stack))
